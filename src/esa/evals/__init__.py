@@ -1,0 +1,1 @@
+"""Metrics: perplexity family (per-window NLL), resources (throughput, memory)."""

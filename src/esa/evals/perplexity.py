@@ -1,0 +1,163 @@
+"""Per-window negative log-likelihood, token accuracy and the perplexity family.
+
+For every window the evaluator returns the *summed* NLL of its scored tokens (float64), the number of scored
+tokens and how many of them the model's argmax predicted. Log-softmax is computed in fp32 whatever the weight
+dtype, in chunks of positions so memory is O(B · chunk · V) instead of O(B · T · V).
+
+Perplexity = exp(Σ NLL / Σ scored tokens) over all windows; non-finite window losses are counted and kept
+(they make the total non-finite — a collapse is a result, not noise).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from esa import progress
+from esa.architectures import chunked_head
+from esa.data.windows import Window
+from esa.errors import EsaError
+from esa.evals.resources import timed
+
+log = logging.getLogger(__name__)
+
+LOGIT_CHUNK = 512  # positions per fp32 log-softmax chunk
+
+
+@dataclass
+class WindowScores:
+    """Per-window outputs, aligned with the evaluated windows."""
+
+    nll: np.ndarray  # (W,) float64 summed NLL in nats over scored tokens
+    n_scored: np.ndarray  # (W,) int64
+    n_correct: np.ndarray  # (W,) int64 argmax == next token among scored tokens
+    forward_seconds: float = 0.0  # timed forwards (after an untimed warm-up batch)
+    batch_sizes: list[int] = field(default_factory=list)  # final micro-batch sizes, in order
+
+    @property
+    def n_nonfinite(self) -> int:
+        return int((~np.isfinite(self.nll)).sum())
+
+
+def collate(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad windows to a batch: ids (B, T), attention mask (B, T), scored mask (B, T)."""
+    T = max(len(w.input_ids) for w in windows)
+    ids = torch.full((len(windows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(windows), T), dtype=torch.long)
+    scored = torch.zeros((len(windows), T), dtype=torch.bool)
+    for b, w in enumerate(windows):
+        n = len(w.input_ids)
+        ids[b, :n], attn[b, :n], scored[b, :n] = w.input_ids, 1, w.scored
+    return ids, attn, scored
+
+
+def _hidden_and_head(model, ids, attn):
+    """Final hidden states (B, T, D) and the head function, or full logits when no exact split exists."""
+    split = chunked_head(model)
+    if split is None:
+        return model(input_ids=ids, attention_mask=attn).logits, None
+    backbone, head_fn = split
+    return backbone(input_ids=ids, attention_mask=attn).last_hidden_state, head_fn
+
+
+@torch.inference_mode()
+def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tensor,
+                chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed NLL (B,) float64, scored counts (B,) and correct counts (B,) for one padded batch.
+
+    Position p's logits predict token p+1, so the model reads ids[:, :-1] and is scored on ids[:, 1:].
+    """
+    device = model.get_input_embeddings().weight.device
+    ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
+    inputs, targets, mask = ids[:, :-1], ids[:, 1:], scored[:, 1:]  # (B, T-1) each
+    states, head_fn = _hidden_and_head(model, inputs, attn[:, :-1])
+    B, Tm1 = targets.shape
+    nll = torch.zeros(B, dtype=torch.float64, device=device)
+    correct = torch.zeros(B, dtype=torch.long, device=device)
+    for s in range(0, Tm1, chunk):
+        part = states[:, s:s + chunk]
+        logits = (head_fn(part) if head_fn else part).float()  # (B, t, V) fp32
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tgt, m = targets[:, s:s + chunk], mask[:, s:s + chunk]
+        tok_nll = -logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, t)
+        nll += torch.where(m, tok_nll, 0.0).sum(1, dtype=torch.float64)
+        correct += ((logits.argmax(-1) == tgt) & m).sum(1)
+    return nll.cpu(), mask.sum(1).cpu(), correct.cpu()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budget: int,
+                     description: str = "scoring") -> WindowScores:
+    """Score every window with micro-batches filled to ``token_budget`` tokens; halve on out-of-memory.
+
+    The first batch is run once untimed as a warm-up; ``forward_seconds`` covers the scoring passes only.
+    """
+    device = model.get_input_embeddings().weight.device
+    W = len(windows)
+    nll, n_scored, n_correct = np.zeros(W), np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
+    longest = max(len(w.input_ids) for w in windows)
+    batch = max(1, token_budget // longest)
+    times: list[float] = []
+    sizes: list[int] = []
+    warmed = False
+    with progress.bar(W, description) as advance:
+        i = 0
+        while i < W:
+            part = list(windows[i:i + batch])
+            try:
+                ids, attn, scored = collate(part, pad_id)
+                if not warmed:
+                    score_batch(model, ids, attn, scored)
+                    warmed = True
+                with timed(device, times):
+                    out = score_batch(model, ids, attn, scored)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not _is_oom(exc):
+                    raise
+                if batch == 1:
+                    raise EsaError(f"out of memory at batch size 1 with {longest} tokens; use a shorter "
+                                   "--context-lens, --dtype bf16, or a GPU with more memory") from exc
+                batch = max(1, batch // 2)
+                log.warning("out of memory; retrying with micro-batch size %d", batch)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            nll[i:i + len(part)], n_scored[i:i + len(part)], n_correct[i:i + len(part)] = (t.numpy() for t in out)
+            sizes.append(len(part))
+            advance(len(part))
+            i += len(part)
+    return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
+
+
+def perplexity_metrics(scores: WindowScores, n_bytes: int, n_words: int) -> dict:
+    """Aggregate metrics. Higher is better only for ``token_accuracy`` and ``tokens_per_second``."""
+    total_nll = float(scores.nll.sum())
+    tokens = int(scores.n_scored.sum())
+    nll_per_token = total_nll / tokens
+    return {
+        "perplexity": _safe_exp(nll_per_token),
+        "nll_per_token": nll_per_token,
+        "token_accuracy": float(scores.n_correct.sum()) / tokens,
+        "word_perplexity": _safe_exp(total_nll / n_words) if n_words else None,
+        "byte_perplexity": _safe_exp(total_nll / n_bytes) if n_bytes else None,
+        "bits_per_byte": total_nll / (n_bytes * math.log(2)) if n_bytes else None,
+        "scored_tokens": tokens,
+        "scored_bytes": n_bytes,
+        "scored_words": n_words,
+        "n_windows": int(len(scores.nll)),
+        "n_nonfinite_windows": scores.n_nonfinite,
+        "tokens_per_second": tokens / scores.forward_seconds if scores.forward_seconds > 0 else None,
+        "forward_seconds": scores.forward_seconds,
+        "batch_sizes": sorted(set(scores.batch_sizes)),
+    }
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")

