@@ -160,4 +160,5 @@ def perplexity_metrics(scores: WindowScores, n_bytes: int, n_words: int) -> dict
 
 
 def _safe_exp(x: float) -> float:
-    return math.exp(x) if x < 700 else float("inf")
+    """exp that maps overflow to inf and keeps NaN as NaN (a NaN loss must stay visible)."""
+    return x if math.isnan(x) else (math.exp(x) if x < 700 else float("inf"))

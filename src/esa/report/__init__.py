@@ -1,0 +1,1 @@
+"""Reports: Markdown/HTML and PNG plots computed only from stored results."""

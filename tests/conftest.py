@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests run offline (the hub is unreachable) on the embedded SmolLM2 and tiny models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M (real weights), loaded once per session."""
+    from esa.models import ModelSpec, load_model
+
+    return load_model(ModelSpec("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol):
+    return smol.tokenizer
+
+
+@pytest.fixture(scope="session")
+def python_docs():
+    from esa.data.corpora import load_corpus
+
+    return load_corpus("python-docs")
