@@ -76,7 +76,7 @@ class BaselineConfig:
     long_context: tuple[int, ...] = ()  # extra lengths evaluated at batch size 1
     eval_suites: tuple[str, ...] = ()  # zero-shot tasks (esa.evals.zeroshot)
 
-    def resolved(self) -> "BaselineConfig":
+    def resolved(self) -> BaselineConfig:
         if self.profile not in PROFILES:
             raise EsaError(f"unknown --baseline profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         p = PROFILES[self.profile]

@@ -8,7 +8,8 @@ into a silent default.
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from esa.errors import EsaError
 

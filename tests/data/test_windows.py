@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from esa.data.windows import (chunk_windows, make_windows, rolling_windows, select_windows,
-                              sliding_windows)
+from esa.data.windows import chunk_windows, make_windows, rolling_windows, select_windows, sliding_windows
 from esa.errors import EsaError
 
 

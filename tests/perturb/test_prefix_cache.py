@@ -12,8 +12,8 @@ import torch
 from esa.data.corpora import load_corpus
 from esa.data.windows import Window, make_windows
 from esa.errors import EsaError
-from esa.evals.perplexity import collate, evaluate_windows, score_batch
-from esa.perturb.prefix_cache import PrefixCache, score_states, start_layer
+from esa.evals.perplexity import collate, evaluate_windows, score_batch, score_states
+from esa.perturb.prefix_cache import PrefixCache, start_layer
 from esa.tiny import TINY_CONFIGS, random_model
 
 RTOL = 1e-5

@@ -64,6 +64,29 @@ def _hidden_and_head(model, ids, attn):
     return backbone(input_ids=ids, attention_mask=attn).last_hidden_state, head_fn
 
 
+def score_states(states: torch.Tensor, head_fn, targets: torch.Tensor, mask: torch.Tensor,
+                 chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed NLL (B,) float64, scored counts (B,) and correct counts (B,) from final hidden states.
+
+    ``states`` (B, T-1, D) are the final-norm outputs at input positions 0..T-2 and ``targets``/``mask``
+    (B, T-1) are ``ids[:, 1:]``/``scored[:, 1:]``: position p predicts token p+1. ``head_fn`` maps hidden
+    states to logits (``None`` when ``states`` already are logits (B, T-1, V)). Log-softmax is fp32, in chunks
+    of ``chunk`` positions so memory is O(B · chunk · V). Shared by :func:`score_batch` and the prefix cache.
+    """
+    B, Tm1 = targets.shape
+    nll = torch.zeros(B, dtype=torch.float64, device=states.device)
+    correct = torch.zeros(B, dtype=torch.long, device=states.device)
+    for s in range(0, Tm1, chunk):
+        part = states[:, s:s + chunk]
+        logits = (head_fn(part) if head_fn else part).float()  # (B, t, V) fp32
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tgt, m = targets[:, s:s + chunk], mask[:, s:s + chunk]
+        tok_nll = -logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, t)
+        nll += torch.where(m, tok_nll, 0.0).sum(1, dtype=torch.float64)
+        correct += ((logits.argmax(-1) == tgt) & m).sum(1)
+    return nll.cpu(), mask.sum(1).cpu(), correct.cpu()
+
+
 @torch.inference_mode()
 def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tensor,
                 chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,18 +98,7 @@ def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tens
     ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
     inputs, targets, mask = ids[:, :-1], ids[:, 1:], scored[:, 1:]  # (B, T-1) each
     states, head_fn = _hidden_and_head(model, inputs, attn[:, :-1])
-    B, Tm1 = targets.shape
-    nll = torch.zeros(B, dtype=torch.float64, device=device)
-    correct = torch.zeros(B, dtype=torch.long, device=device)
-    for s in range(0, Tm1, chunk):
-        part = states[:, s:s + chunk]
-        logits = (head_fn(part) if head_fn else part).float()  # (B, t, V) fp32
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tgt, m = targets[:, s:s + chunk], mask[:, s:s + chunk]
-        tok_nll = -logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, t)
-        nll += torch.where(m, tok_nll, 0.0).sum(1, dtype=torch.float64)
-        correct += ((logits.argmax(-1) == tgt) & m).sum(1)
-    return nll.cpu(), mask.sum(1).cpu(), correct.cpu()
+    return score_states(states, head_fn, targets, mask, chunk)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -151,7 +163,7 @@ def perplexity_metrics(scores: WindowScores, n_bytes: int, n_words: int) -> dict
         "scored_tokens": tokens,
         "scored_bytes": n_bytes,
         "scored_words": n_words,
-        "n_windows": int(len(scores.nll)),
+        "n_windows": len(scores.nll),
         "n_nonfinite_windows": scores.n_nonfinite,
         "tokens_per_second": tokens / scores.forward_seconds if scores.forward_seconds > 0 else None,
         "forward_seconds": scores.forward_seconds,

@@ -44,7 +44,7 @@ from torch import nn
 from esa.architectures import chunked_head, decoder_layers, family_of, layer_index, module_role
 from esa.data.windows import Window
 from esa.errors import EsaError
-from esa.evals.perplexity import LOGIT_CHUNK, WindowScores, collate, score_batch
+from esa.evals.perplexity import WindowScores, collate, score_batch, score_states
 from esa.evals.resources import timed
 
 if TYPE_CHECKING:  # typing.Self is Python ≥ 3.11; the package supports 3.10
@@ -63,30 +63,6 @@ class PrefixScores(WindowScores):
     start_layer: int = 0  # first decoder layer that was run (0: from the embeddings)
     full_forward: bool = True  # True when no cached prefix was used (layer 0, embeddings, or a fallback)
     reason: str = ""  # why a full forward was used, when it was
-
-
-def score_states(states: torch.Tensor, head_fn, targets: torch.Tensor, mask: torch.Tensor,
-                 chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed NLL (B,) float64, scored counts (B,) and correct counts (B,) from final hidden states.
-
-    ``states`` (B, T-1, D) are the final-norm outputs at input positions 0..T-2 and ``targets``/``mask``
-    (B, T-1) are ``ids[:, 1:]``/``scored[:, 1:]``: position p predicts token p+1. ``head_fn`` maps hidden
-    states to logits (``None`` when ``states`` already are logits (B, T-1, V)). Log-softmax is fp32, in chunks
-    of ``chunk`` positions so memory is O(B · chunk · V). Same arithmetic as
-    :func:`esa.evals.perplexity.score_batch`, which can call this after its forward.
-    """
-    B, Tm1 = targets.shape
-    nll = torch.zeros(B, dtype=torch.float64, device=states.device)
-    correct = torch.zeros(B, dtype=torch.long, device=states.device)
-    for s in range(0, Tm1, chunk):
-        part = states[:, s:s + chunk]
-        logits = (head_fn(part) if head_fn else part).float()  # (B, t, V) fp32
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tgt, m = targets[:, s:s + chunk], mask[:, s:s + chunk]
-        tok_nll = -logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, t)
-        nll += torch.where(m, tok_nll, 0.0).sum(1, dtype=torch.float64)
-        correct += ((logits.argmax(-1) == tgt) & m).sum(1)
-    return nll.cpu(), mask.sum(1).cpu(), correct.cpu()
 
 
 def _head_is_tied(model: nn.Module) -> bool:

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from esa.runs import as_float  # noqa: E402
+from esa.runs import as_float
 
 
 def perplexity_vs_context(runs, path: Path) -> Path:
