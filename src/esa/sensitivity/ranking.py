@@ -1,0 +1,155 @@
+"""Score → top-k → ranking table, for one calibration set; and reading/writing ranking files.
+
+A ranking table has one row per selected weight and the columns
+
+=========  ==============================================================================================
+``param``  the ``named_parameters()`` name
+``layer``  decoder-layer index (null for embeddings and other non-layer parameters)
+``role``   module role from :func:`esa.architectures.module_role` (``mlp_down``, ``attn_q`` …)
+``row``    output index in the (out, in) convention — GPT-2 ``Conv1D`` weights, stored (in, out), are
+           transposed here, so ``row``/``col`` always mean W[out, in] as in ``nn.Linear``
+``col``    input index (null for 1-D parameters such as biases and norms, whose index is ``row``)
+``score``  the scorer's value (fp32 computed, stored float64)
+``weight`` the weight's value at scoring time
+``rank``   1-based; over the model in ``global`` mode, within the tensor in ``per_layer`` mode
+=========  ==============================================================================================
+
+Example: GPT-2 ``transformer.h.0.mlp.c_proj.weight`` has storage shape (in=256, out=64); its storage entry
+[i=10, o=3] is reported as row=3, col=10.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from esa import progress
+from esa.architectures import layer_index, module_role
+from esa.errors import EsaError
+from esa.sensitivity.calibration import Batch
+from esa.sensitivity.scorers import ScoreOptions, is_conv1d, linear_consumers, score_parameters
+from esa.sensitivity.stability import TailStats
+from esa.sensitivity.topk import Candidates, TopK, check_k
+
+COLUMNS = ["param", "layer", "role", "row", "col", "score", "weight", "rank"]
+
+
+def stored_transposed(model: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
+    """Names of the selected weights stored (in, out), i.e. consumed by a GPT-2 ``Conv1D``."""
+    consumers = linear_consumers(model)
+    return {n for n, p in params.items() if id(p) in consumers and is_conv1d(consumers[id(p)][1])}
+
+
+def out_in_coords(flat: np.ndarray, shape: tuple[int, ...], transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) in the (out, in) convention of flat storage indices; col = -1 for 1-D parameters."""
+    if len(shape) < 2:
+        return flat, np.full_like(flat, -1)
+    inner = int(np.prod(shape[1:]))
+    r, c = flat // inner, flat % inner
+    return (c, r) if transposed else (r, c)
+
+
+def ranking_table(model: nn.Module, params: dict[str, nn.Parameter], cand: Candidates) -> pd.DataFrame:
+    """Turn candidates into the ranking table (see module docstring), keeping the candidates' order."""
+    names = list(params)
+    transposed = stored_transposed(model, params)
+    rows, cols = np.zeros(len(cand), np.int64), np.zeros(len(cand), np.int64)
+    for pid in np.unique(cand.param):
+        sel = cand.param == pid
+        name = names[pid]
+        rows[sel], cols[sel] = out_in_coords(cand.flat[sel], tuple(params[name].shape), name in transposed)
+    param_names = [names[i] for i in cand.param]
+    table = pd.DataFrame({
+        "param": param_names,
+        "layer": pd.array([layer_index(n) for n in param_names], dtype="Int64"),
+        "role": [module_role(model, n) for n in param_names],
+        "row": rows,
+        "col": pd.array(np.where(cols < 0, None, cols), dtype="Int64"),
+        "score": cand.score, "weight": cand.weight, "rank": cand.rank,
+    })
+    return table[COLUMNS]
+
+
+@dataclass
+class RankingResult:
+    table: pd.DataFrame
+    tail: dict  # TailStats.result()
+    sample: np.ndarray  # random sample of scores, for the histogram only
+    score_seconds: float  # time inside the scorer (forward/backward passes and score tensors)
+    topk_seconds: float  # time added by top-k selection
+    stats_seconds: float  # time added by the heavy-tail statistics
+
+
+def score_and_rank(model: nn.Module, params: dict[str, nn.Parameter], batches: tuple[Batch, ...], scorer: str,
+                   k: int, mode: str = "global", largest: bool = True,
+                   options: ScoreOptions | None = None, sample_size: int = 200_000,
+                   tail_stats: bool = True) -> RankingResult:
+    """Run one scorer and stream its per-parameter scores through top-k (and the tail statistics)."""
+    options = options or ScoreOptions()
+    check_k(k, mode, {n: p.numel() for n, p in params.items()})
+    topk = TopK(k, mode, largest)
+    tail = TailStats(sum(p.numel() for p in params.values()), sample_size, options.seed)
+    index = {n: i for i, n in enumerate(params)}
+    timer = {"score": 0.0, "topk": 0.0, "stats": 0.0}
+    stream = score_parameters(scorer, model, params, batches, options)
+    with progress.bar(len(params), f"{scorer} scores") as advance:
+        while True:
+            t0 = time.perf_counter()
+            item = next(stream, None)
+            _sync(model)
+            t1 = time.perf_counter()
+            timer["score"] += t1 - t0
+            if item is None:
+                break
+            name, score = item
+            topk.add(index[name], score, params[name])
+            _sync(model)
+            t2 = time.perf_counter()
+            timer["topk"] += t2 - t1
+            if tail_stats:
+                tail.add(score)
+            del score, item  # at most one full-size score tensor alive at a time
+            timer["stats"] += time.perf_counter() - t2
+            advance()
+    table = ranking_table(model, params, topk.result())
+    return RankingResult(table, tail.result() if tail_stats else {}, tail.sample(), timer["score"],
+                         timer["topk"], timer["stats"])
+
+
+def _sync(model: nn.Module) -> None:
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_ranking(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """Write ``<stem>.parquet`` and ``<stem>.csv``; return both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    parquet, csv = stem.with_suffix(".parquet"), stem.with_suffix(".csv")
+    table.to_parquet(parquet, index=False)
+    table.to_csv(csv, index=False)
+    return [parquet, csv]
+
+
+def read_ranking(path: str | Path) -> pd.DataFrame:
+    """Read a ranking written by :func:`write_ranking` (.parquet or .csv); check its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise EsaError(f"ranking file {str(path)!r} does not exist; give a ranking.parquet or ranking.csv "
+                       "written by `esa sensitivity`")
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        table = pd.read_csv(path, dtype={"layer": "Int64", "col": "Int64"})
+    else:
+        raise EsaError(f"ranking file {str(path)!r} must end in .parquet or .csv")
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise EsaError(f"{str(path)!r} is not a ranking table: missing columns {', '.join(missing)}")
+    return table
