@@ -102,7 +102,8 @@ def test_repeated_paragraph_triggers_the_guard(tmp_path):
     (["--datasets", "wikitxt-2"], "Did you mean 'wikitext-2'"),
     (["--datasets", "/no/such/corpus.txt"], "does not exist"),
     (["--dtype", "fp16"], "fp16 is not supported on CPU"),
-    (["--eval-suites", "hellaswag"], "not available"),
+    (["--eval-suites", "hellaswag"], "--task-data hellaswag="),
+    (["--eval-suites", "hellaswagg"], "Did you mean 'hellaswag'"),
     (["--model", "not-a-model"], "unknown model"),
 ])
 def test_cli_bad_input_is_one_line(argv, fragment, tmp_path, capsys):
@@ -119,3 +120,22 @@ def test_out_dir_under_a_file_is_refused(tmp_path, capsys):
     argv = ["baseline", "--datasets", "python-docs", "--context-lens", "64", "--out-dir", str(blocker / "sub")]
     assert main(argv) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_extended_parts_zero_shot_and_long_context(tmp_path):
+    fixture = "tests/evals/fixtures/arc_easy.jsonl"
+    cfg = BaselineConfig(CFG.model, "extended", ("python-docs",), (64,), (0,), max_eval_tokens=128,
+                         batch_tokens=1024, long_context=(256,), eval_suites=("arc_e",),
+                         task_data=(("arc_e", fixture),), zeroshot_limit=4)
+    (run,) = run_baseline(cfg, ["smollm2-135m"], tmp_path / "out")
+    results = json.loads((run / "results.json").read_text())
+    (long_entry,) = [e for e in results["entries"] if e["long_context"]]
+    assert long_entry["context_len"] == 256 and long_entry["metrics"]["batch_sizes"] == [1]
+    assert "process_peak_rss_bytes" in long_entry["peak_memory"]
+    arc = results["zeroshot"]["arc_easy"]
+    items = (run / arc["items_file"]).read_text().splitlines()
+    assert arc["config"]["n"] == len(items) == 4
+    assert arc["metrics"]["acc"] == pytest.approx(sum(json.loads(i)["correct"] for i in items) / 4)
+    text = write_baseline_report([run], tmp_path / "rep").read_text()
+    assert "## Zero-shot Accuracy" in text and "## Long Context" in text
+    assert f"{arc['metrics']['acc']:.4f} ± {arc['metrics']['acc_stderr']:.4f}" in text

@@ -15,6 +15,7 @@ numbers are stored as the strings ``"nan"``/``"inf"``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,9 @@ PROFILES = {
 }
 
 
+SUITE_ALIASES = {"arc_e": "arc_easy", "arc_c": "arc_challenge", "lambada": "lambada_openai"}
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
     """Everything that determines a baseline run (stored resolved in manifest.json)."""
@@ -74,7 +78,9 @@ class BaselineConfig:
     max_eval_tokens: int | None = -1  # -1 → the profile's; None → whole split
     batch_tokens: int = 0  # 0 → the profile's
     long_context: tuple[int, ...] = ()  # extra lengths evaluated at batch size 1
-    eval_suites: tuple[str, ...] = ()  # zero-shot tasks (esa.evals.zeroshot)
+    eval_suites: tuple[str, ...] = ()  # zero-shot tasks (esa.evals.zeroshot); seed-plan aliases arc_e, arc_c
+    task_data: tuple[tuple[str, str], ...] = ()  # (task, local JSONL in the dataset's schema) for offline runs
+    zeroshot_limit: int | None = None  # items per task (seeded subsample by the first seed); None = all
 
     def resolved(self) -> BaselineConfig:
         if self.profile not in PROFILES:
@@ -84,7 +90,9 @@ class BaselineConfig:
             self.model, self.profile, self.datasets or p.datasets, self.context_lens or p.context_lens,
             self.seeds or p.seeds, self.method, self.stride, self.bos,
             p.max_eval_tokens if self.max_eval_tokens == -1 else self.max_eval_tokens,
-            self.batch_tokens or p.batch_tokens, self.long_context, self.eval_suites)
+            self.batch_tokens or p.batch_tokens, self.long_context,
+            tuple(SUITE_ALIASES.get(t, t) for t in self.eval_suites),
+            tuple((SUITE_ALIASES.get(t, t), path) for t, path in self.task_data), self.zeroshot_limit)
 
 
 def model_slug(name: str) -> str:
@@ -180,15 +188,42 @@ def run_model(spec: ModelSpec, cfg: BaselineConfig, out_dir: Path, overwrite: bo
         for ctx in cfg.context_lens + cfg.long_context:
             check_context(lm, ctx)
         corpora = [load_corpus(name) for name in cfg.datasets]
+        tasks = _load_tasks(cfg)  # before any scoring, so missing task data fails fast
         entries = _evaluate_grid(lm, corpora, cfg, run_dir)
+        zeroshot = _evaluate_tasks(lm, tasks, cfg, run_dir)
         manifest = {"config": asdict(cfg), "model": lm.fingerprint.to_dict(), "provenance": provenance(lm.device)}
         results = {"schema": SCHEMA, "model": lm.fingerprint.to_dict(), "profile": cfg.profile,
                    "entries": [asdict(e) for e in entries], "aggregates": aggregate(entries),
+                   "zeroshot": zeroshot,
                    "warnings": [f"{e.dataset} ctx={e.context_len} seed={e.seed}: {w}" for e in entries
                                 for w in e.warnings]}
         write_json(run_dir / "manifest.json", manifest)
         write_json(run_dir / "results.json", results)
     return final
+
+
+def _load_tasks(cfg: BaselineConfig) -> list:
+    from esa.evals.tasks import load_task_data
+
+    paths = dict(cfg.task_data)
+    unknown = sorted(set(paths) - set(cfg.eval_suites))
+    if unknown:
+        raise EsaError(f"--task-data names {', '.join(unknown)}, which is not in --eval-suites")
+    return [load_task_data(t, paths.get(t), cfg.zeroshot_limit, cfg.seeds[0]) for t in cfg.eval_suites]
+
+
+def _evaluate_tasks(lm: LoadedModel, tasks: list, cfg: BaselineConfig, run_dir: Path) -> dict:
+    """Zero-shot metrics per task; per-item scores go to ``zeroshot/<task>.items.jsonl`` for pairing."""
+    from esa.evals.zeroshot import evaluate_task
+
+    out = {}
+    for data in tasks:
+        result = evaluate_task(lm.model, lm.tokenizer, data, token_budget=cfg.batch_tokens)
+        rel = f"zeroshot/{result.task}.items.jsonl"
+        (run_dir / "zeroshot").mkdir(exist_ok=True)
+        (run_dir / rel).write_text("".join(json.dumps(asdict(s)) + "\n" for s in result.items))
+        out[result.task] = {"metrics": result.metrics, "config": result.config, "items_file": rel}
+    return out
 
 
 def _evaluate_grid(lm: LoadedModel, corpora: list[Corpus], cfg: BaselineConfig, run_dir: Path) -> list[_Entry]:
@@ -208,9 +243,6 @@ def _evaluate_grid(lm: LoadedModel, corpora: list[Corpus], cfg: BaselineConfig, 
 def run_baseline(cfg: BaselineConfig, models: list[str], out_dir: Path, overwrite: bool = False) -> list[Path]:
     """Run the baseline for each model name; returns the run directories."""
     cfg = cfg.resolved()
-    if cfg.eval_suites:
-        raise EsaError("zero-shot suites (--eval-suites) are not available in this version of ESA yet; "
-                       "run without --eval-suites (perplexity and --long-context are available)")
     return [run_model(ModelSpec(m, cfg.model.dtype, cfg.model.device, cfg.model.revision,
                                 cfg.model.trust_remote_code, cfg.model.allow_pickle), cfg, out_dir, overwrite)
             for m in models]

@@ -40,7 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-tokens", type=int, default=0, help="micro-batch token budget (default: profile's)")
     p.add_argument("--long-context", nargs="*", type=int, default=[],
                    help="extra context lengths evaluated at batch size 1 with chunked log-softmax")
-    p.add_argument("--eval-suites", nargs="*", default=[], help="zero-shot tasks (hellaswag piqa boolq arc_e …)")
+    p.add_argument("--eval-suites", nargs="*", default=[],
+                   help="zero-shot tasks: hellaswag piqa boolq arc_easy (arc_e) arc_challenge (arc_c) winogrande "
+                        "lambada_openai sciq")
+    p.add_argument("--task-data", nargs="*", default=[], metavar="TASK=PATH",
+                   help="local JSONL per task in the dataset's own schema (offline runs)")
+    p.add_argument("--zeroshot-limit", type=int, default=None, help="items per task (seeded subsample)")
     add_model_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("runs/baseline"), help="where run directories go")
     p.add_argument("--overwrite", action="store_true", help="replace existing results in the run directory")
@@ -53,7 +58,19 @@ def config_from_args(args) -> BaselineConfig:
     max_tokens = None if args.max_eval_tokens == 0 else args.max_eval_tokens
     return BaselineConfig(spec, args.baseline, tuple(args.datasets), tuple(args.context_lens), tuple(args.seeds),
                           args.method, args.stride, args.bos, max_tokens, args.batch_tokens,
-                          tuple(args.long_context), tuple(args.eval_suites))
+                          tuple(args.long_context), tuple(args.eval_suites), _task_data(args.task_data),
+                          args.zeroshot_limit)
+
+
+def _task_data(items: list[str]) -> tuple[tuple[str, str], ...]:
+    from esa.baseline import SUITE_ALIASES
+    from esa.evals.zeroshot import parse_task_data
+
+    canonical = []
+    for item in items:
+        task, sep, path = item.partition("=")
+        canonical.append(f"{SUITE_ALIASES.get(task, task)}{sep}{path}")
+    return tuple(parse_task_data(canonical).items())
 
 
 def run(args) -> int:

