@@ -1,0 +1,126 @@
+"""``esa plan``, ``esa run`` and ``esa results``: study files → runs → results database → CSV/Parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from esa.executors import EXECUTORS
+from esa.store import EXPORT_FORMATS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="show a study's runs and estimated cost without running anything")
+    p.add_argument("study", type=Path, help="study .yaml file (see studies/)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="do not time small local models; use the stated throughput assumption for all")
+    p.set_defaults(func=plan)
+
+    r = subparsers.add_parser("run", help="execute a study's pending runs into a results database (resumable)")
+    r.add_argument("study", type=Path, help="study .yaml file (see studies/)")
+    r.add_argument("--db", type=Path, default=None, help="results database (default runs/<study name>.db)")
+    r.add_argument("--executor", default="local", choices=EXECUTORS, help="local (default) or ray")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: start/join a local one)")
+    r.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model group on Ray (0 on CPU)")
+    r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model group on Ray")
+    r.set_defaults(func=run)
+
+    x = subparsers.add_parser("results", help="export a results database to CSV or Parquet")
+    x.add_argument("db", type=Path, help="results database written by `esa run`")
+    x.add_argument("--format", choices=EXPORT_FORMATS, default=None, help="default: from --out's suffix")
+    x.add_argument("--out", type=Path, default=None, help="output file; without it, list the db's studies")
+    x.add_argument("--study", default=None, help="only the runs of this study (name)")
+    x.set_defaults(func=results)
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "?"
+    return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def plan(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from esa.executors import plan as make_plan
+    from esa.study import deferred_sections, load_study
+
+    study = load_study(args.study)
+    rows = make_plan(study, measure=not args.no_measure)
+    table = Table(title=f"study {study.name}: {len(rows)} run(s)")
+    for col in ("#", "kind", "model", "dtype", "dataset", "ctx", "seed", "scored tokens ≤", "est. forward time"):
+        table.add_column(col)
+    for i, row in enumerate(rows, 1):
+        r = row.run
+        table.add_row(str(i), r.kind, r.model.name, r.model.dtype, r.dataset, str(r.context_len), str(r.seed),
+                      "whole split" if row.tokens is None else f"{row.tokens:,}", _fmt_seconds(row.seconds))
+    console = Console(width=160)
+    console.print(table)
+    known = [r.tokens for r in rows if r.tokens is not None]
+    timed = [r.seconds for r in rows if r.seconds is not None]
+    console.print(f"total scored tokens ≤ {sum(known):,}" + (f" (+{len(rows) - len(known)} whole-split run(s))"
+                                                             if len(known) < len(rows) else ""))
+    console.print(f"estimated forward time: {_fmt_seconds(sum(timed))}" +
+                  (f" (+{len(rows) - len(timed)} run(s) not estimated)" if len(timed) < len(rows) else "")
+                  + "; model loading and tokenization not included")
+    for basis in dict.fromkeys(f"{r.run.model.name} ctx {r.run.context_len}: {r.basis}" for r in rows):
+        console.print(f"  throughput {basis}")
+    for section in deferred_sections(study):
+        console.print(f"not executed by this version of ESA (validated only): {section}")
+    return 0
+
+
+def _printer(console):
+    def on_event(kind: str, **info) -> None:
+        if kind == "skip_group":
+            console.print(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
+        elif kind == "group":
+            console.print(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed")
+        elif kind == "load_error":
+            console.print(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
+        elif kind == "run":
+            rec = info["record"]
+            what = (f"ppl {rec.metrics['perplexity']:.4g}" if rec.status == "completed"
+                    else f"[red]FAILED: {rec.error}[/red]")
+            console.print(f"[{info['done']}/{info['total']}] {info['label']}: {what}  ({rec.run_id[:12]})",
+                          highlight=False)
+    return on_event
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from esa.executors import run_study
+    from esa.study import deferred_sections, load_study
+
+    study = load_study(args.study)
+    db = args.db or Path("runs") / f"{study.name}.db"
+    console = Console()
+    for section in deferred_sections(study):
+        console.print(f"note: not executed by this version of ESA (validated only): {section}")
+    options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
+    summary = run_study(study, db, args.executor, str(args.study.resolve()), _printer(console),
+                        **(options if args.executor == "ray" else {}))
+    console.print(f"study {study.name}: {summary.completed} completed now, {summary.skipped} already done, "
+                  f"{len(summary.failed)} failed, of {summary.total} → {db}", soft_wrap=True)
+    for label, error in summary.failed:
+        console.print(f"[red]failed: {label}: {error}[/red]")
+    for model, error in summary.load_errors:
+        console.print(f"[red]not loaded: {model}: {error}[/red]")
+    return 0 if summary.ok else 1
+
+
+def results(args) -> int:
+    from esa.errors import EsaError
+    from esa.store import export, study_names
+
+    if not args.db.is_file():
+        raise EsaError(f"results database {args.db} does not exist; run `esa run STUDY.yaml --db {args.db}` first")
+    if args.out is None:
+        for name, n in study_names(args.db):
+            print(f"{name}: {n} run(s)")
+        print("export with: esa results DB --out results.csv (or .parquet)")
+        return 0
+    n = export(args.db, args.out, args.format, args.study)
+    print(f"{n} run(s) → {args.out}")
+    return 0

@@ -1,0 +1,57 @@
+"""Local executor: one process runs every pending run, model by model, loading each model once."""
+
+from __future__ import annotations
+
+import logging
+
+from esa.errors import EsaError
+from esa.executors import EventFn, Summary, execute_run, group_by_model, known_complete, model_key, release, run_id
+from esa.models import ModelSpec, load_model
+from esa.provenance import provenance
+from esa.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _run_group(spec: ModelSpec, runs: list, store: Store, study_id: str, summary: Summary,
+               on_event: EventFn) -> None:
+    """Load ``spec`` once, then execute and commit each of its runs that is not completed yet."""
+    try:
+        lm = load_model(spec)
+    except EsaError as exc:
+        summary.load_errors.append((spec.name, str(exc)))
+        on_event("load_error", model=spec.name, error=str(exc))
+        return
+    fingerprint = lm.fingerprint.to_dict()
+    key = model_key(spec)
+    if key:
+        store.remember_model(key, fingerprint)
+    ids = [run_id(r.config(), fingerprint) for r in runs]
+    store.link_runs(study_id, ids)
+    done = store.completed(ids)
+    summary.skipped += len(done)
+    on_event("group", model=spec.name, pending=len(ids) - len(done), completed=len(done))
+    prov = provenance(lm.device)
+    corpora: dict = {}
+    for run, rid in zip(runs, ids):
+        if rid in done:
+            continue
+        record = execute_run(lm, run, rid, corpora, prov)
+        store.commit_run(record)
+        summary.add(record, run.label())
+        on_event("run", record=record, label=run.label(), done=summary.skipped + summary.completed
+                 + len(summary.failed), total=summary.total)
+    del lm
+    release()
+
+
+def run_local(runs: list, store: Store, study_id: str, on_event: EventFn) -> Summary:
+    """Execute ``runs`` in this process; each finished run is committed before the next one starts."""
+    summary = Summary(total=len(runs))
+    for spec, group in group_by_model(runs):
+        if known_complete(store, spec, group, study_id):
+            summary.skipped += len(group)
+            on_event("skip_group", model=spec.name, runs=len(group))
+            continue
+        _run_group(spec, group, store, study_id, summary, on_event)
+    return summary
