@@ -109,43 +109,50 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
                      description: str = "scoring") -> WindowScores:
     """Score every window with micro-batches filled to ``token_budget`` tokens; halve on out-of-memory.
 
-    The first batch is run once untimed as a warm-up; ``forward_seconds`` covers the scoring passes only.
+    Windows are batched longest first (so variable-length rolling/sliding windows waste little padding) and
+    the outputs are returned in the input order. One window of the first batch is run untimed as a warm-up;
+    ``forward_seconds`` covers the scoring passes only.
     """
     device = model.get_input_embeddings().weight.device
     W = len(windows)
+    order = sorted(range(W), key=lambda i: -len(windows[i].input_ids))  # stable: equal lengths keep order
     nll, n_scored, n_correct = np.zeros(W), np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
-    longest = max(len(w.input_ids) for w in windows)
-    batch = max(1, token_budget // longest)
+    batch = max(1, token_budget // len(windows[order[0]].input_ids))
     times: list[float] = []
     sizes: list[int] = []
     warmed = False
     with progress.bar(W, description) as advance:
         i = 0
         while i < W:
-            part = list(windows[i:i + batch])
+            idx = order[i:i + batch]
+            ids, attn, scored = collate([windows[j] for j in idx], pad_id)
             try:
-                ids, attn, scored = collate(part, pad_id)
                 if not warmed:
-                    score_batch(model, ids, attn, scored)
+                    score_batch(model, ids[:1], attn[:1], scored[:1])
                     warmed = True
                 with timed(device, times):
                     out = score_batch(model, ids, attn, scored)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
-                if not _is_oom(exc):
-                    raise
-                if batch == 1:
-                    raise EsaError(f"out of memory at batch size 1 with {longest} tokens; use a shorter "
-                                   "--context-lens, --dtype bf16, or a GPU with more memory") from exc
-                batch = max(1, batch // 2)
-                log.warning("out of memory; retrying with micro-batch size %d", batch)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                batch = _halve_or_raise(exc, batch, ids.shape[1], device)
                 continue
-            nll[i:i + len(part)], n_scored[i:i + len(part)], n_correct[i:i + len(part)] = (t.numpy() for t in out)
-            sizes.append(len(part))
-            advance(len(part))
-            i += len(part)
+            nll[idx], n_scored[idx], n_correct[idx] = (t.numpy() for t in out)
+            sizes.append(len(idx))
+            advance(len(idx))
+            i += len(idx)
     return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
+
+
+def _halve_or_raise(exc: BaseException, batch: int, length: int, device: torch.device) -> int:
+    """Next micro-batch size after an out-of-memory error (re-raise anything else)."""
+    if not _is_oom(exc):
+        raise exc
+    if batch == 1:
+        raise EsaError(f"out of memory at batch size 1 with {length} tokens; use a shorter --context-lens, "
+                       "--dtype bf16, or a GPU with more memory") from exc
+    log.warning("out of memory; retrying with micro-batch size %d", batch // 2)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return batch // 2
 
 
 def perplexity_metrics(scores: WindowScores, n_bytes: int, n_words: int) -> dict:
