@@ -1,0 +1,195 @@
+"""``esa perturb``, ``esa dose-response`` and ``esa bitscan``: the perturbation protocols of esa.perturb.protocols."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from esa.commands.baseline import add_model_args
+from esa.models import ModelSpec
+from esa.perturb.protocols import (
+    CONTROLS,
+    DOSE_PARAM,
+    BitscanConfig,
+    DoseConfig,
+    EvalConfig,
+    PerturbConfig,
+)
+
+TARGETS_HELP = ("superweights (detected on calibration windows), topk:<ranking file>:<k>, rows:<glob>:<i>, "
+                "cols:<glob>:<j>, tensor:<glob>, a .json/.csv coordinate file, or 'param[row,col];…' "
+                "(row = out, col = in)")
+
+
+def _common(p, stem: str) -> None:
+    e = EvalConfig()
+    p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
+    p.add_argument("--targets", default="superweights", help=TARGETS_HELP)
+    p.add_argument("--dataset", default=e.dataset, help="corpus name or .txt/.jsonl path")
+    p.add_argument("--context-len", type=int, default=e.context_len, help="tokens per chunks window")
+    p.add_argument("--max-eval-tokens", type=int, default=e.max_eval_tokens,
+                   help="scored tokens evaluated (0 = the whole corpus, seed-invariant)")
+    p.add_argument("--seed", type=int, default=e.seed, help="picks the evaluation and calibration windows")
+    p.add_argument("--batch-tokens", type=int, default=e.batch_tokens, help="micro-batch token budget")
+    p.add_argument("--calib-samples", type=int, default=e.calib_samples,
+                   help="windows for super-weight detection (not among the evaluated ones)")
+    p.add_argument("--n-boot", type=int, default=e.n_boot, help="bootstrap resamples per CI")
+    p.add_argument("--collapse-ppl", type=float, default=e.collapse_ppl,
+                   help="a trial collapsed when its PPL exceeds this or a loss is non-finite")
+    add_model_args(p)
+    p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out-dir")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "perturb", help="perturb a target set and size-matched controls; paired ΔNLL statistics",
+        description="Applies --op to the targets and to controls (random_k: random elements of the same tensors, "
+                    "one draw per --control-seeds; bottom_k: lowest-ranked elements) on the same fixed windows as "
+                    "the unperturbed baseline; writes perturb.json, perturb.npz (per-window arrays), perturb.png.")
+    _common(p, "perturb")
+    p.add_argument("--op", default="zero", help="zero | sign_flip | scale:factor=F | set:value=V | "
+                   "gauss_noise:sigma=S[,relative_to=tensor_std] | uniform_noise:width=W | bit_flip:bit=B | "
+                   "random_bit_flip:prob=P[,bits=…]")
+    p.add_argument("--controls", default=",".join(CONTROLS), help="comma list of random_k, bottom_k (or none)")
+    p.add_argument("--ranking", default=None, help="ranking.parquet/.csv for bottom_k (from `esa sensitivity`)")
+    p.add_argument("--control-seeds", nargs="+", type=int, default=[0, 1, 2], help="random_k draws")
+    p.set_defaults(func=run_perturb_cmd)
+
+    d = subparsers.add_parser(
+        "dose-response", help="ΔNLL of a target set and a random control as one op parameter grows",
+        description=f"Sweeps the op's parameter ({', '.join(f'{k}: {v}' for k, v in DOSE_PARAM.items())}); "
+                    "writes dose_response.json, .npz and .png (curves with CI bands).")
+    _common(d, "dose_response")
+    d.add_argument("--op", default="scale", help="op name, optionally with fixed parameters, e.g. "
+                   "gauss_noise:relative_to=tensor_std")
+    d.add_argument("--values", nargs="+", default=["0", "0.25", "0.5", "1", "2", "4", "8"],
+                   help="values of the swept parameter (bit_flip: positions or names such as exponent_msb)")
+    d.add_argument("--control-seeds", nargs="*", type=int, default=[0, 1, 2],
+                   help="random_k draws (none: no control)")
+    d.set_defaults(func=run_dose_cmd)
+
+    b = subparsers.add_parser(
+        "bitscan", help="ΔNLL of every single bit flip of the top target weights; fewest flips to collapse",
+        description="Flips each --bits position of each of the first --top-n target weights alone (heat map), "
+                    "then greedily adds the most damaging flip until the model collapses (PPL above "
+                    "--collapse-ppl or non-finite). Writes bitscan.json, .npz and .png.")
+    _common(b, "bitscan")
+    c = BitscanConfig()
+    b.add_argument("--top-n", type=int, default=c.top_n, help="weights scanned, in the target spec's order")
+    b.add_argument("--bits", nargs="+", default=list(c.bits),
+                   help="positions (0 = mantissa LSB) or names: sign exponent_msb exponent_lsb mantissa_msb "
+                        "mantissa_lsb exponent[i] mantissa[i]")
+    b.add_argument("--max-flips", type=int, default=c.max_flips, help="greedy search gives up after this many")
+    b.add_argument("--greedy-pool", type=int, default=c.greedy_pool,
+                   help="flips competing in the greedy search (the most damaging single flips)")
+    b.set_defaults(func=run_bitscan_cmd)
+
+
+def _spec(args) -> ModelSpec:
+    return ModelSpec(args.model, args.dtype, args.device, args.revision, args.trust_remote_code, args.allow_pickle)
+
+
+def _data(args) -> EvalConfig:
+    return EvalConfig(args.dataset, args.context_len, None if args.max_eval_tokens == 0 else args.max_eval_tokens,
+                      args.seed, args.batch_tokens, args.calib_samples, args.n_boot, args.collapse_ppl)
+
+
+def _console():
+    """A console at least 130 columns wide, so the tables stay readable when output is piped (80 default)."""
+    from rich.console import Console
+
+    return Console(width=max(Console().width, 130))
+
+
+def _num(x, fmt: str = ".4g") -> str:
+    from esa.runs import as_float
+
+    return format(as_float(x), fmt)
+
+
+def _stats_table(title: str, comps: list[dict]):
+    from rich.table import Table
+
+    table = Table(title=title, caption="ΔNLL: nats/token, mean over windows (perturbed − reference); "
+                                       "p: Wilcoxon signed-rank, Holm-adjusted across this run")
+    for col in ("comparison", "ΔNLL", "95% CI", "PPL", "PPL ratio", "p", "p Holm", "d_z", "collapsed"):
+        table.add_column(col, justify="left" if col == "comparison" else "right")
+    for c in comps:
+        table.add_row(c["name"], _num(c["mean_delta_nll"]), f"[{_num(c['ci_low'])}, {_num(c['ci_high'])}]",
+                      _num(c["ppl_perturbed"]), _num(c["ppl_ratio"]), _num(c["p_wilcoxon"], ".2g"),
+                      _num(c["p_wilcoxon_holm"], ".2g"), _num(c["cohens_dz"], ".3g"),
+                      "[red]yes[/red]" if c["collapsed"] else "no")
+    return table
+
+
+def _finish(console, out: Path, stem: str, doc: dict) -> None:
+    for note in doc["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"baseline PPL {_num(doc['baseline']['perplexity'])} on {doc['data']['n_windows']} windows "
+                  f"({doc['data']['scored_tokens']} scored tokens); {_num(doc['wall_seconds'], '.1f')} s")
+    console.print(f"results: {out / f'{stem}.json'}\nplot: {out / f'{stem}.png'}")
+
+
+def run_perturb_cmd(args) -> int:
+    from esa.perturb.protocols import run_perturb
+    from esa.runs import read_json
+
+    cfg = PerturbConfig(args.targets, args.op, tuple(args.controls.split(",")), args.ranking,
+                        tuple(args.control_seeds), _data(args))
+    out = run_perturb(_spec(args), cfg, args.out_dir, args.overwrite)
+    doc = read_json(out / "perturb.json")
+    console = _console()
+    sizes = ", ".join(f"{a['name']} {a['n_elements']}" for a in doc["arms"])
+    console.print(_stats_table(f"{doc['model']['model_id']}: {cfg.targets} under {cfg.op} (elements: {sizes})",
+                               doc["comparisons"]))
+    sep = doc["separation"]
+    console.print("separation: target/random ΔNLL = " + (_num(sep["target_over_random"]) if sep[
+        "target_over_random"] is not None else "n/a") + ", random/bottom ΔNLL = " + (
+        _num(sep["random_over_bottom"]) if sep["random_over_bottom"] is not None else "n/a"))
+    _finish(console, out, "perturb", doc)
+    return 0
+
+
+def run_dose_cmd(args) -> int:
+    from esa.perturb.protocols import run_dose_response
+    from esa.runs import read_json
+
+    cfg = DoseConfig(args.targets, args.op, tuple(args.values), tuple(args.control_seeds), _data(args))
+    out = run_dose_response(_spec(args), cfg, args.out_dir, args.overwrite)
+    doc = read_json(out / "dose_response.json")
+    comps = [r[arm] for r in doc["rows"] for arm in ("target", "random_k") if arm in r]
+    console = _console()
+    console.print(_stats_table(f"{doc['model']['model_id']}: dose-response of {cfg.targets} "
+                               f"({doc['targets']['n_elements']} elements)", comps))
+    _finish(console, out, "dose_response", doc)
+    return 0
+
+
+def run_bitscan_cmd(args) -> int:
+    from rich.table import Table
+
+    from esa.perturb.protocols import run_bitscan
+    from esa.runs import read_json
+
+    cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool, _data(args))
+    out = run_bitscan(_spec(args), cfg, args.out_dir, args.overwrite)
+    doc = read_json(out / "bitscan.json")
+    bits = [b["spec"] for b in doc["bits"]]
+    table = Table(title=f"{doc['model']['model_id']}: single-flip ΔNLL (nats/token), weights × bits",
+                  caption="✕ = collapsed (PPL above the threshold or non-finite)")
+    for col in ("weight", "value", *bits):
+        table.add_column(col, justify="left" if col == "weight" else "right")
+    for i, w in enumerate(doc["weights"]):
+        row = [c for c in doc["cells"] if c["weight"] == i]
+        table.add_row(w["label"], _num(w["value"]),
+                      *[_num(c["mean_delta_nll"], ".3g") + (" ✕" if c["collapsed"] else "") for c in row])
+    console = _console()
+    console.print(table)
+    g = doc["greedy"]
+    if g["collapsed"]:
+        exact = " (exact minimum)" if g["exact_minimum"] else " (greedy upper bound)"
+        console.print(f"collapse after {g['n_flips']} flip(s){exact}: " + "; ".join(g["flips"]))
+    else:
+        console.print(f"no collapse within {len(g['steps'])} greedy flip(s) (PPL threshold {g['collapse_ppl']:g})")
+    _finish(console, out, "bitscan", doc)
+    return 0

@@ -1,0 +1,138 @@
+"""Protocol 3: the ΔNLL of single bit flips of the top target weights, and the fewest flips that collapse."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esa.errors import EsaError
+from esa.models import LoadedModel
+from esa.perturb.bits import flip_bit, layout, parse_bit
+from esa.perturb.context import perturbed
+from esa.perturb.ops import make_op
+from esa.perturb.protocols.choose import Resolved, resolve_targets
+from esa.perturb.protocols.common import (BitscanConfig, Bench, base_arrays, build_cache, compare, header,
+                                          make_bench, trial)
+from esa.perturb.protocols.experiments import parse_value
+from esa.perturb.targets import TargetSet
+from esa.stats import perplexity
+
+# ---- protocol 3: bit scan and greedy collapse search -------------------------------------------------------
+
+@dataclass
+class Flip:
+    """One bit of one weight element."""
+
+    weight: int  # row of the scanned weights
+    param: str
+    flat: int
+    bit: int
+    label: str
+    nll: np.ndarray | None = None  # (W,) after this flip alone
+
+    @property
+    def targets(self) -> TargetSet:
+        return TargetSet({self.param: torch.tensor([self.flat])})
+
+    @property
+    def op(self):
+        return make_op("bit_flip", bit=self.bit)
+
+
+def _severity(nll: np.ndarray) -> float:
+    """Total NLL, NaN counted as +inf (a NaN loss is a collapse, the worst outcome)."""
+    total = float(np.sum(nll))
+    return math.inf if math.isnan(total) else total
+
+
+def _collapsed(bench: Bench, nll: np.ndarray) -> tuple[float, bool]:
+    ppl = perplexity(nll, bench.n_tokens)
+    return ppl, bool(not np.isfinite(nll).all() or not ppl <= bench.data.collapse_ppl)
+
+
+def greedy_collapse(bench: Bench, flips: list[Flip], max_flips: int, pool_size: int) -> dict:
+    """Fewest flips that collapse the model, greedily: each step adds the flip that hurts most on top of
+    those chosen (re-scored with them applied). Step 1 reuses the single-flip scan, so ``n_flips == 1`` is
+    the exact minimum; larger counts are upper bounds. Only the ``pool_size`` most damaging single flips
+    compete (cost: Σ_k (pool - k) trials)."""
+    pool = sorted(flips, key=lambda f: -_severity(f.nll))[:pool_size]
+    chosen: list[Flip] = []
+    steps, n_evals = [], 0
+    base_collapsed = _collapsed(bench, bench.cache.baseline.nll)[1]
+    if base_collapsed:  # 0 flips needed: the threshold is below the baseline PPL
+        bench.notes.append("the unperturbed model already exceeds collapse_ppl; raise --collapse-ppl")
+        pool = []
+    while pool and len(chosen) < max_flips:
+        with ExitStack() as stack:
+            for f in chosen:
+                stack.enter_context(perturbed(bench.model, f.targets, f.op))
+            also = tuple(f.param for f in chosen)
+            scored = [(f, f.nll if not chosen else trial(bench, f.targets, f.op, 0, also)[0]) for f in pool]
+        n_evals += len(pool) if chosen else 0
+        best, nll = max(scored, key=lambda s: _severity(s[1]))
+        chosen.append(best)
+        pool.remove(best)
+        ppl, collapsed = _collapsed(bench, nll)
+        steps.append({"flip": best.label, "weight": best.weight, "bit": best.bit, "ppl": ppl, "collapsed": collapsed})
+        if collapsed:
+            break
+    done = base_collapsed or bool(steps and steps[-1]["collapsed"])
+    return {"collapse_ppl": bench.data.collapse_ppl, "collapsed": done, "n_flips": len(chosen) if done else None,
+            "exact_minimum": done and len(chosen) == 1, "flips": [s["flip"] for s in steps] if done else [],
+            "steps": steps, "pool_size": min(pool_size, len(flips)), "extra_trials": n_evals,
+            "method": "greedy: add the most damaging flip given those already chosen; ranked by total NLL"}
+
+
+def _weights(bench: Bench, res: Resolved, top_n: int) -> pd.DataFrame:
+    if top_n < 1:
+        raise EsaError(f"--top-n {top_n} must be ≥ 1")
+    order = res.order.head(top_n).reset_index(drop=True)
+    flat_params = [bench.model.get_parameter(p).detach().reshape(-1) for p in order["param"]]
+    order["value"] = [float(t[int(i)]) for t, i in zip(flat_params, order["flat"])]
+    order["label"] = [f"{p.removesuffix('.weight')}[{r},{c}]" if c >= 0 else f"{p}[{r}]"
+                      for p, r, c in zip(order["param"], order["row"], order["col"])]
+    return order
+
+
+def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """ΔNLL of every single (weight, bit) flip, then the greedy collapse search over them."""
+    start = time.perf_counter()
+    if not cfg.bits or cfg.max_flips < 1 or cfg.greedy_pool < 1:
+        raise EsaError("bitscan needs --bits, and --max-flips and --greedy-pool ≥ 1")
+    bench = make_bench(lm, cfg.data)
+    res = resolve_targets(bench, cfg.targets)
+    weights = _weights(bench, res, cfg.top_n)
+    flips = []
+    for i, w in weights.iterrows():
+        dtype = bench.model.get_parameter(w["param"]).dtype
+        positions = [parse_bit(dtype, parse_value(b)) for b in cfg.bits]
+        if len(set(positions)) < len(positions):
+            raise EsaError(f"--bits {' '.join(cfg.bits)} name the same {dtype} bit twice ({positions}); drop one")
+        for pos in positions:
+            flips.append(Flip(i, w["param"], int(w["flat"]), pos, f"{w['label']} bit {layout(dtype).name_of(pos)}"))
+    build_cache(bench, [f.targets for f in flips])
+    cells = []
+    for f in flips:
+        f.nll = trial(bench, f.targets, f.op, 0)[0]
+        c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
+        value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
+        cells.append({"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),
+                      **{k: c[k] for k in ("mean_delta_nll", "ci_low", "ci_high", "delta_nll_per_token",
+                                           "ppl_perturbed", "collapsed", "n_nonfinite_perturbed")}})
+    grid = np.array([c["mean_delta_nll"] for c in cells]).reshape(len(weights), len(cfg.bits))  # (N, bits)
+    greedy = greedy_collapse(bench, flips, cfg.max_flips, cfg.greedy_pool)
+    doc = {**header(bench, "esa.bitscan/1", cfg),
+           "targets": {"spec": cfg.targets, "kind": res.kind, **res.extra},
+           "weights": weights.to_dict("records"),
+           "bits": [{"spec": b, "position": f.bit} for b, f in zip(cfg.bits, flips)],
+           "cells": cells, "greedy": greedy, "notes": bench.notes, "wall_seconds": time.perf_counter() - start}
+    return doc, {**base_arrays(bench), "grid_mean_delta_nll": grid,
+                 "flip_nll": np.stack([f.nll for f in flips])}
+
+

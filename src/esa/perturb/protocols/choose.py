@@ -1,0 +1,139 @@
+"""Target specs → :class:`~esa.perturb.targets.TargetSet`, and the controls they are compared with."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esa.errors import EsaError
+from esa.perturb.protocols.common import CONTROLS, Bench, PerturbConfig
+from esa.perturb.targets import (TargetSet, from_coordinates, from_ranking, param_table, parse_targets,
+                                 resolve_param)
+from esa.registry import suggest
+
+# ---- targets and controls ----------------------------------------------------------------------------------
+
+@dataclass
+class Resolved:
+    """A resolved target spec."""
+
+    targets: TargetSet
+    kind: str  # superweights | topk | glob | file | coordinates
+    order: pd.DataFrame  # param, row, col, flat in the spec's order (super-weight or ranking order)
+    ranking: pd.DataFrame | None = None  # the table named by a topk: spec
+    extra: dict = field(default_factory=dict)  # written to the JSON: super-weight candidates, ranking and k
+
+
+def _ordered(model, ts: TargetSet, picked: pd.DataFrame) -> pd.DataFrame:
+    """``ts.to_frame`` rows in the order of ``picked`` (param, row, col); col NA/-1 for 1-D tensors."""
+    frame = ts.to_frame(model)
+    keys = picked[["param", "row", "col"]].copy()
+    keys["row"] = keys["row"].astype(np.int64)
+    keys["col"] = pd.to_numeric(keys["col"]).fillna(-1).astype(np.int64)
+    merged = keys.merge(frame, on=["param", "row", "col"], how="left")
+    return frame if merged["flat"].isna().any() else merged.astype({"flat": np.int64})
+
+
+def _superweights(bench: Bench) -> Resolved:
+    from esa.sensitivity.superweights import find_super_weights
+
+    report = find_super_weights(bench.model, bench.calib)
+    if not report.candidates:
+        raise EsaError(f"no super-weight candidates in {bench.lm.fingerprint.model_id} on {len(bench.calib)} "
+                       "calibration windows; inspect with `esa superweights --spike-ratio …` or give explicit "
+                       "targets, e.g. --targets 'model.layers.2.mlp.down_proj.weight[3,7]'")
+    coords = pd.DataFrame([(w.param_name, w.row, w.col) for w in report.candidates], columns=["param", "row", "col"])
+    ts = from_coordinates(bench.model, coords.to_dict("records"))
+    return Resolved(ts, "superweights", _ordered(bench.model, ts, coords),
+                    extra={"superweights": [asdict(w) for w in report.candidates]})
+
+
+def resolve_targets(bench: Bench, spec: str) -> Resolved:
+    """``superweights`` | ``topk:<ranking file>:<k>`` | anything :func:`~esa.perturb.targets.parse_targets` takes.
+
+    ``superweights`` runs :func:`~esa.sensitivity.superweights.find_super_weights` on the calibration windows
+    and targets every candidate. ``topk:runs/sens/ranking.parquet:100`` takes the 100 highest-scoring rows.
+    """
+    from esa.sensitivity.ranking import read_ranking
+
+    spec = spec.strip()
+    if spec == "superweights":
+        return _superweights(bench)
+    if spec.startswith("topk:"):
+        path, _, k = spec[len("topk:"):].rpartition(":")
+        if not path or not k.strip().isdigit():
+            raise EsaError(f"cannot read target {spec!r}: write topk:<ranking file>:<k>, e.g. "
+                           "topk:runs/sensitivity/ranking.parquet:100")
+        table = read_ranking(path)
+        ts = from_ranking(bench.model, table, int(k))
+        picked = table.sort_values("score", ascending=False, kind="stable", na_position="last").head(int(k))
+        return Resolved(ts, "topk", _ordered(bench.model, ts, picked), table, {"ranking": path, "k": int(k)})
+    if re.fullmatch(r"[A-Za-z_]\w*", spec):  # a bare word: a misspelt keyword, not a coordinate
+        raise EsaError(suggest(spec, ["superweights", "topk:<ranking>:<k>", "rows:<glob>:<i>", "cols:<glob>:<j>",
+                                      "tensor:<glob>", "<param>[row,col]", "<file>.json", "<file>.csv"],
+                               "target spec"))
+    kind = ("glob" if spec.split(":", 1)[0] in ("rows", "cols", "tensor")
+            else "file" if spec.lower().endswith((".json", ".csv")) else "coordinates")
+    ts = parse_targets(bench.model, spec)
+    return Resolved(ts, kind, ts.to_frame(bench.model))
+
+
+def _bottom_magnitude(model, like: TargetSet) -> TargetSet:
+    """Per tensor, as many of the smallest non-zero |W| as ``like`` has there, none of ``like``'s own.
+
+    Exact zeros are skipped (while enough others remain): zeroing or scaling them would change nothing, making
+    the control a no-op rather than "the least important weights".
+    """
+    table, entries = param_table(model), []
+    for name, idx in like.items():
+        mag = resolve_param(table, name)[1].detach().reshape(-1).abs().float().clone()  # (numel,)
+        mag[mag == 0] = math.inf
+        mag[idx.to(mag.device)] = math.nan  # topk(largest=False) ranks NaN last, after the zeros
+        entries.append((name, torch.topk(mag, len(idx), largest=False).indices.cpu()))
+    return TargetSet(entries)
+
+
+def bottom_k(bench: Bench, res: Resolved, ranking: str | None) -> tuple[TargetSet, str]:
+    """The bottom_k control and how it was chosen: the k lowest rows of ``ranking`` (or of the topk: spec's
+    table); without any ranking (super weights only) the k smallest non-zero |W| of the target tensors."""
+    from esa.sensitivity.ranking import read_ranking
+
+    table = read_ranking(ranking) if ranking else res.ranking
+    k = res.targets.n_elements
+    if table is None:  # check_controls allows this only for super weights
+        return (_bottom_magnitude(bench.model, res.targets),
+                "no ranking given: the k smallest non-zero |W| of the same tensors (magnitude bottom-k)")
+    if k > len(table):
+        raise EsaError(f"bottom_k needs {k} rows but the ranking has {len(table)}; give a larger ranking")
+    ts = from_ranking(bench.model, table, k, bottom=True)
+    shared = sum(int(np.isin(idx.numpy(), res.targets[n].numpy()).sum()) for n, idx in ts.items() if n in res.targets)
+    if shared:
+        bench.notes.append(f"bottom_k shares {shared} element(s) with the targets (a small ranking table)")
+    return ts, f"the {k} lowest-scoring rows of the ranking {ranking or res.extra.get('ranking')}"
+
+
+def parse_controls(controls) -> tuple[str, ...]:
+    """``"random_k,bottom_k"`` or a sequence → validated names (``""``/``"none"``: no controls)."""
+    items = controls.split(",") if isinstance(controls, str) else list(controls)
+    names = tuple(c.strip() for c in items if c.strip() and c.strip() != "none")
+    for name in names:
+        if name not in CONTROLS:
+            raise EsaError(suggest(name, list(CONTROLS), "control"))
+    return names
+
+
+def check_controls(cfg: PerturbConfig) -> None:
+    controls = parse_controls(cfg.controls)
+    if "bottom_k" in controls and not cfg.ranking and cfg.targets.strip() != "superweights" \
+            and not cfg.targets.strip().startswith("topk:"):
+        raise EsaError("control bottom_k needs a ranking: pass --ranking ranking.parquet (from `esa sensitivity`),"
+                       " use --targets topk:<ranking>:<k>, or drop it with --controls random_k")
+    if "random_k" in controls and not cfg.control_seeds:
+        raise EsaError("control random_k needs at least one --control-seeds value")
+
+
