@@ -39,7 +39,7 @@ def test_window_nll_matches_hf_loss(family, smol, doc_windows):
 def test_rolling_and_sliding_match_hf_loss_with_padding(smol, tokenizer, python_docs):
     docs = python_docs.documents[:2]
     for ws in (make_windows(tokenizer, docs, "rolling", 64), make_windows(tokenizer, docs, "sliding", 64, stride=24)):
-        windows = ws.windows[:5] + ws.windows[-2:]  # includes short/partially scored windows → padding
+        windows = ws.windows[:2] + ws.windows[-2:]  # includes short/partially scored windows → padding
         scores = evaluate_windows(smol.model, windows, pad_id=tokenizer.pad_token_id, token_budget=64 * 8)
         np.testing.assert_allclose(scores.nll, _reference_nll(smol.model, windows), rtol=1e-5)
 

@@ -246,3 +246,11 @@ def test_magnitude_bottom_k_skips_zeros_and_targets(lm):
     with perturbed(lm.model, zeroed, make_op("zero")):
         bottom = _bottom_magnitude(lm.model, targets.union({DOWN: order[3:4]}))
     assert bottom[DOWN].tolist() == sorted(order[4:6].tolist())
+
+
+def test_dose_ops_keep_float_values_from_library_callers():
+    from esa.perturb.protocols import dose_ops
+
+    param, ops = dose_ops("scale", (0.0, 0.5, 1, 2.25))
+    assert param == "factor"
+    assert [op.params()["factor"] for op in ops] == [0.0, 0.5, 1, 2.25]

@@ -63,7 +63,12 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
 # ---- protocol 2: dose-response -----------------------------------------------------------------------------
 
 def parse_value(text) -> int | float | str:
-    """CLI value → int, float or string (bit names such as ``exponent_msb``)."""
+    """CLI value → int, float or string (bit names such as ``exponent_msb``); numbers pass through unchanged.
+
+    ``int`` is tried first only on strings: ``int(0.5)`` would silently truncate a float value to 0.
+    """
+    if isinstance(text, (int, float)):
+        return text
     for conv in (int, float):
         try:
             return conv(text)
