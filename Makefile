@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv demo test test-slow test-lmeval lint smoke standard-core standard-pythia extended-llama \
-        extended-core report check-models bench clean
+        extended-core report check-models phase1 phase2 scaling full-research clean
 
 venv: $(VENV)/.installed
 
@@ -63,6 +63,11 @@ extended-core: venv
 
 report: venv
 	$(ESA) report $(OUT)/*/ --out $(OUT)/report
+
+# Studies from the research plan: each is an experiment file under studies/, results in runs/<study>.db
+phase1 phase2 scaling full-research: venv
+	$(ESA) plan studies/$@.yaml
+	$(ESA) run studies/$@.yaml --db $(OUT)/$@.db
 
 check-models: venv
 	$(ESA) check-models

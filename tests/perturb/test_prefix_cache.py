@@ -18,10 +18,12 @@ from esa.tiny import TINY_CONFIGS, random_model
 
 RTOL = 1e-5
 LAYER_KEY = {"llama": "num_hidden_layers", "gpt_neox": "num_hidden_layers", "gpt2": "n_layer"}
-MLP_OUT = {"llama": "model.layers.{}.mlp.down_proj.weight", "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight",
+MLP_OUT = {"llama": "model.layers.{}.mlp.down_proj.weight",
+           "gpt_neox": "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight",
            "gpt2": "transformer.h.{}.mlp.c_proj.weight"}
 Q_PROJ = {"llama": "model.layers.{}.self_attn.q_proj.weight",
-          "gpt_neox": "gpt_neox.layers.{}.attention.query_key_value.weight", "gpt2": "transformer.h.{}.attn.c_attn.weight"}
+          "gpt_neox": "gpt_neox.layers.{}.attention.query_key_value.weight",
+          "gpt2": "transformer.h.{}.attn.c_attn.weight"}
 
 
 @contextmanager

@@ -99,7 +99,9 @@ def test_hutchinson_quadratic_and_seeding():
     m = torch.randn(20, 20)
     a = m @ m.t() / 20  # symmetric: Hessian of 0.5 θᵀAθ is A
     theta = torch.randn(20, requires_grad=True)
-    loss = lambda: 0.5 * theta @ a @ theta
+
+    def loss():
+        return 0.5 * theta @ a @ theta
     est = hutchinson_diagonal([loss], [theta], 4000, seed=3)[0]
     torch.testing.assert_close(est, torch.diagonal(a), rtol=0, atol=0.1 * float(torch.diagonal(a).abs().mean()))
     again = hutchinson_diagonal([loss], [theta], 5, seed=3)[0]

@@ -7,8 +7,9 @@
   ranks y, z (1, 2): on the union (x, y, z) the ranks are A = (1, 2, 3), B = (3, 1, 2).
 * :class:`TailStats` — fed one score tensor at a time: the exact share of the total score held by the top
   0.1 % and 1 % of weights (a pool of candidate values above the running m-th largest, m = 1 % of the
-  weights, compacted to its m largest when it reaches 2m), and the Gini coefficient from per-bucket counts and sums, with the 32768 buckets
-  cut on the float32 bit pattern (exponent + 7 mantissa bits, relative width ≤ 2⁻⁷). Cross-bucket pairs are
+  weights, compacted to its m largest when it reaches 2m), and the Gini coefficient from per-bucket counts and
+  sums, with the 32768 buckets cut on the float32 bit pattern (exponent + 7 mantissa bits, relative width
+  ≤ 2⁻⁷). Cross-bucket pairs are
   exact; within-bucket pairs are bounded, so the Gini is reported with a guaranteed interval
   [gini_low, gini_high] whose width is ≤ 2⁻⁸. A random sample (for the histogram only) is kept as well.
 """
