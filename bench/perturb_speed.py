@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -30,23 +29,17 @@ from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, select_windows
 from esa.evals.perplexity import score_batch
 from esa.models import ModelSpec, load_model
+from esa.perturb.context import perturbed
+from esa.perturb.ops import make_op
 from esa.perturb.prefix_cache import PrefixCache
+from esa.perturb.targets import TargetSet
 
 PARAM = "model.layers.{}.mlp.down_proj.weight"
 
 
-@contextmanager
 def nudge(model, name: str, flat_index: int, value: float):
-    """Set one weight element in place; restore it in ``finally`` (stand-in for ``esa.perturb.perturbed``)."""
-    param = dict(model.named_parameters())[name]
-    with torch.no_grad():
-        old = param.view(-1)[flat_index].clone()
-        param.view(-1)[flat_index] = value
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            param.view(-1)[flat_index] = old
+    """Set one stored weight element through ``perturbed`` (ESA's only weight writer; bit-exact restore)."""
+    return perturbed(model, TargetSet({name: torch.tensor([flat_index])}), make_op("set", value=value))
 
 
 def make_trials(model, layer: int, n: int, seed: int) -> list[tuple[str, int, float]]:

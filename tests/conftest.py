@@ -27,3 +27,12 @@ def python_docs():
     from esa.data.corpora import load_corpus
 
     return load_corpus("python-docs")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Path of a small local corpus (fast to tokenize) with enough text for dozens of 32-token windows."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
+    path.write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
+    return str(path)

@@ -22,14 +22,6 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    path.write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
-    return str(path)
-
-
 def _args(command, tiny_dir, corpus, out, *extra):
     return ["--no-progress", command, "--model", str(tiny_dir), "--dataset", corpus, "--context-len", "32",
             "--max-eval-tokens", "186", "--n-boot", "300", "--collapse-ppl", "1e12", "--out-dir", str(out), *extra]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -13,7 +12,10 @@ from esa.data.corpora import load_corpus
 from esa.data.windows import Window, make_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import collate, evaluate_windows, score_batch, score_states
+from esa.perturb.context import perturbed
+from esa.perturb.ops import make_op
 from esa.perturb.prefix_cache import PrefixCache, start_layer
+from esa.perturb.targets import TargetSet
 from esa.tiny import TINY_CONFIGS, random_model
 
 RTOL = 1e-5
@@ -26,18 +28,9 @@ Q_PROJ = {"llama": "model.layers.{}.self_attn.q_proj.weight",
           "gpt2": "transformer.h.{}.attn.c_attn.weight"}
 
 
-@contextmanager
 def nudge(model, name: str, flat_index: int, value: float):
-    """Set one weight element in place and restore it exactly (stand-in for esa.perturb's ``perturbed``)."""
-    param = dict(model.named_parameters())[name]
-    with torch.no_grad():
-        old = param.view(-1)[flat_index].clone()
-        param.view(-1)[flat_index] = value
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            param.view(-1)[flat_index] = old
+    """Set one stored weight element through ``perturbed`` (ESA's only weight writer; bit-exact restore)."""
+    return perturbed(model, TargetSet({name: torch.tensor([flat_index])}), make_op("set", value=value))
 
 
 @pytest.fixture(scope="module")

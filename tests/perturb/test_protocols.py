@@ -25,15 +25,6 @@ RTOL = 1e-5  # prefix-cache replay vs a full forward in other micro-batches
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small local corpus (fast to tokenize): a few dozen 32-token windows."""
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    path.write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def lm(tokenizer):
     model = tiny_model("llama", seed=3)
     fp = Fingerprint("tiny-llama", "esa.tiny", "seed-3", sum(p.numel() for p in model.parameters()), "fp32",

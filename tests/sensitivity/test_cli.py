@@ -13,15 +13,6 @@ from esa.sensitivity.calibration import CalibrationSpec, calibration_batches
 from esa.sensitivity.stability import compare_rankings
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small local corpus (fast to tokenize) with enough text for dozens of 32-token windows."""
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    path.write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
-    return str(path)
-
-
 def _run(tmp_path, tiny_dir, corpus, *extra, out="out"):
     argv = ["--no-progress", "sensitivity", "--model", str(tiny_dir), "--calib-dataset", corpus,
             "--max-samples", "4", "--context-len", "32", "--batch-size", "2", "--out-dir", str(tmp_path / out),
