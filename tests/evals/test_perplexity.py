@@ -101,3 +101,15 @@ def test_metric_definitions():
 def test_collate_right_pads_and_masks(doc_windows):
     ids, attn, scored = collate([doc_windows[0], doc_windows[1]], pad_id=7)
     assert ids.shape == (2, 96) and attn.all() and scored[:, 0].sum() == 0
+
+
+def test_batches_group_similar_lengths_and_keep_input_order():
+    from esa.data.windows import Window
+
+    lengths = [60, 100, 98, 59, 100]
+    windows = tuple(Window(torch.arange(n) % 50, torch.arange(n) > 0, 0, 0) for n in lengths)
+    model = tiny_model("llama")
+    scores = evaluate_windows(model, windows, pad_id=0, token_budget=10_000)
+    assert scores.batch_sizes == [3, 2]  # 100, 100, 98 (≤ 5 % padding) then 60, 59
+    assert scores.n_scored.tolist() == [n - 1 for n in lengths]
+    np.testing.assert_allclose(scores.nll, _reference_nll(model, windows), rtol=1e-5)

@@ -26,6 +26,7 @@ from esa.evals.resources import timed
 log = logging.getLogger(__name__)
 
 LOGIT_CHUNK = 512  # positions per fp32 log-softmax chunk
+MAX_PADDING = 0.05  # a micro-batch wastes at most this share of its longest window on padding
 
 
 @dataclass
@@ -124,7 +125,7 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
     with progress.bar(W, description) as advance:
         i = 0
         while i < W:
-            idx = order[i:i + batch]
+            idx = _similar_lengths(windows, order[i:i + batch])
             ids, attn, scored = collate([windows[j] for j in idx], pad_id)
             try:
                 if not warmed:
@@ -140,6 +141,18 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
             advance(len(idx))
             i += len(idx)
     return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
+
+
+def _similar_lengths(windows, candidates: list[int]) -> list[int]:
+    """The longest-first prefix of ``candidates`` whose windows pad by at most ``MAX_PADDING`` of the longest.
+
+    ``candidates`` are sorted longest first, so the first is the batch's length T; a window shorter than
+    (1 - MAX_PADDING)·T starts the next batch instead of adding padding (rolling windows: each document's last,
+    short window would otherwise pad a batch of full ones).
+    """
+    longest = len(windows[candidates[0]].input_ids)
+    keep = [j for j in candidates if len(windows[j].input_ids) >= (1 - MAX_PADDING) * longest]
+    return keep  # a prefix: candidates are sorted by decreasing length
 
 
 def _halve_or_raise(exc: BaseException, batch: int, length: int, device: torch.device) -> int:
