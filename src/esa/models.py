@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,7 +156,10 @@ def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None  # another process may have won the race
+    if target.exists():  # another process converted it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(target)
     return target, digest
 
 
