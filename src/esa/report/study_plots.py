@@ -1,0 +1,82 @@
+"""Figures of the study report, returned as PNG bytes (embedded in report.html, written next to report.md).
+
+Each function takes rows the report already computed (so a figure can never disagree with its table) and
+returns the PNG encoding of one matplotlib figure (Agg backend, fixed size and dpi).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _err(mean: float, low: float, high: float) -> tuple[float, float]:
+    """(below, above) error-bar lengths; zero when the CI is undefined (one seed, non-finite seeds)."""
+    if math.isnan(low) or math.isnan(high):
+        return 0.0, 0.0
+    return mean - low, high - mean
+
+
+def baseline_perplexity_plot(cells: list[dict]) -> bytes:
+    """Mean perplexity over seeds vs context length, one line per (model, dataset), 95 % CI as error bars.
+
+    ``cells``: dicts with model, dataset, context_len and ``perplexity`` (an :class:`esa.stats.SeedAggregate`).
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for c in cells:
+        lines.setdefault((c["model"], c["dataset"]), []).append(c)
+    for (model, dataset), pts in lines.items():
+        pts = sorted(pts, key=lambda c: c["context_len"])
+        x = [c["context_len"] for c in pts]
+        y = [c["perplexity"].mean for c in pts]
+        err = [_err(c["perplexity"].mean, c["perplexity"].ci_low, c["perplexity"].ci_high) for c in pts]
+        ax.errorbar(x, y, yerr=list(zip(*err)), marker="o", capsize=3, label=f"{_short(model)} · {dataset}")
+    contexts = sorted({c["context_len"] for c in cells})
+    if len(contexts) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity (mean over seeds, 95% CI)")
+    ax.set_title("Baseline perplexity vs context length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def comparison_plot(rows: list[dict]) -> bytes:
+    """Horizontal bars of mean ΔNLL (nats/token) per comparison with bootstrap CI; collapsed ones in red.
+
+    ``rows``: dicts with label, mean_delta_nll, ci_low, ci_high, collapsed.
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.35 * len(rows)))
+    y = list(range(len(rows)))[::-1]
+    means = [r["mean_delta_nll"] if math.isfinite(r["mean_delta_nll"]) else 0.0 for r in rows]
+    err = [_err(m, r["ci_low"], r["ci_high"]) for m, r in zip(means, rows)]
+    colors = ["#c53030" if r["collapsed"] else "#2b6cb0" for r in rows]
+    ax.barh(y, means, xerr=list(zip(*err)) if rows else None, color=colors, capsize=3)
+    ax.set_yticks(y, [_short(r["label"], 60) for r in rows], fontsize=7)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("mean ΔNLL per window (nats/token), 95% bootstrap CI; red = collapsed")
+    ax.set_title("Causal validation: perturbation effects")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _short(text: str, width: int = 40) -> str:
+    """Keep the end of long labels (model paths differ at the end)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]

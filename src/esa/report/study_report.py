@@ -1,0 +1,409 @@
+"""The study report: ``report.md`` + a self-contained ``report.html``, computed only from a results database.
+
+``esa report study.db --out DIR`` reads the ``runs`` and ``studies`` tables of an ESA results database
+(:mod:`esa.store`), opened read-only, and builds one list of blocks (:mod:`esa.report.html`) that both files
+render. Order:
+
+1. **Warnings** first: sanity-guard warnings, non-finite losses, collapsed perturbations, failed runs, and —
+   when perturbation runs exist — target effects that are not significant (Holm-adjusted Wilcoxon p ≥
+   :data:`ALPHA`, or undefined).
+2. **Executive summary of baselines**: per model × dataset × context × method, mean ± 95 % CI across seeds
+   (t-based, :func:`esa.stats.aggregate_seeds`; no CI from one seed; "seed-invariant" when the whole split was
+   scored, so seeds cannot change the number).
+3. One section per other run kind present, chosen in :data:`SECTIONS` (run kind → section renderer):
+   sensitivity, causal validation (kind ``perturbation``), scaling; a kind without a renderer still gets a
+   generic table of its scalar metrics, so no stored run is ever hidden.
+
+Every sentence is formatted from stored numbers. A run's metrics are JSON with non-finite numbers stored as
+"nan"/"inf" strings (decoded with :func:`esa.runs.as_float`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from esa.errors import EsaError
+from esa.registry import Registry
+from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
+from esa.report.study_plots import baseline_perplexity_plot, comparison_plot
+from esa.runs import as_float
+from esa.stats import SeedAggregate, aggregate_seeds
+from esa.store import SQLITE_MAGIC, _inspect
+
+ALPHA = 0.05  # significance level of the "not significant" warnings (Holm-adjusted p-values)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of the ``runs`` table with its JSON columns decoded."""
+
+    run_id: str
+    kind: str
+    status: str  # completed | failed
+    error: str | None
+    config: dict
+    model: dict  # fingerprint
+    metrics: dict
+    started_at: str
+
+    @property
+    def model_name(self) -> str:
+        return str((self.config.get("model") or {}).get("name") or self.model.get("model_id") or "?")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def is_sqlite_file(path: Path) -> bool:
+    """True when ``path`` is a file that starts with SQLite's magic header."""
+    if not Path(path).is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    """A read-only connection to an ESA results database; anything else is refused in one line."""
+    if not db.is_file():
+        raise EsaError(f"results database {db} does not exist; run `esa run STUDY.yaml --db {db}` first")
+    try:
+        state = _inspect(db)
+    except EsaError as exc:
+        why = str(exc).split(";")[0].removeprefix(str(db)).strip()  # drop _inspect's advice about --db
+        raise EsaError(f"{db} is not an ESA results database ({why}); pass a database written by "
+                       "`esa run STUDY.yaml --db FILE`") from exc
+    if state != "esa":
+        raise EsaError(f"{db} holds no ESA results; run a study into it with `esa run STUDY.yaml --db {db}`")
+    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def load_runs(db: Path, study: str | None = None) -> tuple[list[Run], list[str]]:
+    """(runs, study names) of ``db``; with ``study`` only that study's runs (by name or id)."""
+    con = _connect(Path(db))
+    try:
+        query, params = "SELECT run_id, kind, status, error, config, model, metrics, started_at FROM runs", ()
+        if study is not None:
+            query += (" WHERE run_id IN (SELECT sr.run_id FROM study_runs sr JOIN studies s ON s.study_id = "
+                      "sr.study_id WHERE s.name = ? OR s.study_id = ?)")
+            params = (study, study)
+        rows = con.execute(query + " ORDER BY started_at, run_id", params).fetchall()
+        names = [r[0] for r in con.execute("SELECT name FROM studies ORDER BY created_at")]
+    finally:
+        con.close()
+    if study is not None and not rows:
+        raise EsaError(f"no runs of study {study!r} in {db}; studies there: {', '.join(names) or 'none'}")
+    runs = [Run(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7]) for r in rows]
+    return runs, ([study] if study is not None else names)
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def fnum(x: float, digits: int = 3) -> str:
+    """Fixed-point number; ``nan``/``inf`` spelled out (a collapse must stay visible)."""
+    return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
+
+
+def fmt_agg(agg: SeedAggregate, digits: int = 3) -> str:
+    """``mean ± half-width`` of the 95 % CI; the bare mean when no CI exists (one seed, non-finite seeds)."""
+    if math.isnan(agg.ci_low):
+        return fnum(agg.mean, digits)
+    return f"{fnum(agg.mean, digits)} ± {fnum((agg.ci_high - agg.ci_low) / 2, digits)}"
+
+
+# config keys that tell runs of one kind apart, most telling first (esa.study_sections run configs)
+LABEL_KEYS = ("target", "scorer", "op", "k", "bottom", "mode", "context_len", "seed")
+
+
+def run_label(run: Run) -> str:
+    c = run.config
+    if run.kind == "baseline":
+        return f"{run.model_name} / {c.get('dataset')} / ctx {c.get('context_len')} / seed {c.get('seed')}"
+    extra = [f"{k}={c[k]}" for k in LABEL_KEYS if _scalar(c.get(k)) and c.get(k) is not False][:5]
+    return f"{run.kind} {run.model_name} ({', '.join(extra)})" if extra else f"{run.kind} {run.model_name}"
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (str, int, float, bool)) and len(str(v)) <= 60
+
+
+# --------------------------------------------------------------------------------------------- warnings
+def _comparisons(run: Run) -> list[dict]:
+    """A perturbation run's paired comparisons: stored as {name: stats} (or a list of stats with names)."""
+    comps = run.metrics.get("comparisons")
+    if isinstance(comps, dict):
+        return [{"name": name, **c} for name, c in comps.items() if isinstance(c, dict)]
+    return [c for c in comps if isinstance(c, dict)] if isinstance(comps, list) else []
+
+
+def _p_holm(comp: dict) -> float:
+    return as_float(comp.get("p_wilcoxon_holm", comp.get("p_wilcoxon")))
+
+
+def run_warnings(run: Run) -> list[str]:
+    """The warnings one run contributes (empty for a clean run)."""
+    label, m = run_label(run), run.metrics
+    if run.status != "completed":
+        return [f"{label}: run failed — {run.error or 'no error message stored'}"]
+    out = [f"{label}: {w}" for w in (m.get("sanity") or {}).get("warnings", []) if "non-finite" not in w]
+    n_bad = int(m.get("n_nonfinite_windows") or 0)
+    if n_bad or (run.kind == "baseline" and not math.isfinite(as_float(m.get("perplexity")))):
+        out.append(f"{label}: {n_bad} window(s) with non-finite loss; perplexity {fnum(as_float(m.get('perplexity')))}")
+    for c in _comparisons(run):
+        if c.get("collapsed"):
+            out.append(f"{label}: '{c.get('name')}' collapsed the model (perturbed perplexity "
+                       f"{fnum(as_float(c.get('ppl_perturbed')))})")
+        elif str(c.get("name", "")).startswith("target") and not _p_holm(c) < ALPHA:
+            out.append(f"{label}: '{c.get('name')}' is not significant (Holm-adjusted Wilcoxon p = "
+                       f"{_p_holm(c):.3g} ≥ {ALPHA})")
+    return out
+
+
+def warnings_section(runs: list[Run]) -> list[Block]:
+    found = [w for run in runs for w in run_warnings(run)]
+    if found:
+        return [Heading(2, f"Warnings ({len(found)})"), Bullets(tuple(found), callout=True)]
+    return [Heading(2, "Warnings (0)"),
+            Paragraph(f"None of the {len(runs)} run(s) failed, had non-finite losses, collapsed, tripped the "
+                      "sanity guard or showed a non-significant target effect.")]
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def baseline_cells(runs: list[Run]) -> list[dict]:
+    """Completed baseline runs grouped per (model, dtype, dataset, ctx, method), aggregated across seeds."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.status == "completed":
+            c = r.config
+            key = (r.model_name, (c.get("model") or {}).get("dtype"), c.get("dataset"), c.get("context_len"),
+                   c.get("method"))
+            groups.setdefault(key, []).append(r)
+    cells = []
+    for (model, dtype, dataset, ctx, method), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.config.get("seed"))
+        agg = {k: aggregate_seeds([as_float(r.metrics.get(k)) for r in rs])
+               for k in ("perplexity", "token_accuracy", "bits_per_byte")}
+        cells.append({"model": model, "dtype": dtype, "dataset": dataset, "context_len": ctx, "method": method,
+                      "seeds": [r.config.get("seed") for r in rs], **agg,
+                      "seed_invariant": all(bool(r.metrics.get("seed_invariant")) for r in rs),
+                      "scored_tokens": sum(int(r.metrics.get("scored_tokens") or 0) for r in rs),
+                      "n_nonfinite": sum(int(r.metrics.get("n_nonfinite_windows") or 0) for r in rs)})
+    return sorted(cells, key=lambda c: (c["model"], str(c["dataset"]), c["context_len"] or 0, str(c["method"])))
+
+
+BASELINE_HEADER = ("model", "dtype", "dataset", "ctx", "method", "seeds", "scored tokens", "perplexity",
+                   "perplexity 95% CI", "token accuracy", "bits/byte", "non-finite windows")
+
+
+def _seeds_cell(c: dict) -> str:
+    seeds = ", ".join(map(str, c["seeds"]))
+    return f"{seeds} (seed-invariant: whole split)" if c["seed_invariant"] else seeds
+
+
+def _ci_cell(c: dict) -> str:
+    p = c["perplexity"]
+    if c["seed_invariant"]:
+        return "none needed (seed-invariant)"
+    if math.isnan(p.ci_low):
+        return f"undefined ({p.n} seed{'s' if p.n != 1 else ''}, {p.n_nonfinite} non-finite)"
+    return f"[{fnum(p.ci_low)}, {fnum(p.ci_high)}]"
+
+
+def baseline_table(cells: list[dict]) -> Table:
+    rows = tuple((c["model"], str(c["dtype"]), str(c["dataset"]), str(c["context_len"]), str(c["method"]),
+                  _seeds_cell(c), f"{c['scored_tokens']:,}", fmt_agg(c["perplexity"]), _ci_cell(c),
+                  fmt_agg(c["token_accuracy"], 4), fmt_agg(c["bits_per_byte"], 4), str(c["n_nonfinite"]))
+                 for c in cells)
+    return Table(BASELINE_HEADER, rows)
+
+
+def _comparisons_across_models(cells: list[dict]) -> list[str]:
+    by: dict[tuple, list[dict]] = {}
+    for c in cells:
+        by.setdefault((c["dataset"], c["context_len"], c["method"]), []).append(c)
+    out = []
+    for (dataset, ctx, method), cs in sorted(by.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
+        best = min(cs, key=lambda c: c["perplexity"].mean)
+        if len(cs) > 1:
+            worst = max(cs, key=lambda c: c["perplexity"].mean)
+            out.append(f"On {dataset} at context {ctx} ({method}), {best['model']} has the lowest mean perplexity "
+                       f"({fnum(best['perplexity'].mean)}) of {len(cs)} models; {worst['model']} the highest "
+                       f"({fnum(worst['perplexity'].mean)}).")
+    return out
+
+
+def _trend(cells: list[dict]) -> list[str]:
+    by: dict[tuple, list[dict]] = {}
+    for c in cells:
+        by.setdefault((c["model"], c["dataset"], c["method"]), []).append(c)
+    out = []
+    for (model, dataset, method), cs in sorted(by.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        cs = sorted(cs, key=lambda c: c["context_len"])
+        if len(cs) > 1:
+            p0, p1 = cs[0]["perplexity"].mean, cs[-1]["perplexity"].mean
+            out.append(f"For {model} on {dataset} ({method}), mean perplexity {'falls' if p1 < p0 else 'rises'} from "
+                       f"{fnum(p0)} at context {cs[0]['context_len']} to {fnum(p1)} at context "
+                       f"{cs[-1]['context_len']} ({(p1 / p0 - 1) * 100:+.1f} %).")
+    return out
+
+
+def _reliability(cells: list[dict]) -> list[str]:
+    out = []
+    for c in cells:
+        where, p = f"{c['model']} / {c['dataset']} / ctx {c['context_len']}", c["perplexity"]
+        if c["seed_invariant"]:
+            out.append(f"{where}: the whole split was scored, so the result is seed-invariant.")
+        elif math.isnan(p.ci_low):
+            out.append(f"{where}: {p.n} seed(s) ({p.n_nonfinite} non-finite), so no confidence interval exists; "
+                       "add seeds to get one.")
+        else:
+            half = (p.ci_high - p.ci_low) / 2
+            out.append(f"{where}: {p.n} seeds resample the windows; the 95 % CI half-width of perplexity is "
+                       f"{fnum(half)} ({half / p.mean:.2%} of the mean).")
+    return out
+
+
+def baseline_section(runs: list[Run]) -> list[Block]:
+    cells = baseline_cells(runs)
+    if not cells:
+        return [Heading(2, "Executive summary: baselines"),
+                Paragraph(f"All {len(runs)} baseline run(s) failed; see the warnings above.")]
+    models, datasets = {c["model"] for c in cells}, {c["dataset"] for c in cells}
+    intro = (f"{sum(len(c['seeds']) for c in cells)} completed baseline run(s): {len(models)} model(s) × "
+             f"{len(datasets)} dataset(s) × {len({c['context_len'] for c in cells})} context length(s), "
+             f"{sum(c['scored_tokens'] for c in cells):,} scored tokens. Values are mean ± half-width of the "
+             "t-based 95 % CI across seeds (a seed picks which windows are scored).")
+    return [Heading(2, "Executive summary: baselines"), Paragraph(intro), baseline_table(cells),
+            Bullets(tuple(_comparisons_across_models(cells) + _trend(cells) + _reliability(cells))),
+            Figure("baseline_perplexity.png", baseline_perplexity_plot(cells),
+                   "Mean perplexity vs context length per model and dataset (95 % CI across seeds)")]
+
+
+# ------------------------------------------------------------------------------------ causal validation
+COMPARISON_HEADER = ("run", "comparison", "mean ΔNLL (nats/token)", "95% CI", "PPL ratio",
+                     "Wilcoxon p (Holm)", "collapsed")
+
+
+def comparison_rows(runs: list[Run]) -> list[dict]:
+    """One dict per stored paired comparison (``metrics["comparisons"]``) of the completed runs."""
+    rows = []
+    for r in runs:
+        for c in _comparisons(r) if r.status == "completed" else []:
+            rows.append({"run": run_label(r), "name": str(c.get("name")), "label": f"{r.model_name}: {c.get('name')}",
+                         "mean_delta_nll": as_float(c.get("mean_delta_nll")), "ci_low": as_float(c.get("ci_low")),
+                         "ci_high": as_float(c.get("ci_high")), "ppl_ratio": as_float(c.get("ppl_ratio")),
+                         "p_holm": _p_holm(c), "collapsed": bool(c.get("collapsed"))})
+    return rows
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Per run: the target's effect vs baseline, and whether it beats the size-matched random control."""
+    out = []
+    for run in dict.fromkeys(r["run"] for r in rows):
+        comps = {r["name"]: r for r in rows if r["run"] == run}
+        target, versus = comps.get("target vs baseline"), comps.get("target vs random_k")
+        if target is None:
+            continue
+        text = (f"{run}: perturbing the targets multiplies perplexity by {fnum(target['ppl_ratio'])} (mean ΔNLL "
+                f"{target['mean_delta_nll']:+.4f}, 95 % CI [{target['ci_low']:+.4f}, {target['ci_high']:+.4f}], "
+                f"Holm-adjusted Wilcoxon p = {target['p_holm']:.3g}).")
+        if versus is not None:
+            sig = versus["p_holm"] < ALPHA and versus["ci_low"] > 0
+            text += (f" Against the size-matched random control the difference is "
+                     f"{'significant' if sig else 'not significant'} at α = {ALPHA}.")
+        out.append(text)
+    return out
+
+
+def causal_section(runs: list[Run]) -> list[Block]:
+    rows = comparison_rows(runs)
+    if not rows:
+        return generic_section(runs)
+    table = Table(COMPARISON_HEADER, tuple(
+        (r["run"], r["name"], f"{r['mean_delta_nll']:+.4f}", f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+         fnum(r["ppl_ratio"]), f"{r['p_holm']:.3g}", "yes" if r["collapsed"] else "no") for r in rows))
+    n_runs = len({r["run"] for r in rows})
+    intro = (f"{len(rows)} paired comparison(s) from {n_runs} perturbation run(s): per-window ΔNLL on the same "
+             f"windows, bootstrap 95 % CI, Wilcoxon p-values Holm-adjusted within each run; "
+             f"{sum(r['collapsed'] for r in rows)} collapsed.")
+    return [Paragraph(intro), table, *([Bullets(tuple(v))] if (v := _verdicts(rows)) else []),
+            Figure("causal_validation.png", comparison_plot(rows), "Mean ΔNLL per comparison (95 % CI)")]
+
+
+# ------------------------------------------------------------------------------ any other kind of run
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Scalar leaves of a metrics dict as (dotted key, formatted value); long lists are skipped."""
+    out = []
+    for k, v in sorted(d.items()):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flat(v, key + ".")
+        elif isinstance(v, list) and len(v) <= 8 and all(_scalar(x) for x in v):
+            out.append((key, ", ".join(map(str, v))))
+        elif isinstance(v, float) or v in ("nan", "inf", "-inf"):
+            out.append((key, f"{as_float(v):.6g}"))
+        elif _scalar(v):
+            out.append((key, str(v)))
+    return out
+
+
+def generic_section(runs: list[Run]) -> list[Block]:
+    """Every scalar metric of every completed run, one row per (run, metric)."""
+    done = [r for r in runs if r.status == "completed"]
+    rows = tuple((run_label(r), k, v) for r in done for k, v in _flat(r.metrics))
+    text = f"{len(done)} completed run(s) of {len(runs)}; every scalar metric stored for them:"
+    return [Paragraph(text), Table(("run", "metric", "value"), rows)] if rows else [Paragraph(text + " none.")]
+
+
+# -------------------------------------------------------------------------------------- section registry
+@dataclass(frozen=True)
+class Section:
+    title: str
+    render: Callable[[list[Run]], list[Block]]  # the runs of this section's kind → blocks (no heading)
+    order: int  # position in the report
+
+
+SECTIONS: Registry[Section] = Registry("report section")  # run kind → how its runs are reported
+SECTIONS.register("baseline", Section("", baseline_section, 0))  # renders its own heading
+SECTIONS.register("sensitivity", Section("Sensitivity", generic_section, 1))
+SECTIONS.register("perturbation", Section("Causal validation", causal_section, 2))
+SECTIONS.register("scaling", Section("Scaling", generic_section, 3))
+
+
+def kind_sections(runs: list[Run]) -> list[Block]:
+    """One section per run kind present, in registry order; unknown kinds last, reported generically."""
+    kinds = list(dict.fromkeys(r.kind for r in runs))
+    known = sorted((k for k in kinds if k in SECTIONS), key=lambda k: SECTIONS.get(k).order)
+    blocks: list[Block] = []
+    for kind in known + [k for k in kinds if k not in SECTIONS]:
+        of_kind = [r for r in runs if r.kind == kind]
+        section = SECTIONS.get(kind) if kind in SECTIONS else Section(f"Runs of kind {kind!r}", generic_section, 99)
+        blocks += ([Heading(2, section.title)] if section.title else []) + section.render(of_kind)
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def build_report(runs: list[Run], db: Path, studies: list[str]) -> list[Block]:
+    kinds = {k: sum(r.kind == k for r in runs) for k in dict.fromkeys(r.kind for r in runs)}
+    failed = sum(r.status != "completed" for r in runs)
+    overview = (f"Database {Path(db).name}: {len(runs)} run(s) ({len(runs) - failed} completed, {failed} failed) "
+                f"of {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} ({', '.join(studies) or 'none'}); "
+                f"run kinds: {', '.join(f'{k} ({n})' for k, n in kinds.items()) or 'none'}.")
+    return [Heading(1, "ESA study report"), Paragraph(overview), *warnings_section(runs), *kind_sections(runs)]
+
+
+def write_study_report(db: str | Path, out_dir: str | Path, study: str | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (+ its PNGs) and a self-contained ``report.html`` into ``out_dir``."""
+    runs, studies = load_runs(Path(db), study)
+    if not runs:
+        raise EsaError(f"{db} holds no runs yet; execute a study first: `esa run STUDY.yaml --db {db}`")
+    blocks = build_report(runs, Path(db), studies)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for fig in (b for b in blocks if isinstance(b, Figure)):
+        (out / fig.name).write_bytes(fig.png)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(to_markdown(blocks, {}), encoding="utf-8")
+    page.write_text(to_html(blocks, f"ESA study report — {Path(db).name}"), encoding="utf-8")
+    return md, page

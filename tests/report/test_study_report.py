@@ -1,0 +1,263 @@
+"""The study report (`esa report study.db`): numbers equal the database, HTML is self-contained, bad paths fail."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import sqlite3
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from esa.cli import main
+from esa.executors import run_study
+from esa.store import RunRecord, Store
+from esa.study import parse_study
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved with the SmolLM2 tokenizer, and a small text corpus next to it."""
+    from transformers import AutoTokenizer
+
+    from esa.data.corpora import load_corpus
+    from esa.models import resolve_source
+    from esa.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path / "model")
+    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
+    (path / "corpus.txt").write_text("\n\n".join(load_corpus("python-docs").documents[:6]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_db(tiny_dir, tmp_path_factory):
+    """Two studies of the tiny model: 2 contexts × 3 seeds on sampled windows, and one whole-split cell."""
+    db = tmp_path_factory.mktemp("db") / "study.db"
+    base = {"models": [str(tiny_dir / "model")], "datasets": [str(tiny_dir / "corpus.txt")], "batch_tokens": 512}
+    sampled = parse_study({**base, "name": "sampled", "context_lens": [32, 64], "seeds": [0, 1, 2],
+                           "max_eval_tokens": 128})
+    whole = parse_study({**base, "name": "whole", "context_lens": [128], "seeds": [0], "max_eval_tokens": None})
+    assert run_study(sampled, db).ok and run_study(whole, db).ok
+    return db
+
+
+def _comparison(name, mean, lo, hi, p, collapsed=False, ppl_ratio=1.5):
+    return {"name": name, "against": name.split(" vs ")[1], "mean_delta_nll": mean, "ci_low": lo, "ci_high": hi,
+            "ppl_ratio": ppl_ratio, "ppl_perturbed": "inf" if collapsed else 30.0, "p_wilcoxon": p,
+            "p_wilcoxon_holm": min(1.0, 3 * p) if p == p else float("nan"), "collapsed": collapsed}
+
+
+@pytest.fixture(scope="module")
+def mixed_db(study_db, tmp_path_factory):
+    """The study db plus hand-written rows: a failed run, a perturbation run and a sensitivity run."""
+    db = tmp_path_factory.mktemp("mixed") / "mixed.db"
+    shutil.copy(study_db, db)
+    comps = [_comparison("target vs baseline", 0.8123, 0.7012, 0.9345, 1e-5, ppl_ratio=2.2531),
+             _comparison("random_k vs baseline", 0.0011, -0.0021, 0.0042, 0.4),
+             _comparison("target vs random_k", 0.0101, -0.0031, 0.0233, 0.2),
+             _comparison("bottom_k vs baseline", float("nan"), float("nan"), float("nan"), float("nan"), True)]
+    cfg = {"kind": "perturbation", "model": {"name": "m"}, "target": "superweights", "op": "zero", "bottom": False}
+    metrics = {"perplexity": 30.0, "comparisons": {c.pop("name"): c for c in comps}}  # as esa.executors stores
+    with Store(db) as store:
+        store.commit_run(RunRecord("f1", "baseline", {"kind": "baseline", "model": {"name": "m"}, "dataset": "d",
+                                                      "context_len": 4096, "seed": 0}, {}, {}, {}, "failed", "t0",
+                                   "t1", error="context 4096 exceeds the model's 512 positions"))
+        store.commit_run(RunRecord("p1", "perturbation", cfg, {}, {}, metrics, "completed",
+                                   "t2", "t3"))
+        store.commit_run(RunRecord("s1", "sensitivity", {"kind": "sensitivity", "model": {"name": "m"},
+                                                         "scorer": "magnitude"},
+                                   {}, {}, {"tail": {"top_0.1pct_share": 0.0421}, "k": 100}, "completed", "t4", "t5"))
+    return db
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table as rows of unescaped cells (header first, separator dropped)."""
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+            cells = [re.sub(r"\\(.)", r"\1", c.strip()) for c in cells]
+            if not all(set(c) <= {"-"} for c in cells):
+                cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+class _HtmlTables(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables, self.imgs, self.links, self._cell = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.imgs.append(attrs.get("src", ""))
+        for key in ("src", "href"):
+            if key in attrs:
+                self.links.append(attrs[key])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+
+def html_parts(text: str) -> _HtmlTables:
+    parser = _HtmlTables()
+    parser.feed(text)
+    return parser
+
+
+def _pm(cell: str) -> tuple[float, float]:
+    mean, half = re.fullmatch(r"(\S+) ± (\S+)", cell).groups()
+    return float(mean), float(half)
+
+
+def _expected_cells(db) -> dict[tuple, dict]:
+    """Mean and t-based CI half-width per (ctx) straight from the `results` view (independent of the report)."""
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT context_len, seed, perplexity, token_accuracy, bits_per_byte, scored_tokens, "
+                           "seed_invariant FROM results WHERE kind = 'baseline' AND status = 'completed'").fetchall()
+    out = {}
+    for ctx in sorted({r[0] for r in rows}):
+        cell = [r for r in rows if r[0] == ctx]
+        exp = {"seeds": sorted(r[1] for r in cell), "tokens": sum(r[5] for r in cell),
+               "invariant": all(r[6] for r in cell)}
+        for i, key in ((2, "perplexity"), (3, "token_accuracy"), (4, "bits_per_byte")):
+            x = np.array([r[i] for r in cell], dtype=float)
+            half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else None
+            exp[key] = (x.mean(), half)
+        out[ctx] = exp
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def clean_report(study_db, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", str(study_db), "--out", str(out)]) == 0
+    return (out / "report.md").read_text(), (out / "report.html").read_text(), out
+
+
+def _check_baseline_table(table: list[list[str]], expected: dict) -> None:
+    header, rows = table[0], table[1:]
+    col = {h: i for i, h in enumerate(header)}
+    assert sorted(int(r[col["ctx"]]) for r in rows) == sorted(expected)
+    for r in rows:
+        exp = expected[int(r[col["ctx"]])]
+        assert int(r[col["scored tokens"]].replace(",", "")) == exp["tokens"]
+        assert [int(s) for s in re.findall(r"^\d+|(?<=, )\d+", r[col["seeds"]])] == exp["seeds"]
+        assert ("seed-invariant" in r[col["seeds"]]) == bool(exp["invariant"])
+        for key, digits in (("perplexity", 3), ("token accuracy", 4), ("bits/byte", 4)):
+            mean, half = exp[key.replace(" ", "_").replace("/", "_per_")]
+            if half is None:
+                assert float(r[col[key]]) == pytest.approx(mean, abs=0.6 * 10 ** -digits)
+            else:
+                got_mean, got_half = _pm(r[col[key]])
+                assert got_mean == pytest.approx(mean, abs=0.6 * 10 ** -digits)
+                assert got_half == pytest.approx(half, abs=0.6 * 10 ** -digits)
+        if half_ppl := exp["perplexity"][1]:
+            lo, hi = map(float, re.findall(r"[-\d.]+", r[col["perplexity 95% CI"]]))
+            assert lo == pytest.approx(exp["perplexity"][0] - half_ppl, abs=6e-4)
+            assert hi == pytest.approx(exp["perplexity"][0] + half_ppl, abs=6e-4)
+
+
+def test_report_numbers_equal_the_database(clean_report, study_db):
+    md, page, _ = clean_report
+    expected = _expected_cells(study_db)
+    assert len(expected) == 3 and expected[128]["invariant"] and len(expected[32]["seeds"]) == 3
+    md_table = md_tables(md)[0]
+    html_table = html_parts(page).tables[0]
+    assert md_table == html_table  # one block list renders both files
+    _check_baseline_table(md_table, expected)
+    assert "Warnings (0)" in md and "None of the 7 run(s) failed" in md
+    assert "2 studies (sampled, whole)" in md and "baseline (7)" in md
+    assert "Causal validation" not in md and "Sensitivity" not in md  # no such runs → no such sections
+    p32, p64 = expected[32]["perplexity"][0], expected[64]["perplexity"][0]
+    p128 = expected[128]["perplexity"][0]
+    trend = "falls" if p128 < p32 else "rises"
+    assert f"(chunks), mean perplexity {trend} from {p32:.3f} at context 32 to {p128:.3f} at context 128" in md
+    half = expected[64]["perplexity"][1]
+    assert f"ctx 64: 3 seeds resample the windows; the 95 % CI half-width of perplexity is {half:.3f} " \
+           f"({half / p64:.2%} of the mean)" in md
+
+
+def test_html_is_self_contained(clean_report):
+    md, page, out = clean_report
+    parts = html_parts(page)
+    assert parts.imgs and all(src.startswith("data:image/png;base64,") for src in parts.imgs)
+    for src in parts.imgs:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [link for link in parts.links if not link.startswith("data:")]
+    assert not re.search(r"https?://|<script|<link|@import|url\(", page, re.I)
+    assert "](baseline_perplexity.png)" in md and (out / "baseline_perplexity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_warnings_failed_collapsed_and_kind_sections(mixed_db, tmp_path):
+    assert main(["report", str(mixed_db), "--out", str(tmp_path)]) == 0
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    warn = md.split("## Warnings (3)")[1].split("\n## ")[0]
+    assert "run failed — context 4096 exceeds the model's 512 positions" in warn
+    assert "'bottom_k vs baseline' collapsed the model (perturbed perplexity inf)" in warn
+    assert "'target vs random_k' is not significant (Holm-adjusted Wilcoxon p = 0.6 ≥ 0.05)" in warn
+    assert md.index("## Warnings") < md.index("## Executive summary") < md.index("## Sensitivity") \
+        < md.index("## Causal validation")
+    tables = md_tables(md)
+    assert tables == html_parts(page).tables
+    causal = next(t for t in tables if t[0][1] == "comparison")
+    rows = {r[1]: r for r in causal[1:]}
+    assert rows["target vs baseline"][2:] == ["+0.8123", "[+0.7012, +0.9345]", "2.253", "3e-05", "no"]
+    assert rows["bottom_k vs baseline"][2] == "+nan" and rows["bottom_k vs baseline"][-1] == "yes"
+    assert "multiplies perplexity by 2.253" in md and "difference is not significant at α = 0.05" in md
+    sens = next(t for t in tables if t[0] == ["run", "metric", "value"])
+    assert {tuple(r[1:]) for r in sens[1:]} == {("k", "100"), ("tail.top_0.1pct_share", "0.0421")}
+    assert "1 failed" in md and "perturbation (1)" in md
+
+
+def test_study_filter_and_one_line_errors(study_db, tmp_path, capsys):
+    assert main(["report", str(study_db), "--study", "whole", "--out", str(tmp_path / "w")]) == 0
+    table = md_tables((tmp_path / "w" / "report.md").read_text())[0]
+    assert [r[3] for r in table[1:]] == ["128"]
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as con:
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    before = foreign.read_bytes()
+    capsys.readouterr()
+    cases = [([str(foreign)], "not an ESA results database"), ([str(tmp_path / "missing.db")], "does not exist"),
+             ([str(study_db), "--study", "nope"], "no runs of study 'nope'"),
+             ([str(study_db), str(tmp_path)], "pass one results database")]
+    for argv, wanted in cases:
+        assert main(["report", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert wanted in err and err.count("\n") == 1, err
+    assert foreign.read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_run_directories_still_get_the_baseline_report(tiny_dir, tmp_path):
+    from esa.baseline import BaselineConfig, run_baseline
+    from esa.models import ModelSpec
+
+    cfg = BaselineConfig(ModelSpec(str(tiny_dir / "model")), "smoke", (str(tiny_dir / "corpus.txt"),), (32,), (0,),
+                         max_eval_tokens=64, batch_tokens=512)
+    (run_dir,) = run_baseline(cfg, [str(tiny_dir / "model")], tmp_path / "runs")
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "baseline_report.md").is_file() and not (tmp_path / "rep" / "report.html").exists()
