@@ -1,0 +1,97 @@
+"""``esa scaling``: the same protocol on each model of a size ladder, and log–log trends vs parameter count."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from esa.perturb.protocols import EvalConfig
+
+
+def register(subparsers) -> None:
+    d = EvalConfig()
+    p = subparsers.add_parser(
+        "scaling", help="baseline, super weights, perturbation and heavy tails along a model-size ladder",
+        description="Loads each model once and measures perplexity and bits per byte, super-weight candidates "
+                    "(count, depth, max activation), zeroing them vs a size-matched random_k control (ΔNLL/token, "
+                    "PPL ratio) and the heavy-tail share of |W|; then fits log10(statistic) = a + b·log10(N) "
+                    "per statistic with a t-based 95% CI of the slope. Writes scaling.json, scaling.png and "
+                    "plots/<statistic>.png. GPU ladder: --models pythia-70m pythia-160m … pythia-12b.")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m"],
+                   help="suite aliases, hub ids, local dirs or .gguf files, in ladder order")
+    p.add_argument("--dataset", default=d.dataset, help="corpus name or .txt/.jsonl path")
+    p.add_argument("--context-len", type=int, default=d.context_len, help="tokens per chunks window")
+    p.add_argument("--max-eval-tokens", type=int, default=d.max_eval_tokens,
+                   help="scored tokens per model, in its own tokens (0: the whole corpus)")
+    p.add_argument("--seed", type=int, default=d.seed, help="picks the evaluation and calibration windows")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="windows for super-weight detection")
+    p.add_argument("--op", default="zero", help="perturbation of the super weights and the control, e.g. zero")
+    p.add_argument("--control-seeds", type=int, nargs="+", default=[0, 1, 2], help="random_k draws")
+    p.add_argument("--tail-fraction", type=float, default=0.001, help="heavy-tail share of the top fraction of |W|")
+    p.add_argument("--x-axis", default="n_params", choices=("n_params", "n_params_non_embedding"),
+                   help="model size on the trend's x axis")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="micro-batch token budget")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples per ΔNLL CI")
+    p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/scaling"), help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier scaling run in --out-dir")
+    p.set_defaults(func=run)
+
+
+def _config(args):
+    from esa.scaling import ScalingConfig
+
+    data = EvalConfig(dataset=args.dataset, context_len=args.context_len,
+                      max_eval_tokens=args.max_eval_tokens or None, seed=args.seed, batch_tokens=args.batch_tokens,
+                      calib_samples=args.calib_samples, n_boot=args.n_boot)
+    return ScalingConfig(tuple(args.models), data, args.op, tuple(args.control_seeds), args.tail_fraction,
+                         args.x_axis, args.dtype, args.device)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _slope(entry: dict | None) -> str:
+    """``slope [lo, hi]`` of one trend ('' for a row that is not fitted)."""
+    if entry is None:
+        return ""
+    fit = entry["fit"]
+    if fit is None:
+        return f"no fit ({len(entry['models'])} usable point(s))"
+    ci = fit["slope_ci95"]
+    return f"{fit['slope']:.3g} " + (f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "[undefined: 2 points]")
+
+
+def _print(doc: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = doc["rows"]
+    table = Table(title=f"scaling ladder ({len(rows)} model(s)); x = {doc['x_axis']}")
+    table.add_column("statistic")
+    for r in rows:
+        table.add_column(escape(Path(r["model"]).name), justify="right")
+    table.add_column("log–log slope [95% CI]", justify="right")
+    for key in ("n_params", "n_params_non_embedding", *doc["fits"]):
+        cells = (key, *(_fmt(r.get(key)) for r in rows), _slope(doc["fits"].get(key)))
+        table.add_row(*(escape(c) for c in cells))  # "[…]" is rich markup otherwise
+    console = Console()
+    console.print(table)
+    for note in doc["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"results: {out_dir / 'scaling.json'}\nplots: {out_dir / 'scaling.png'}, {out_dir / 'plots'}/")
+
+
+def run(args) -> int:
+    from esa.scaling import run_scaling
+
+    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite)
+    _print(doc, out_dir)
+    return 0
