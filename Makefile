@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv demo test test-slow test-lmeval lint smoke standard-core standard-pythia extended-llama \
-        extended-core report check-models phase1 phase2 scaling full-research clean
+        extended-core report check-models phase1 phase2 scaling full-research scaling-ladder scaling-pythia clean
 
 venv: $(VENV)/.installed
 
@@ -68,6 +68,14 @@ report: venv
 phase1 phase2 scaling full-research: venv
 	$(ESA) plan studies/$@.yaml
 	$(ESA) run studies/$@.yaml --db $(OUT)/$@.db
+
+# Scaling: the same protocol across a size ladder, log-log fits (offline: the embedded model and any .gguf paths)
+scaling-ladder: venv
+	$(ESA) scaling --models smollm2-135m --max-eval-tokens 4096 --out-dir $(OUT)/scaling-ladder --overwrite
+
+scaling-pythia: venv
+	$(ESA) scaling --models pythia-70m pythia-160m pythia-410m pythia-1b pythia-1.4b pythia-2.8b pythia-6.9b \
+	  pythia-12b --dtype bf16 --max-eval-tokens 65536 --out-dir $(OUT)/scaling-pythia --overwrite
 
 check-models: venv
 	$(ESA) check-models
