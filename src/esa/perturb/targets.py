@@ -222,13 +222,29 @@ def from_file(model: nn.Module, path: str | Path) -> TargetSet:
 
 # --- ranking tables -----------------------------------------------------------------------------------------
 
+def _check_ranking_model(model: nn.Module, stored: Mapping | None) -> None:
+    """EsaError when a ranking's stored fingerprint names another architecture or size than ``model``."""
+    if not stored:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if stored.get("n_params") != n_params or stored.get("model_type") != model_type:
+        raise EsaError(f"this ranking was computed on {stored.get('model_id', '?')} ({stored.get('n_params')} "
+                       f"params, model_type {stored.get('model_type')}), not on this model ({n_params} params, "
+                       f"model_type {model_type}); rank this model with `esa sensitivity` first")
+
+
 def from_ranking(model: nn.Module, table: pd.DataFrame, k: int, bottom: bool = False) -> TargetSet:
     """The ``k`` highest-scoring elements of a sensitivity table (``bottom=True``: the ``k`` lowest).
 
     ``table`` has columns param, row, col, score — the ranking-table format of :mod:`esa.sensitivity`, in the
     (out, in) convention; col is ignored for 1-D tensors. Ties keep table order;
     NaN scores rank last in both directions, so they are taken only when ``k`` exceeds the finite scores.
+    A table read by :func:`esa.sensitivity.ranking.read_ranking` carries the scored model's fingerprint in
+    ``table.attrs["model"]``; its parameter count and model_type must match ``model`` (the protocols also
+    compare the revision, which a bare module does not know).
     """
+    _check_ranking_model(model, table.attrs.get("model"))
     missing = {"param", "row", "col", "score"} - set(table.columns)
     if missing:
         raise EsaError(f"ranking table lacks column(s) {', '.join(sorted(missing))}; "

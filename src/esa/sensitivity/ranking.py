@@ -16,16 +16,23 @@ A ranking table has one row per selected weight and the columns
 
 Example: GPT-2 ``transformer.h.0.mlp.c_proj.weight`` has storage shape (in=256, out=64); its storage entry
 [i=10, o=3] is reported as row=3, col=10.
+
+A ranking file carries the fingerprint of the model it was computed on (parquet key-value metadata
+``esa.model``; for the CSV the sidecar ``<stem>.meta.json``), so the perturbation protocols can refuse a ranking
+of another model (:mod:`esa.perturb.protocols.choose`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -128,17 +135,62 @@ def _sync(model: nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_ranking(table: pd.DataFrame, stem: Path) -> list[Path]:
-    """Write ``<stem>.parquet`` and ``<stem>.csv``; return both paths."""
+MODEL_KEY = b"esa.model"  # parquet key-value metadata: the JSON fingerprint of the model that was scored
+MATCH_KEYS = ("revision", "n_params", "model_type")  # what must agree for a ranking to fit a loaded model
+
+
+def meta_path(path: str | Path) -> Path:
+    """The sidecar of a ranking file: ``runs/s/ranking.csv`` → ``runs/s/ranking.meta.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.meta.json")
+
+
+def write_ranking(table: pd.DataFrame, stem: Path, model: dict | None = None) -> list[Path]:
+    """Write ``<stem>.parquet`` and ``<stem>.csv`` (+ ``<stem>.meta.json`` when ``model`` is given).
+
+    ``model`` is the scored model's ``Fingerprint.to_dict()``. It goes into the parquet key-value metadata
+    (key ``esa.model``) and, since CSV has no metadata, into the sidecar ``<stem>.meta.json`` as
+    ``{"model": {...}}``; :func:`read_ranking` reads it back so a ranking is never applied to another model.
+    Returns the written paths.
+    """
     stem.parent.mkdir(parents=True, exist_ok=True)
     parquet, csv = stem.with_suffix(".parquet"), stem.with_suffix(".csv")
-    table.to_parquet(parquet, index=False)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    if model is not None:
+        meta = {**(arrow.schema.metadata or {}), MODEL_KEY: json.dumps(model, sort_keys=True).encode()}
+        arrow = arrow.replace_schema_metadata(meta)
+    pq.write_table(arrow, parquet)
     table.to_csv(csv, index=False)
-    return [parquet, csv]
+    paths = [parquet, csv]
+    if model is not None:
+        paths.append(meta_path(csv))
+        paths[-1].write_text(json.dumps({"model": model}, indent=1, sort_keys=True))
+    return paths
+
+
+def ranking_model(path: str | Path) -> dict | None:
+    """The fingerprint stored with a ranking file (parquet metadata, else the sidecar), or None (older files)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        raw = (pq.read_schema(path).metadata or {}).get(MODEL_KEY)
+        if raw is not None:
+            return json.loads(raw)
+    sidecar = meta_path(path)
+    if sidecar.is_file():
+        try:
+            return json.loads(sidecar.read_text())["model"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EsaError(f"{sidecar} is not a ranking sidecar ({{\"model\": {{...}}}}): {exc}; "
+                           "delete it or rewrite the ranking with `esa sensitivity`") from exc
+    return None
 
 
 def read_ranking(path: str | Path) -> pd.DataFrame:
-    """Read a ranking written by :func:`write_ranking` (.parquet or .csv); check its columns."""
+    """Read a ranking written by :func:`write_ranking` (.parquet or .csv); check its columns.
+
+    The scored model's fingerprint, when the file carries one, is in ``table.attrs["model"]`` (else None);
+    files written before fingerprints were stored read as before.
+    """
     path = Path(path)
     if not path.is_file():
         raise EsaError(f"ranking file {str(path)!r} does not exist; give a ranking.parquet or ranking.csv "
@@ -152,4 +204,5 @@ def read_ranking(path: str | Path) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise EsaError(f"{str(path)!r} is not a ranking table: missing columns {', '.join(missing)}")
+    table.attrs["model"] = ranking_model(path)
     return table

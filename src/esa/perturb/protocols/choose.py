@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,8 @@ from esa.perturb.protocols.common import CONTROLS, Bench, PerturbConfig
 from esa.perturb.targets import (TargetSet, from_coordinates, from_ranking, param_table, parse_targets,
                                  resolve_param)
 from esa.registry import suggest
+
+log = logging.getLogger(__name__)
 
 # ---- targets and controls ----------------------------------------------------------------------------------
 
@@ -53,14 +56,41 @@ def _superweights(bench: Bench) -> Resolved:
                     extra={"superweights": [asdict(w) for w in report.candidates]})
 
 
+def _identity(model: dict) -> str:
+    return (f"{model.get('model_id', '?')} (revision {model.get('revision')}, {model.get('n_params')} params, "
+            f"model_type {model.get('model_type')})")
+
+
+def load_ranking(bench: Bench, path: str) -> pd.DataFrame:
+    """Read a ranking file and check it was computed on the loaded model.
+
+    The ranking's stored fingerprint (:func:`esa.sensitivity.ranking.write_ranking`) must agree with the loaded
+    model's on revision, parameter count and model_type (dtype and device may differ: the same weights loaded
+    in bf16 keep their ranking). A ranking without a fingerprint (written before they were stored, or by hand)
+    is used with a logged warning and a note in the run's JSON.
+    """
+    from esa.sensitivity.ranking import MATCH_KEYS, read_ranking
+
+    table = read_ranking(path)
+    stored, loaded = table.attrs.get("model"), bench.lm.fingerprint.to_dict()
+    if stored is None:
+        msg = (f"ranking {path} carries no model fingerprint, so it cannot be checked against "
+               f"{loaded['model_id']}; rewrite it with `esa sensitivity` to make it checkable")
+        log.warning(msg)
+        bench.notes.append(msg)
+    elif any(stored.get(k) != loaded.get(k) for k in MATCH_KEYS):
+        raise EsaError(f"ranking {path} was computed on {_identity(stored)}, not on the loaded model "
+                       f"{_identity(loaded)}; rerun `esa sensitivity --model {loaded['model_id']}` or load the "
+                       "model the ranking was made for")
+    return table
+
+
 def resolve_targets(bench: Bench, spec: str) -> Resolved:
     """``superweights`` | ``topk:<ranking file>:<k>`` | anything :func:`~esa.perturb.targets.parse_targets` takes.
 
     ``superweights`` runs :func:`~esa.sensitivity.superweights.find_super_weights` on the calibration windows
     and targets every candidate. ``topk:runs/sens/ranking.parquet:100`` takes the 100 highest-scoring rows.
     """
-    from esa.sensitivity.ranking import read_ranking
-
     spec = spec.strip()
     if spec == "superweights":
         return _superweights(bench)
@@ -69,7 +99,7 @@ def resolve_targets(bench: Bench, spec: str) -> Resolved:
         if not path or not k.strip().isdigit():
             raise EsaError(f"cannot read target {spec!r}: write topk:<ranking file>:<k>, e.g. "
                            "topk:runs/sensitivity/ranking.parquet:100")
-        table = read_ranking(path)
+        table = load_ranking(bench, path)
         ts = from_ranking(bench.model, table, int(k))
         picked = table.sort_values("score", ascending=False, kind="stable", na_position="last").head(int(k))
         return Resolved(ts, "topk", _ordered(bench.model, ts, picked), table, {"ranking": path, "k": int(k)})
@@ -101,9 +131,7 @@ def _bottom_magnitude(model, like: TargetSet) -> TargetSet:
 def bottom_k(bench: Bench, res: Resolved, ranking: str | None) -> tuple[TargetSet, str]:
     """The bottom_k control and how it was chosen: the k lowest rows of ``ranking`` (or of the topk: spec's
     table); without any ranking (super weights only) the k smallest non-zero |W| of the target tensors."""
-    from esa.sensitivity.ranking import read_ranking
-
-    table = read_ranking(ranking) if ranking else res.ranking
+    table = load_ranking(bench, ranking) if ranking else res.ranking
     k = res.targets.n_elements
     if table is None:  # check_controls allows this only for super weights
         return (_bottom_magnitude(bench.model, res.targets),
