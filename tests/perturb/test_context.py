@@ -206,3 +206,29 @@ def test_nested_and_inference_mode():
             assert module.a.detach().view(-1)[:8].tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
         assert inner.old_values("a")[:2].tolist() == [0.0, 0.0]
     _assert_bit_equal(module, snap)
+
+
+@pytest.mark.parametrize("dtype, bit", [(torch.float32, 32), (torch.float16, 16), (torch.bfloat16, 16),
+                                        (torch.bfloat16, "exponent[8]")])
+def test_bit_beyond_the_dtype_is_refused_before_any_write(dtype, bit):
+    """A bit position the weight's dtype does not have raises (naming the valid range) and leaves it intact."""
+    module = Small(dtype, 3)
+    snap = _snapshot(module)
+    targets = {"a": torch.tensor([0, 4]), "b": torch.tensor([1])}
+    for op in (make_op("bit_flip", bit=bit), make_op("random_bit_flip", prob=1.0, bits=[bit])):
+        with pytest.raises(EsaError, match="out of range|cannot read bit"):
+            _run(module, targets, op)
+        _assert_bit_equal(module, snap)
+
+# append to tests/perturb/test_context.py once the context.py guard is applied
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32])
+def test_integer_or_quantised_tensor_is_refused(dtype):
+    """Packed quantised storage (int8/uint8 blocks, GPTQ int32 qweight) is refused for every op, untouched."""
+    module = Small(torch.float32, 4)
+    module.q = nn.Parameter(torch.arange(12, dtype=dtype).reshape(3, 4), requires_grad=False)
+    snap = _snapshot(module)
+    for op in (make_op("zero"), make_op("scale", factor=2.0), make_op("gauss_noise", sigma=0.1),
+               make_op("bit_flip", bit=3)):
+        with pytest.raises(EsaError, match=f"{dtype}.*de-quantised"):
+            _run(module, {"a": torch.tensor([0]), "q": torch.tensor([1, 2])}, op)
+        _assert_bit_equal(module, snap)

@@ -245,3 +245,11 @@ def test_dose_ops_keep_float_values_from_library_callers():
     param, ops = dose_ops("scale", (0.0, 0.5, 1, 2.25))
     assert param == "factor"
     assert [op.params()["factor"] for op in ops] == [0.0, 0.5, 1, 2.25]
+
+
+def test_bottom_k_alone_needs_no_random_arm(lm, data, ranking):
+    path, _ = ranking
+    cfg = PerturbConfig(targets=f"topk:{path}:6", op="zero", controls=("bottom_k",), data=data)
+    doc, _ = perturb_experiment(lm, cfg)
+    assert [c["name"] for c in doc["comparisons"]] == ["target vs baseline", "bottom_k vs baseline"]
+    assert doc["separation"] == {"target_over_random": None, "random_over_bottom": None}

@@ -127,6 +127,9 @@ def _plan(model: nn.Module,
     merged: dict[str, tuple[nn.Parameter, list[torch.Tensor]]] = {}
     for name, idx in targets.items():
         canon, param = resolve_param(table, name)
+        if not param.is_floating_point():  # int8/uint8 packed quantised weights, GPTQ qweight, …
+            raise EsaError(f"{canon} stores {param.dtype} (integer or packed quantised values), which ESA's ops "
+                           "cannot perturb meaningfully; load the model de-quantised (--dtype fp32, bf16 or fp16).")
         idx = torch.as_tensor(idx).reshape(-1)
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise EsaError(f"target indices of {name} must be integers (flat positions), got {idx.dtype}.")

@@ -43,7 +43,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
     base = bench.cache.baseline.nll
     comps = [compare(bench, f"{a} vs baseline", by[a].nll, base) for a in by]
     for pert, ref in (("target", "random_k"), ("random_k", "bottom_k")):
-        if ref in by:
+        if {pert, ref} <= set(by):  # e.g. --controls bottom_k alone has no random_k arm
             comps.append(compare(bench, f"{pert} vs {ref}", by[pert].nll, by[ref].nll, against=ref))
     comps, deltas = split_arrays(adjust(comps))
     mean = {c["name"].split(" vs ")[0]: c["mean_delta_nll"] for c in comps if c["against"] == "baseline"}
