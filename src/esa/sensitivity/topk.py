@@ -9,7 +9,13 @@ Modes:
 
 * ``global`` — the k best weights of the whole model. Each tensor contributes its own k best (a superset
   of its share of the global k best), which are merged with the running k best; so memory is O(k) plus the
-  one score tensor being processed.
+  one score tensor being processed. Once k candidates are held, the worst of them is a threshold that a
+  later tensor must beat (strictly: it loses ties, coming later in the stream). One vectorised reduction
+  (``amax``/``amin``) skips a tensor that cannot beat it; otherwise one comparison keeps the few entries at
+  or above it and only those go through ``torch.topk`` (which on CPU copies its input into (value, index)
+  pairs, so running it on a whole tensor costs far more than a reduction). On SmolLM2-135M (k=100, 210
+  tensors, 106 M weights, CPU) this cut top-k from 1.0–1.2 s to 0.08–0.25 s per scorer, i.e. from 21 % to 4 %
+  of wanda's scoring time (``bench/score_cost.py``).
 * ``per_layer`` — the k best weights of every tensor (the name follows the ESA issue: "layer" means one
   weight tensor of a decoder layer), ranked 1..k within each tensor.
 
@@ -93,9 +99,41 @@ class TopK:
         self._best = _empty()
         self._parts: list[Candidates] = []
 
+    def _entrants(self, param_index: int, flat: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices (ascending) of the entries that could displace a held candidate; ``None``: all could.
+
+        Global mode with k candidates held only. An entry must beat the worst held score (the threshold);
+        when ``param_index`` comes later in the stream than every held candidate (the usual case) it loses
+        ties, so it must beat it strictly. The skip test is exact (Python floats); the filter keeps entries
+        ≥ threshold (a superset, safe when the tensor's dtype rounds the threshold), which the exact merge then
+        orders. NaN entries never pass the filter: they rank below any held finite threshold.
+        """
+        if self.mode != "global" or len(self._best) < self.k:
+            return None
+        threshold = float(self._best.score[-1])
+        if np.isnan(threshold):  # fewer than k finite scores so far: anything may enter
+            return None
+        best = float(flat.amax() if self.largest else flat.amin())  # one vectorised pass; NaN if any NaN
+        sign = 1.0 if self.largest else -1.0
+        strict = param_index > self._best.param.max()
+        if not np.isnan(best) and (sign * best <= sign * threshold if strict else sign * best < sign * threshold):
+            return flat.new_zeros(0, dtype=torch.long)
+        keep = (flat >= threshold) if self.largest else (flat <= threshold)
+        return keep.nonzero().squeeze(1)
+
     def add(self, param_index: int, score: torch.Tensor, weight: torch.Tensor) -> None:
         """Take this tensor's k best entries; the score tensor can be dropped afterwards."""
-        values, idx = tensor_topk(score, self.k, self.largest)
+        flat = score.detach().reshape(-1)
+        if flat.numel() == 0:
+            return
+        entrants = self._entrants(param_index, flat)
+        if entrants is None:
+            values, idx = tensor_topk(flat, self.k, self.largest)
+        elif entrants.numel() == 0:
+            return
+        else:
+            values, sub = tensor_topk(flat[entrants], self.k, self.largest)  # ties → lower index, kept by entrants
+            idx = entrants[sub]
         picked = weight.detach().reshape(-1)[idx].double().cpu().numpy()
         cand = Candidates(values.double().cpu().numpy(), np.full(len(idx), param_index, dtype=np.int64),
                           idx.cpu().numpy().astype(np.int64), picked, np.arange(1, len(idx) + 1))
