@@ -29,7 +29,9 @@ def test_every_shipped_study_validates_and_plans_offline(path):
 
 def test_the_shipped_studies_exist():
     assert {p.stem for p in STUDIES} >= {"demo", "phase1", "phase2", "scaling", "full-research"}
-    assert deferred_sections(load_study(STUDIES[[p.stem for p in STUDIES].index("phase2")]))
+    phase2 = load_study(STUDIES[[p.stem for p in STUDIES].index("phase2")])
+    assert not deferred_sections(phase2)  # both sections execute now
+    assert {r.kind for r in expand(phase2)} == {"baseline", "sensitivity", "perturbation"}
 
 
 @pytest.mark.parametrize("data, where, wanted", [
@@ -107,15 +109,16 @@ def test_whole_split_expands_only_the_first_seed():
     assert {r.seed for r in runs} == {0} and len(runs) == 2
 
 
-def test_perturbation_grid_is_validated_and_reported_as_deferred():
+def test_perturbation_grid_expands_into_runs():
     study = parse_study(_with(
         sensitivity={"scorers": ["magnitude"], "k": 10},
         perturbation={"targets": [{"name": "top", "ranking": "magnitude", "k": 10}],
                       "ops": [{"op": "gauss_noise", "grid": {"sigma": [0.1, 1.0], "relative_to": "weight"}}],
                       "controls": ["random_k"], "trials": 2}))
-    notes = deferred_sections(study)
-    assert any("2 op setting(s)" in n and "2 trial(s)" in n for n in notes)
-    assert len(expand(study)) == 6  # only the baseline cells are executable today
+    assert not deferred_sections(study)
+    kinds = [r.kind for r in expand(study)]
+    # 6 baselines; magnitude needs no data → one sensitivity run; 2 ctx × 3 seeds × 2 sigmas perturbations
+    assert kinds == ["baseline"] * 6 + ["sensitivity"] + ["perturbation"] * 12
 
 
 def test_relative_paths_resolve_against_the_study_file(tmp_path):

@@ -12,9 +12,9 @@ cell (model × dataset × ctx × seed for baselines). Example ``studies/demo.yam
     batch_tokens: 4096
 
 Optional ``sensitivity:`` (scorers, k) and ``perturbation:`` (targets, ops with parameter grids, controls)
-sections are validated now and expanded once ESA can execute them; :func:`deferred_sections` names them.
-Every mistake raises :class:`EsaError` naming the file, the key's path and the fix: an unknown key lists
-the valid keys (with "did you mean"), a type error names the field and the expected type.
+sections expand into their own run kinds (:mod:`esa.study_sections`). Every mistake raises :class:`EsaError`
+naming the file, the key's path and the fix: an unknown key lists the valid keys (with "did you mean"), a
+type error names the field and the expected type.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ class SensitivitySection:
     scorers: tuple[str, ...]  # names in esa.sensitivity.scorers.SCORERS
     k: int  # top-k weights kept per scorer
     calibration_dataset: str | None = None  # None → the study's first dataset
-    calibration_tokens: int = 65_536  # scored tokens used by data-dependent scorers
+    calibration_tokens: int = 65_536  # ≈ scored tokens used by data-dependent scorers (whole windows)
     params: tuple[str, ...] = ()  # fnmatch globs of parameters to score; empty → every 2-D weight
+    mode: str = "global"  # global: k over the model | per_layer: k per tensor
+    context_len: int | None = None  # calibration window length; None → the study's first context length
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,9 @@ class PerturbationSection:
     targets: tuple[TargetEntry, ...]
     ops: tuple[OpEntry, ...]
     controls: tuple[str, ...] = ()  # see CONTROLS
-    trials: int = 1  # repeats with different op seeds (random ops only)
+    trials: int = 1  # control seeds 0…trials-1: random_k draws, and op seeds of random ops
+    datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
+    context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,8 @@ def _check_sensitivity(s: SensitivitySection, where: str) -> None:
             raise EsaError(f"{where}.scorers[{i}]: " + suggest(name, SCORERS.names(), "scorer"))
     _require(len(set(s.scorers)) == len(s.scorers), f"{where}.scorers: duplicate scorer names")
     _require(s.k >= 1 and s.calibration_tokens >= 1, f"{where}: k and calibration_tokens must be ≥ 1")
+    _require(s.mode in ("global", "per_layer"), f"{where}.mode: " + suggest(s.mode, ["global", "per_layer"], "mode"))
+    _require(s.context_len is None or s.context_len >= 2, f"{where}.context_len must be ≥ 2 (or null)")
     if s.calibration_dataset is not None:
         _check_dataset(s.calibration_dataset, f"{where}.calibration_dataset")
 
@@ -248,13 +254,18 @@ def _check_perturbation(p: PerturbationSection, sens: SensitivitySection | None,
     _require(bool(p.targets) and bool(p.ops), f"{where}: give at least one target and one op")
     _require(p.trials >= 1, f"{where}.trials must be ≥ 1")
     scorers = sens.scorers if sens else tuple(SCORERS.names())
+    names = [t.name for t in p.targets]
+    _require(len(set(names)) == len(names), f"{where}.targets: duplicate target names in {names}")
     for i, t in enumerate(p.targets):
         at = f"{where}.targets[{i}]"
         _require((t.spec is None) != (t.ranking is None), f"{at}: give exactly one of 'spec' or 'ranking'")
         if t.ranking is not None:
             _require(t.ranking in scorers, f"{at}.ranking: " + suggest(t.ranking, list(scorers), "scorer")
                      + (" (list it under sensitivity.scorers)" if sens else ""))
-            _require(t.k is not None and t.k >= 1, f"{at}: a ranking target needs k ≥ 1")
+            _require(sens is not None, f"{at}.ranking: a ranking target needs a sensitivity: section that "
+                     f"scores {t.ranking!r}; add one, or give a spec: instead")
+            _require(t.k is not None and 1 <= t.k <= sens.k,
+                     f"{at}: a ranking target needs 1 ≤ k ≤ sensitivity.k ({sens.k}), got {t.k}")
     for i, op in enumerate(p.ops):
         if op.op not in OPS:
             raise EsaError(f"{where}.ops[{i}].op: " + suggest(op.op, OPS.names(), "perturbation op"))
@@ -265,6 +276,9 @@ def _check_perturbation(p: PerturbationSection, sens: SensitivitySection | None,
                 raise EsaError(f"{where}.ops[{i}] {op.op} {point}: {exc}") from exc
     for i, c in enumerate(p.controls):
         _require(c in CONTROLS, f"{where}.controls[{i}]: " + suggest(c, list(CONTROLS), "control"))
+    for i, d in enumerate(p.datasets):
+        _check_dataset(d, f"{where}.datasets[{i}]")
+    _require(all(c >= 2 for c in p.context_lens), f"{where}.context_lens: each must be ≥ 2")
 
 
 def validate(study: Study, where: str) -> None:
@@ -308,6 +322,10 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         out["models"] = [fix(m) if isinstance(m, str) else ({**m, "name": fix(m.get("name"))}
                                                             if isinstance(m, dict) else m)
                          for m in out["models"]]
+    for section, key in (("sensitivity", "calibration_dataset"), ("perturbation", "datasets")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section][key]
+            out[section] = {**out[section], key: [fix(d) for d in value] if isinstance(value, list) else fix(value)}
     return out
 
 
@@ -380,12 +398,16 @@ EXPANDERS.register("baseline", expand_baseline)
 
 
 def expand(study: Study) -> list:
-    """Every run of the study that this version of ESA can execute."""
+    """Every run of the study that this version of ESA can execute, in execution order."""
+    import esa.study_sections  # noqa: F401 — registers the sensitivity and perturbation expanders
+
     return [run for kind in EXPANDERS for run in EXPANDERS.get(kind)(study)]
 
 
 def deferred_sections(study: Study) -> list[str]:
     """Sections that validate but are not executed by this version (no expander registered yet)."""
+    import esa.study_sections  # noqa: F401
+
     out = []
     if study.sensitivity and "sensitivity" not in EXPANDERS:
         s = study.sensitivity

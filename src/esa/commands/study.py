@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.executors import EXECUTORS
+from esa.executors import EXECUTORS, summary_line
 from esa.store import EXPORT_FORMATS
 
 
@@ -80,8 +80,7 @@ def _printer(console):
             console.print(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
         elif kind == "run":
             rec = info["record"]
-            what = (f"ppl {rec.metrics['perplexity']:.4g}" if rec.status == "completed"
-                    else f"[red]FAILED: {rec.error}[/red]")
+            what = summary_line(rec) if rec.status == "completed" else f"[red]{summary_line(rec)}[/red]"
             console.print(f"[{info['done']}/{info['total']}] {info['label']}: {what}  ({rec.run_id[:12]})",
                           highlight=False)
     return on_event

@@ -9,8 +9,14 @@ Every executor follows the same protocol (see :mod:`esa.executors.local`, :mod:`
    (:func:`run_id`), completed runs are skipped, the others executed (:func:`execute_run`);
 4. only the driver process writes to the :class:`esa.store.Store`, one transaction per finished run.
 
-``run_id = sha256(canonical JSON {"config": run config, "model": fingerprint without its machine-local
-path})`` — the same run on another machine, or in another study, gets the same id.
+``run_id = sha256(canonical JSON {"config": resolved run config, "model": fingerprint without its
+machine-local path})`` — the same run on another machine, or in another study, gets the same id. A run that
+depends on others (a perturbation of a sensitivity ranking) has their run ids in its resolved config
+(``depends_on``, :func:`resolved_config`), so a changed ranking changes the id of every run that used it.
+Runs are ordered so dependencies come first within a model group (:mod:`esa.study_sections`); a run whose
+dependency completed in an earlier invocation gets its ranking from the store (:func:`load_dependencies`).
+
+Run kinds: ``baseline`` (here), ``sensitivity`` and ``perturbation`` (:mod:`esa.executors.sections`).
 
 :func:`plan` estimates what executing a study costs (tokens and forward time per run) without running it.
 """
@@ -30,6 +36,8 @@ import numpy as np
 from esa.baseline import BaselineConfig, check_context, evaluate_cell
 from esa.data.corpora import Corpus, load_corpus
 from esa.errors import EsaError
+from esa.executors.sections import (RANKING_FILE, RunContext, cost, execute_perturbation, execute_sensitivity,
+                                    write_ranking_artifact)
 from esa.models import SUITE, LoadedModel, ModelSpec, resolve_source
 from esa.registry import Registry
 from esa.store import RunRecord, Store, sha256_json, utc_now
@@ -52,6 +60,20 @@ def model_identity(fingerprint: dict) -> dict:
 
 def run_id(config: dict, fingerprint: dict) -> str:
     return sha256_json({"config": config, "model": model_identity(fingerprint)})
+
+
+def resolved_config(run, fingerprint: dict) -> dict:
+    """``run.config()`` plus ``depends_on: {role: run id}`` for runs that use other runs' results."""
+    config = run.config()
+    deps = run.dependencies() if hasattr(run, "dependencies") else {}
+    if deps:
+        config["depends_on"] = {role: run_key(dep, fingerprint) for role, dep in deps.items()}
+    return config
+
+
+def run_key(run, fingerprint: dict) -> str:
+    """The run id of ``run`` on the model with ``fingerprint``."""
+    return run_id(resolved_config(run, fingerprint), fingerprint)
 
 
 def group_by_model(runs: list) -> list[tuple[ModelSpec, list]]:
@@ -83,7 +105,7 @@ def known_complete(store: Store, spec: ModelSpec, runs: list, study_id: str) -> 
     fingerprint = store.known_model(key) if key else None
     if fingerprint is None:
         return False
-    ids = [run_id(r.config(), fingerprint) for r in runs]
+    ids = [run_key(r, fingerprint) for r in runs]
     if len(store.completed(ids)) != len(ids):
         return False
     store.link_runs(study_id, ids)
@@ -97,13 +119,13 @@ def _corpus(cache: dict[str, Corpus], name: str) -> Corpus:
     return cache[name]
 
 
-def _execute_baseline(lm: LoadedModel, run, corpora: dict[str, Corpus]) -> tuple[dict, dict[str, np.ndarray]]:
+def _execute_baseline(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
     """One baseline cell through :func:`esa.baseline.evaluate_cell`; returns (metrics, per-window arrays)."""
     check_context(lm, run.context_len)
     cfg = BaselineConfig(run.model, "study", (run.dataset,), (run.context_len,), (run.seed,), run.method,
                          run.stride, run.bos, run.max_eval_tokens, run.batch_tokens)
     with tempfile.TemporaryDirectory(prefix="esa-run-") as tmp:
-        entry = evaluate_cell(lm, _corpus(corpora, run.dataset), cfg, run.context_len, run.seed, Path(tmp))
+        entry = evaluate_cell(lm, _corpus(ctx.corpora, run.dataset), cfg, run.context_len, run.seed, Path(tmp))
         with np.load(Path(tmp) / entry.per_window_file) as z:
             arrays = {k: z[k] for k in z.files}  # (W,) each: nll, n_scored, n_correct, window_index
     metrics = {**entry.metrics, "corpus_source": entry.corpus_source, "bos_resolved": entry.bos,
@@ -114,20 +136,65 @@ def _execute_baseline(lm: LoadedModel, run, corpora: dict[str, Corpus]) -> tuple
 
 RUNNERS: Registry[Callable] = Registry("run kind")
 RUNNERS.register("baseline", _execute_baseline)
+RUNNERS.register("sensitivity", execute_sensitivity)
+RUNNERS.register("perturbation", execute_perturbation)
 
 
-def execute_run(lm: LoadedModel, run, rid: str, corpora: dict[str, Corpus], prov: dict) -> RunRecord:
+def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> RunRecord:
     """Execute one run on a loaded model. Errors become a ``failed`` record (Ctrl-C still stops the study)."""
     started = utc_now()
     fingerprint = lm.fingerprint.to_dict()
+    config = resolved_config(run, fingerprint)
     try:
-        metrics, arrays = RUNNERS.get(run.kind)(lm, run, corpora)
+        metrics, arrays = RUNNERS.get(run.kind)(lm, run, ctx)
     except Exception as exc:  # noqa: BLE001 — recorded in the row and shown in the summary
         log.warning("run %s failed: %s", run.label(), exc)
         error = str(exc) if isinstance(exc, EsaError) else "".join(traceback.format_exception_only(exc)).strip()
-        return RunRecord(rid, run.kind, run.config(), fingerprint, prov, {}, "failed", started, utc_now(), error)
-    return RunRecord(rid, run.kind, run.config(), fingerprint, prov, metrics, "completed", started, utc_now(),
+        return RunRecord(rid, run.kind, config, fingerprint, prov, {}, "failed", started, utc_now(), error)
+    return RunRecord(rid, run.kind, config, fingerprint, prov, metrics, "completed", started, utc_now(),
                      arrays=arrays)
+
+
+def summary_line(record: RunRecord) -> str:
+    """A one-line result of a run for progress output (what the CLI may print per finished run)."""
+    if record.status != "completed":
+        return f"FAILED: {record.error}"
+    m = record.metrics
+    if record.kind == "sensitivity":
+        roles = ", ".join(f"{k} {v}" for k, v in sorted(m["topk_by_role"].items(), key=lambda kv: -kv[1])[:3])
+        return f"{m['topk_rows']} weights in {m['topk_n_params']} tensors ({roles}); " \
+               f"top 1% share {m['tail'].get('top_1pct_share', float('nan')):.3g}"
+    if record.kind == "perturbation":
+        vs = m["comparisons"].get("target vs random_k")
+        return f"ΔNLL {m['mean_delta_nll']:.4g} (ppl {m['baseline_perplexity']:.4g} → {m['perplexity']:.4g})" + \
+            (f", vs random_k {vs['mean_delta_nll']:+.4g}" if vs else "")
+    return f"ppl {m['perplexity']:.4g}"
+
+
+def commit(store: Store, record: RunRecord) -> None:
+    """Commit a finished run; a sensitivity run's ranking file is written (atomically) before its row."""
+    if record.kind == "sensitivity" and record.status == "completed":
+        path = write_ranking_artifact(store.artifact_dir(record.run_id), record.arrays, record.model)
+        record.metrics["ranking_file"] = str(path.relative_to(store.path.parent))
+    store.commit_run(record)
+
+
+def load_dependencies(store: Store, runs: list, fingerprint: dict, have: dict) -> dict:
+    """Rankings (by run id) of completed sensitivity runs that ``runs`` depend on and ``have`` lacks."""
+    from esa.sensitivity.ranking import read_ranking
+
+    wanted = {d for r in runs for d in resolved_config(r, fingerprint).get("depends_on", {}).values()} - set(have)
+    out = {}
+    for rid in sorted(store.completed(wanted)):
+        path = store.artifact_dir(rid) / RANKING_FILE
+        out[rid] = read_ranking(path) if path.is_file() else _table_from_store(store, rid)
+    return out
+
+
+def _table_from_store(store: Store, rid: str):
+    from esa.executors.sections import ranking_table
+
+    return ranking_table(store.load_arrays(rid))
 
 
 def release() -> None:
@@ -193,40 +260,45 @@ def _local_weights(spec: ModelSpec) -> bool:
     return 0 < size <= CHEAP_TO_TIME_B * 4e9  # fp32 bytes of CHEAP_TO_TIME_B billion parameters
 
 
-def throughputs(spec: ModelSpec, study, measure: bool) -> dict[int, Throughput]:
+def throughputs(spec: ModelSpec, study, measure: bool, context_lens: tuple[int, ...] | None = None
+                ) -> dict[int, Throughput]:
     """Tokens/s per context length: measured for a small model whose weights are here, else assumed."""
+    context_lens = context_lens or study.context_lens
     if measure and _local_weights(spec):
-        rates = measure_throughput(spec, study.context_lens, study.batch_tokens)
+        rates = measure_throughput(spec, context_lens, study.batch_tokens)
         return {ctx: Throughput(r, f"measured here ({r:,.0f} tok/s at ctx {ctx}, {spec.dtype})")
                 for ctx, r in rates.items()}
     n_b = SUITE.get(spec.name).n_params_b if spec.name in SUITE else None
     if n_b is None:
         basis = "unknown: not timed here and no nominal parameter count; time not estimated"
-        return {ctx: Throughput(None, basis) for ctx in study.context_lens}
+        return {ctx: Throughput(None, basis) for ctx in context_lens}
     rate = ASSUMED_FLOPS / (2 * n_b * 1e9)
     basis = f"assumed {rate:,.0f} tok/s: one H100 at 40% MFU, 2·N FLOPs/token, N={n_b}B"
-    return {ctx: Throughput(rate, basis) for ctx in study.context_lens}
+    return {ctx: Throughput(rate, basis) for ctx in context_lens}
 
 
 @dataclass(frozen=True)
 class PlanRow:
-    run: object  # a run of esa.study.expand (BaselineRun today)
+    run: object  # a run of esa.study.expand (BaselineRun, SensitivityRun, PerturbationRun)
     tokens: int | None  # scored tokens (upper bound: the corpus may be smaller); None = whole split
-    seconds: float | None
+    seconds: float | None  # tokens × passes / measured or assumed forward throughput
     basis: str
+    passes: float = 1.0  # forward-equivalent passes over the tokens (backward ≈ 2 forwards; see sections.cost)
 
 
 def plan(study, measure: bool = True) -> list[PlanRow]:
-    """Every run with its token budget and estimated forward time; nothing is executed or written."""
+    """Every run with its token budget and estimated compute time; nothing is executed or written."""
     from esa.study import expand, model_specs
 
-    rates = {spec: throughputs(spec, study, measure) for spec in model_specs(study)}
+    runs = expand(study)
+    ctxs = tuple(sorted({r.context_len for r in runs} | set(study.context_lens)))
+    rates = {spec: throughputs(spec, study, measure, ctxs) for spec in model_specs(study)}
     rows = []
-    for run in expand(study):
+    for run in runs:
         tp = rates[run.model][run.context_len]
-        tokens = run.max_eval_tokens
-        secs = tokens / tp.tokens_per_second if tokens is not None and tp.tokens_per_second else None
-        rows.append(PlanRow(run, tokens, secs, tp.basis))
+        tokens, passes = (run.max_eval_tokens, 1.0) if run.kind == "baseline" else cost(run)
+        secs = tokens * passes / tp.tokens_per_second if tokens is not None and tp.tokens_per_second else None
+        rows.append(PlanRow(run, tokens, secs, tp.basis, passes))
     return rows
 
 

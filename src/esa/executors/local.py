@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from esa.errors import EsaError
-from esa.executors import EventFn, Summary, execute_run, group_by_model, known_complete, model_key, release, run_id
+from esa.executors import (EventFn, RunContext, Summary, commit, execute_run, group_by_model, known_complete,
+                           load_dependencies, model_key, release, run_key)
 from esa.models import ModelSpec, load_model
 from esa.provenance import provenance
 from esa.store import Store
@@ -26,18 +27,20 @@ def _run_group(spec: ModelSpec, runs: list, store: Store, study_id: str, summary
     key = model_key(spec)
     if key:
         store.remember_model(key, fingerprint)
-    ids = [run_id(r.config(), fingerprint) for r in runs]
+    ids = [run_key(r, fingerprint) for r in runs]
     store.link_runs(study_id, ids)
     done = store.completed(ids)
     summary.skipped += len(done)
     on_event("group", model=spec.name, pending=len(ids) - len(done), completed=len(done))
     prov = provenance(lm.device)
-    corpora: dict = {}
+    ctx = RunContext()
+    pending = [r for r, rid in zip(runs, ids) if rid not in done]
+    ctx.rankings.update(load_dependencies(store, pending, fingerprint, ctx.rankings))
     for run, rid in zip(runs, ids):
         if rid in done:
             continue
-        record = execute_run(lm, run, rid, corpora, prov)
-        store.commit_run(record)
+        record = execute_run(lm, run, rid, ctx, prov)
+        commit(store, record)
         summary.add(record, run.label())
         on_event("run", record=record, label=run.label(), done=summary.skipped + summary.completed
                  + len(summary.failed), total=summary.total)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from esa.errors import EsaError
-from esa.executors import EventFn, Summary, group_by_model, known_complete, run_id
+from esa.executors import EventFn, Summary, commit, group_by_model, known_complete, load_dependencies, run_key
 from esa.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,21 @@ class ModelWorker:
 
         self.lm = load_model(spec)
         self.prov = provenance(self.lm.device)
-        self.corpora: dict = {}
+        from esa.executors import RunContext
+
+        self.ctx = RunContext()  # rankings made here stay here for the perturbation runs that follow
 
     def fingerprint(self) -> dict:
         return self.lm.fingerprint.to_dict()
 
+    def add_rankings(self, rankings: dict) -> None:
+        """Rankings of sensitivity runs completed before (read by the driver from the store)."""
+        self.ctx.rankings.update(rankings)
+
     def run(self, run, rid: str):
         from esa.executors import execute_run
 
-        return execute_run(self.lm, run, rid, self.corpora, self.prov)
+        return execute_run(self.lm, run, rid, self.ctx, self.prov)
 
 
 def _start_groups(ray, runs: list, store: Store, study_id: str, summary: Summary, on_event: EventFn,
@@ -90,11 +96,13 @@ def _on_fingerprint(ray, ref, grp: _Group, store: Store, study_id: str, summary:
     key = model_key(grp.spec)
     if key:
         store.remember_model(key, fingerprint)
-    ids = [run_id(r.config(), fingerprint) for r in grp.runs]
+    ids = [run_key(r, fingerprint) for r in grp.runs]
     store.link_runs(study_id, ids)
     done = store.completed(ids)
     summary.skipped += len(done)
     on_event("group", model=grp.spec.name, pending=len(ids) - len(done), completed=len(done))
+    pending = [r for r, rid in zip(grp.runs, ids) if rid not in done]
+    grp.actor.add_rankings.remote(load_dependencies(store, pending, fingerprint, {}))  # actor calls run in order
     submitted = {grp.actor.run.remote(run, rid): (run, grp) for run, rid in zip(grp.runs, ids) if rid not in done}
     grp.in_flight = len(submitted)
     return submitted
@@ -107,7 +115,7 @@ def _collect(ray, ref, run, store: Store, summary: Summary, on_event: EventFn) -
     except Exception as exc:  # noqa: BLE001 — the worker died (OOM kill, node lost): no row, rerun redoes it
         summary.failed.append((run.label(), f"worker lost: {exc}"))
         return
-    store.commit_run(record)
+    commit(store, record)
     summary.add(record, run.label())
     on_event("run", record=record, label=run.label(),
              done=summary.skipped + summary.completed + len(summary.failed), total=summary.total)
