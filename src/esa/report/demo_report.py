@@ -101,7 +101,8 @@ def _sensitivity_lines(sens_dir: Path, out: Path, sw: dict) -> list[str]:
 
 
 def _comparison_lines(doc: dict) -> list[str]:
-    lines = ["| comparison | mean ΔNLL per window | 95 % CI | PPL after | PPL ratio | Wilcoxon p (Holm) | collapsed |",
+    lines = ["| comparison | mean ΔNLL (nats/token, over windows) | 95 % CI | PPL after | PPL ratio "
+             "| Wilcoxon p (Holm) | collapsed |",
              "|---|---|---|---|---|---|---|"]
     for c in doc["comparisons"]:
         lines.append(f"| {c['name']} | {as_float(c['mean_delta_nll']):+.4f} | "
