@@ -246,3 +246,10 @@ def test_smollm2_super_weight_is_catastrophic_and_random_weights_are_not(tmp_pat
     assert zeroed / base >= 3.0
     assert abs(control / base - 1) < 0.01
     assert torch.equal(param, snap)
+
+
+def test_unmapped_architecture_names_the_supported_ones():
+    opt = random_model({"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "word_embed_proj_dim": 32, "max_position_embeddings": 64})
+    with pytest.raises(EsaError, match=r"model_type 'opt' has no module map.*supported: .*gpt2.*llama"):
+        find_super_weights(opt, torch.randint(0, 100, (1, 8)))
