@@ -80,3 +80,16 @@ def comparison_plot(rows: list[dict]) -> bytes:
 def _short(text: str, width: int = 40) -> str:
     """Keep the end of long labels (model paths differ at the end)."""
     return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def layer_role_heatmap_png(table, title: str) -> bytes:
+    """:func:`esa.sensitivity.plots.layer_role_heatmap` of one ranking table, as PNG bytes instead of a file.
+
+    ``table``: a ranking table (:mod:`esa.sensitivity.ranking`); cells count its weights per decoder layer ×
+    module role (:func:`esa.sensitivity.plots.layer_role_counts`).
+    """
+    from esa.sensitivity.plots import layer_role_heatmap
+
+    buf = io.BytesIO()
+    layer_role_heatmap(table, buf, title)  # savefig writes to any binary file object
+    return buf.getvalue()

@@ -11,8 +11,9 @@ render. Order:
    (t-based, :func:`esa.stats.aggregate_seeds`; no CI from one seed; "seed-invariant" when the whole split was
    scored, so seeds cannot change the number).
 3. One section per other run kind present, chosen in :data:`SECTIONS` (run kind → section renderer):
-   sensitivity, causal validation (kind ``perturbation``), scaling; a kind without a renderer still gets a
-   generic table of its scalar metrics, so no stored run is ever hidden.
+   sensitivity (:mod:`esa.report.study_sensitivity`, which also reads the runs' ranking artifacts), causal
+   validation (kind ``perturbation``), scaling; a kind without a renderer still gets a generic table of its
+   scalar metrics, so no stored run is ever hidden.
 
 Every sentence is formatted from stored numbers. A run's metrics are JSON with non-finite numbers stored as
 "nan"/"inf" strings (decoded with :func:`esa.runs.as_float`).
@@ -50,6 +51,7 @@ class Run:
     model: dict  # fingerprint
     metrics: dict
     started_at: str
+    root: Path | None = None  # the database's folder: artifact paths in ``metrics`` are relative to it
 
     @property
     def model_name(self) -> str:
@@ -95,7 +97,9 @@ def load_runs(db: Path, study: str | None = None) -> tuple[list[Run], list[str]]
         con.close()
     if study is not None and not rows:
         raise EsaError(f"no runs of study {study!r} in {db}; studies there: {', '.join(names) or 'none'}")
-    runs = [Run(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7]) for r in rows]
+    root = Path(db).resolve().parent
+    runs = [Run(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7], root)
+            for r in rows]
     return runs, ([study] if study is not None else names)
 
 
@@ -364,9 +368,15 @@ class Section:
     order: int  # position in the report
 
 
+def _sensitivity(runs: list[Run]) -> list[Block]:
+    from esa.report.study_sensitivity import sensitivity_section  # imported late: that module imports this one
+
+    return sensitivity_section(runs)
+
+
 SECTIONS: Registry[Section] = Registry("report section")  # run kind → how its runs are reported
 SECTIONS.register("baseline", Section("", baseline_section, 0))  # renders its own heading
-SECTIONS.register("sensitivity", Section("Sensitivity", generic_section, 1))
+SECTIONS.register("sensitivity", Section("Sensitivity", _sensitivity, 1))
 SECTIONS.register("perturbation", Section("Causal validation", causal_section, 2))
 SECTIONS.register("scaling", Section("Scaling", generic_section, 3))
 
