@@ -39,7 +39,7 @@ import torch
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows
-from esa.evals.perplexity import collate, evaluate_windows
+from esa.evals.perplexity import batch_plan, collate, evaluate_windows
 from esa.models import ModelSpec, load_model
 
 TASK = "esa_python_docs_rolling"
@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first N python-docs documents (sorted topic order): 5 = 4468 tokens in documents of "
                         "174 to 2572 tokens, 12 = 9747, 0 = all 79 (113k)")
     p.add_argument("--lmeval-batch-sizes", default="1,4,16", help="lm-eval batch sizes to try")
-    p.add_argument("--token-budget", type=int, default=8192, help="ESA micro-batch token budget")
+    p.add_argument("--token-budgets", default="513,2052,8192",
+                   help="ESA micro-batch token budgets to try (the best is compared, as for lm-eval batch sizes)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as set by OMP_NUM_THREADS)")
     p.add_argument("--clock", choices=CLOCKS, default="cpu",
                    help="cpu: process CPU seconds (robust on a shared machine when single-threaded); wall")
@@ -152,12 +153,10 @@ def run_esa(lm, docs: tuple[str, ...], ctx: int, token_budget: int, clock) -> di
             "seconds": scores.forward_seconds, "end_to_end_seconds": end_to_end, "batch_sizes": scores.batch_sizes}
 
 
-def esa_batches(windows, batch_sizes: list[int], pad_id: int):
-    """ESA's exact micro-batches (same order and sizes) as collated (ids, attn, scored) tensors."""
-    i = 0
-    for n in batch_sizes:
-        yield collate(list(windows[i:i + n]), pad_id)
-        i += n
+def esa_batches(windows, token_budget: int, pad_id: int):
+    """ESA's exact micro-batches (``batch_plan``: same windows, order and sizes) as collated tensors."""
+    for idx in batch_plan(windows, token_budget):
+        yield collate([windows[j] for j in idx], pad_id)
 
 
 @torch.inference_mode()
@@ -215,6 +214,7 @@ def report(args, esa: dict, bare: dict, lme_runs: list[dict], n_tokens: int) -> 
                                               for r in lme_runs},
         "esa_over_lmeval_best": esa_tps / (n_tokens / best["seconds"]),
         "esa_over_bare_forward": esa_tps / (esa["tokens"] / bare["bare_seconds"]),
+        "esa_best_token_budget": esa["token_budget"],
         "esa_batch_sizes": sorted(set(esa["batch_sizes"])),
         "esa_padding_share": bare["padding_share"],
         "esa_backbone_share": bare["backbone_seconds"] / esa["seconds"],
@@ -232,8 +232,12 @@ def main(argv=None) -> int:
     docs = load_corpus("python-docs").documents
     docs = docs[:args.max_docs] if args.max_docs else docs
     clock = CLOCKS[args.clock]
-    esa = run_esa(lm, docs, args.ctx, args.token_budget, clock)
-    batches = list(esa_batches(esa["windows"], esa["batch_sizes"], lm.tokenizer.pad_token_id or 0))
+    runs = [run_esa(lm, docs, args.ctx, int(b), clock) | {"token_budget": int(b)}
+            for b in args.token_budgets.split(",")]
+    esa = max(runs, key=lambda r: r["tokens"] / r["seconds"])  # ESA at its best budget, like lm-eval's best bs
+    for r in runs:
+        print(f"ESA token budget {r['token_budget']:>6}: {r['tokens'] / r['seconds']:.1f} tokens/s")
+    batches = list(esa_batches(esa["windows"], esa["token_budget"], lm.tokenizer.pad_token_id or 0))
     bare = time_bare_and_split(lm.model, batches, clock)
     if args.profile:
         profile_batch(lm.model, batches[0])

@@ -113,3 +113,13 @@ def test_batches_group_similar_lengths_and_keep_input_order():
     assert scores.batch_sizes == [3, 2]  # 100, 100, 98 (≤ 5 % padding) then 60, 59
     assert scores.n_scored.tolist() == [n - 1 for n in lengths]
     np.testing.assert_allclose(scores.nll, _reference_nll(model, windows), rtol=1e-5)
+
+
+def test_batch_plan_worked_example():
+    from esa.data.windows import Window
+    from esa.evals.perplexity import batch_plan
+
+    windows = tuple(Window(torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool), 0, 0)
+                    for n in [60, 100, 98, 59, 100])
+    assert batch_plan(windows, 10_000) == [[1, 4, 2], [0, 3]]
+    assert batch_plan(windows, 200) == [[1, 4], [2], [0, 3]]  # 200 // 100 = 2 per batch; 200 // 60 = 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,53 +107,63 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def batch_plan(windows: tuple[Window, ...], token_budget: int) -> list[list[int]]:
+    """Micro-batches as lists of window indices: longest first, each filled to ``token_budget`` tokens.
+
+    A batch holds at most ``token_budget // T`` windows, T being its longest, and only windows at least
+    (1 - MAX_PADDING)·T long — a shorter one starts the next batch instead of adding padding (rolling
+    windows: each document's last, short window would otherwise pad a batch of full ones). Example with
+    lengths [60, 100, 98, 59, 100] and a large budget: [[1, 4, 2], [0, 3]].
+    """
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))  # stable for equal lengths
+    plan: list[list[int]] = []
+    for i in order:
+        n = len(windows[i].input_ids)
+        current = plan[-1] if plan else None
+        if (current is not None and n >= (1 - MAX_PADDING) * len(windows[current[0]].input_ids)
+                and len(current) < max(1, token_budget // len(windows[current[0]].input_ids))):
+            current.append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
 def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budget: int,
                      description: str = "scoring") -> WindowScores:
-    """Score every window with micro-batches filled to ``token_budget`` tokens; halve on out-of-memory.
+    """Score every window in the micro-batches of :func:`batch_plan`; halve a batch on out-of-memory.
 
-    Windows are batched longest first (so variable-length rolling/sliding windows waste little padding) and
-    the outputs are returned in the input order. One window of the first batch is run untimed as a warm-up;
+    Outputs are returned in the input order. One window of the first batch is run untimed as a warm-up;
     ``forward_seconds`` covers the scoring passes only.
     """
     device = model.get_input_embeddings().weight.device
     W = len(windows)
-    order = sorted(range(W), key=lambda i: -len(windows[i].input_ids))  # stable: equal lengths keep order
     nll, n_scored, n_correct = np.zeros(W), np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
-    batch = max(1, token_budget // len(windows[order[0]].input_ids))
-    times: list[float] = []
+    queue = deque(batch_plan(windows, token_budget))
+    cap = None  # largest batch that fits after an out-of-memory error
+    times: list[float] = []  # a pass that raises records no time
     sizes: list[int] = []
     warmed = False
     with progress.bar(W, description) as advance:
-        i = 0
-        while i < W:
-            idx = _similar_lengths(windows, order[i:i + batch])
+        while queue:
+            idx = queue.popleft()
+            if cap is not None and len(idx) > cap:
+                queue.appendleft(idx[cap:])
+                idx = idx[:cap]
             ids, attn, scored = collate([windows[j] for j in idx], pad_id)
             try:
-                if not warmed:
+                if not warmed:  # one window, untimed
                     score_batch(model, ids[:1], attn[:1], scored[:1])
                     warmed = True
                 with timed(device, times):
                     out = score_batch(model, ids, attn, scored)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
-                batch = _halve_or_raise(exc, batch, ids.shape[1], device)
+                cap = _halve_or_raise(exc, len(idx), ids.shape[1], device)
+                queue.appendleft(idx)
                 continue
             nll[idx], n_scored[idx], n_correct[idx] = (t.numpy() for t in out)
             sizes.append(len(idx))
             advance(len(idx))
-            i += len(idx)
     return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
-
-
-def _similar_lengths(windows, candidates: list[int]) -> list[int]:
-    """The longest-first prefix of ``candidates`` whose windows pad by at most ``MAX_PADDING`` of the longest.
-
-    ``candidates`` are sorted longest first, so the first is the batch's length T; a window shorter than
-    (1 - MAX_PADDING)·T starts the next batch instead of adding padding (rolling windows: each document's last,
-    short window would otherwise pad a batch of full ones).
-    """
-    longest = len(windows[candidates[0]].input_ids)
-    keep = [j for j in candidates if len(windows[j].input_ids) >= (1 - MAX_PADDING) * longest]
-    return keep  # a prefix: candidates are sorted by decreasing length
 
 
 def _halve_or_raise(exc: BaseException, batch: int, length: int, device: torch.device) -> int:
