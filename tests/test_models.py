@@ -54,3 +54,28 @@ def test_fp16_refused_on_cpu():
         check_dtype("fp16", torch.device("cpu"))
     with pytest.raises(EsaError, match="unknown --dtype"):
         check_dtype("int8", torch.device("cpu"))
+
+
+def test_local_dir_fingerprint_follows_the_weights(tmp_path, tokenizer, monkeypatch):
+    from esa.models import resolve_source
+    from esa.tiny import tiny_model
+
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
+    dirs = []
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):  # b: same config and file sizes, other weights
+        tiny_model("llama", seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        dirs.append(resolve_source(str(tmp_path / name))[2])
+    assert dirs[0].startswith("content-sha256:")
+    assert dirs[0] != dirs[1] and dirs[0] == dirs[2]
+    assert resolve_source(str(tmp_path / "a"))[2] == dirs[0]  # second call served from the hash cache
+    assert (tmp_path / "cache" / "file-hashes.json").exists()
+
+
+def test_sampled_fingerprint_above_the_full_hash_limit(tmp_path, tokenizer, monkeypatch):
+    import esa.models as models
+    from esa.tiny import tiny_model
+
+    monkeypatch.setattr(models, "FULL_HASH_LIMIT", 0)
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    assert models.resolve_source(str(tmp_path / "m"))[2].startswith("sampled-sha256:")

@@ -168,7 +168,8 @@ def test_study_rows_artifacts_and_headline_numbers(tiny_db):
             arrays = store.load_arrays(rid)
             assert np.exp(arrays["nll"].sum() / arrays["n_scored"].sum()) == pytest.approx(ppl)
             assert arrays["n_scored"].sum() == tokens <= 256
-        assert frame["provenance.git_sha"].notna().all() and frame["model.revision"].str.startswith("meta-").all()
+        assert frame["provenance.git_sha"].notna().all()
+        assert frame["model.revision"].str.startswith("content-sha256:").all()
 
 
 def test_store_matches_esa_baseline_per_window(tiny_db, tiny_dir, tmp_path):

@@ -78,7 +78,7 @@ class Fingerprint:
 
     model_id: str  # what the user asked for (alias, hub id or path)
     source: str  # resolved source: hub id, directory or GGUF path
-    revision: str  # hub commit, or "sha256:<hex>" of a GGUF file, or "meta-sha256:<hex>" of a local dir
+    revision: str  # hub commit, "sha256:<hex>" of a GGUF file, "content-sha256:"/"sampled-sha256:" of a local dir
     n_params: int
     dtype: str
     model_type: str
@@ -163,12 +163,56 @@ def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
     return target, digest
 
 
+FULL_HASH_LIMIT = 8 * 2**30  # bytes of weights hashed in full; larger checkpoints get a sampled hash
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 1 << 20  # sampled hash: 64 evenly spaced 1 MiB blocks per file
+
+
+def _file_hash_cached(path: Path) -> str:
+    """sha256 of a weight file, cached under the ESA cache dir by (path, size, mtime) so it is paid once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    store = cache_dir() / "file-hashes.json"
+    try:
+        known = json.loads(store.read_text()) if store.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f"{store.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(store)
+        except OSError:  # an unwritable cache only costs a re-hash next time
+            log.debug("could not write %s", store)
+    return known[key]
+
+
+def _sampled_hash(path: Path) -> str:
+    """sha256 of SAMPLE_BLOCKS evenly spaced blocks of a (huge) file plus its size — a sampled identity."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        for i in range(SAMPLE_BLOCKS):
+            fh.seek(max(0, (size - SAMPLE_BYTES) * i // max(1, SAMPLE_BLOCKS - 1)))
+            digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def _local_dir_digest(path: Path) -> str:
-    """Cheap identity of a local checkpoint: sha256 of config.json plus weight file names and sizes."""
+    """Identity of a local checkpoint: config.json plus the weight files' contents.
+
+    Up to FULL_HASH_LIMIT bytes of weights the files are hashed in full (``content-sha256:``, cached by path,
+    size and mtime); above it, 64 evenly spaced 1 MiB blocks per file are hashed (``sampled-sha256:``), which
+    tells different checkpoints apart in practice without reading 100+ GB on every load.
+    """
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    full = sum(f.stat().st_size for f in files) <= FULL_HASH_LIMIT
     digest = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return "meta-sha256:" + digest.hexdigest()
+    for f in files:
+        digest.update(f"{f.name}:{f.stat().st_size}:".encode())
+        digest.update((_file_hash_cached(f) if full else _sampled_hash(f)).encode())
+    return ("content-sha256:" if full else "sampled-sha256:") + digest.hexdigest()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -95,7 +95,8 @@ def model_key(spec: ModelSpec) -> str | None:
         kind, location, revision = resolve_source(spec.name, spec.revision)
     except EsaError:
         return None
-    pinned = revision.startswith(("sha256:", "meta-sha256:")) or (len(revision) == 40 and kind == "hub")
+    content_id = revision.startswith(("sha256:", "content-sha256:", "sampled-sha256:"))
+    pinned = content_id or (len(revision) == 40 and kind == "hub")
     return sha256_json({"spec": asdict(spec), "revision": revision}) if pinned else None
 
 
