@@ -4,6 +4,7 @@ Llama saved to disk) that exercises the fits and the plots."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -158,14 +159,41 @@ def test_one_model_ladder_matches_direct_computations(smol, python_docs, tmp_pat
     assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_two_point_ladder_fits_and_plots_end_to_end(tmp_path, tokenizer):
+def _killed_for_tiny_models(measure):
+    """measure_model that dies on a 2-layer model: a ladder interrupted after its first model."""
+    def wrapped(lm, cfg):
+        if lm.model.config.num_hidden_layers == 2:
+            raise RuntimeError("killed")
+        return measure(lm, cfg)
+    return wrapped
+
+
+def test_two_point_ladder_fits_and_plots_end_to_end(tmp_path, tokenizer, monkeypatch):
+    import esa.scaling
+    from esa.store import Store
     from esa.tiny import tiny_model
 
     tiny_dir = tmp_path / "tiny-llama"
     tiny_model("llama", seed=0).save_pretrained(tiny_dir)
     tokenizer.save_pretrained(tiny_dir)
     cfg = ScalingConfig(("smollm2-135m", str(tiny_dir)), EvalConfig(**TINY_DATA), control_seeds=(0,))
-    out, doc = run_scaling(cfg, tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(esa.scaling, "measure_model", _killed_for_tiny_models(esa.scaling.measure_model))
+        with pytest.raises(EsaError, match="did not complete.*rerun the same command"):
+            run_scaling(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "scaling.db").is_file() and not (tmp_path / "run" / "scaling.json").exists()
+    events = []
+    out, doc = run_scaling(cfg, tmp_path / "run", on_event=lambda kind, **info: events.append((kind, info)))
+    assert [info["model"] for kind, info in events if kind == "skip_group"] == ["smollm2-135m"]  # not measured again
+    assert [info["label"] for kind, info in events if kind == "run"] == [f"{tiny_dir} scaling point python-docs "
+                                                                         "ctx=128 seed=0"]
+    with Store(out / "scaling.db") as store:
+        stored = {rid: json.loads(m) for rid, m in store.con.execute(
+            "SELECT run_id, metrics FROM runs WHERE kind = 'scaling_point' AND status = 'completed'")}
+    assert doc["run_ids"] == [rid for rid in doc["run_ids"] if rid in stored] and len(doc["run_ids"]) == 2
+    for rid, row in zip(doc["run_ids"], read_json(out / "scaling.json")["rows"]):
+        assert {k: v for k, v in row.items() if k != "perturb_file"} == \
+            {k: v for k, v in stored[rid].items() if k != "perturbation"}  # scaling.json comes from the database
     small, big = sorted(doc["rows"], key=lambda r: r["n_params"])
     assert small["model"] == str(tiny_dir) and small["n_layers"] == 2
     for stat in STATISTICS:

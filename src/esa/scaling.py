@@ -29,21 +29,27 @@ N = 10⁸ and PPL 10 at N = 10⁹ give slope = log10(10/20) / 1 = -0.301 and int
 = 3.71; two points fit exactly, leave no residual degree of freedom, and so the CI is undefined (null).
 Fewer than two usable points: no fit, and the reason is stored.
 
-Outputs in ``<out-dir>`` (replaced as a whole, only when the run succeeds):
+**Where the numbers live.** :func:`measure_model` is the one per-model measurement. ``esa scaling`` runs it
+through a results database — a generated study with a ``scaling:`` section (:mod:`esa.study_scaling`),
+executed by :func:`esa.executors.run_study`, one ``scaling_point`` run per model — and then writes its files
+*from the database rows* (:mod:`esa.scaling_ladder`), so a killed ladder resumes where it stopped and
+``esa report`` shows the same numbers. ``statistics`` picks what is measured: perplexity and bits per byte
+always; super weights, the perturbation (which needs the super weights) and the heavy tail only when one of
+their statistics is requested.
 
-* ``scaling.json`` — schema ``esa.scaling/1``: provenance, resolved config, ``statistics`` (key → label and
-  whether higher is better), ``rows`` (one per model, in ladder order), ``fits`` (statistic → fit or reason),
-  notes. Non-finite numbers are the strings "nan"/"inf".
+Outputs in ``<out-dir>``, next to the database (default ``<out-dir>/scaling.db``):
+
+* ``scaling.json`` — schema ``esa.scaling/1``: provenance, resolved config, the database and run ids,
+  ``statistics`` (key → label and whether higher is better), ``rows`` (one per model, in ladder order),
+  ``fits`` (statistic → fit or reason), notes. Non-finite numbers are the strings "nan"/"inf".
 * ``models/<slug>/perturb.json`` + ``perturb.npz`` — the full perturbation document and per-window arrays of
-  each model with super-weight candidates (paired data for re-analysis).
+  each model with super-weight candidates (paired data for re-analysis), copied from the database.
 * ``scaling.png`` (all statistics) and ``plots/<statistic>.png`` (fitted ones) — log–log points with model names and the
   fitted line (:mod:`esa.report.scaling_plots`).
 """
 
 from __future__ import annotations
 
-import gc
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -56,12 +62,8 @@ from scipy import stats as sps
 from esa.data.windows import scored_text_counts
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
-from esa.models import LoadedModel, ModelSpec, load_model, resolve_device, resolve_source
+from esa.models import LoadedModel
 from esa.perturb.protocols import EvalConfig, PerturbConfig, make_bench, perturb_experiment
-from esa.provenance import provenance
-from esa.runs import staged_run_dir, write_arrays, write_json
-
-log = logging.getLogger(__name__)
 
 SCHEMA = "esa.scaling/1"
 X_AXES = ("n_params", "n_params_non_embedding")  # what "size" means on the trend's x axis
@@ -72,22 +74,47 @@ class Statistic:
     key: str  # row key in scaling.json
     label: str  # axis label
     higher_is_better: bool | None  # None: neither (a description of the model, not a quality)
+    needs: str = "baseline"  # the measurement that produces it: baseline | superweights | perturbation | tail
 
 
 STATISTICS = (
     Statistic("perplexity", "perplexity (per own token)", False),
     Statistic("bits_per_byte", "bits per byte", False),
-    Statistic("sw_count", "super-weight candidates", None),
-    Statistic("sw_depth_fraction", "strongest super weight: layer / n_layers", None),
-    Statistic("max_mlp_out_activation", "max |MLP output projection activation|", None),
-    Statistic("max_massive_activation", "max massive residual-stream |h|", None),
-    Statistic("sw_delta_nll", "super weights perturbed: mean ΔNLL/token", False),
-    Statistic("sw_ppl_ratio", "super weights perturbed: PPL ratio", False),
-    Statistic("random_delta_nll", "random_k perturbed: mean ΔNLL/token", False),
-    Statistic("random_ppl_ratio", "random_k perturbed: PPL ratio", False),
-    Statistic("sw_over_random", "ΔNLL super weights / ΔNLL random_k", None),
-    Statistic("magnitude_top_share", "share of Σ|W| in the top tail_fraction of |W|", None),
+    Statistic("sw_count", "super-weight candidates", None, "superweights"),
+    Statistic("sw_depth_fraction", "strongest super weight: layer / n_layers", None, "superweights"),
+    Statistic("max_mlp_out_activation", "max |MLP output projection activation|", None, "superweights"),
+    Statistic("max_massive_activation", "max massive residual-stream |h|", None, "superweights"),
+    Statistic("sw_delta_nll", "super weights perturbed: mean ΔNLL/token", False, "perturbation"),
+    Statistic("sw_ppl_ratio", "super weights perturbed: PPL ratio", False, "perturbation"),
+    Statistic("random_delta_nll", "random_k perturbed: mean ΔNLL/token", False, "perturbation"),
+    Statistic("random_ppl_ratio", "random_k perturbed: PPL ratio", False, "perturbation"),
+    Statistic("sw_over_random", "ΔNLL super weights / ΔNLL random_k", None, "perturbation"),
+    Statistic("magnitude_top_share", "share of Σ|W| in the top tail_fraction of |W|", None, "tail"),
 )
+STATISTIC_KEYS = tuple(s.key for s in STATISTICS)
+
+
+def resolve_statistics(names) -> tuple[str, ...]:
+    """A requested subset in :data:`STATISTICS` order; empty → every statistic.
+
+    Raises:
+        EsaError: an unknown name (with "did you mean") or a name given twice.
+    """
+    from esa.registry import suggest
+
+    names = tuple(names)
+    for name in names:
+        if name not in STATISTIC_KEYS:
+            raise EsaError(suggest(name, list(STATISTIC_KEYS), "scaling statistic"))
+    if len(set(names)) != len(names):
+        raise EsaError(f"statistics {list(names)} lists a name twice; give each once")
+    return tuple(k for k in STATISTIC_KEYS if k in names) if names else STATISTIC_KEYS
+
+
+def measurements(statistics) -> set[str]:
+    """What one model must run for ``statistics`` (perturbing super weights needs finding them first)."""
+    needs = {s.needs for s in STATISTICS if s.key in resolve_statistics(statistics)} | {"baseline"}
+    return needs | ({"superweights"} if "perturbation" in needs else set())
 
 
 @dataclass(frozen=True)
@@ -102,6 +129,7 @@ class ScalingConfig:
     x_axis: str = "n_params"  # n_params (all parameters, tied embeddings once) | n_params_non_embedding
     dtype: str = "fp32"
     device: str = "auto"
+    statistics: tuple[str, ...] = ()  # STATISTICS keys to measure and fit; empty → all (see measurements())
 
     def check(self) -> None:
         if not self.models:
@@ -115,6 +143,10 @@ class ScalingConfig:
             raise EsaError(f"--tail-fraction {self.tail_fraction} must be in (0, 1), e.g. 0.001 for the top 0.1 %")
         if not self.control_seeds:
             raise EsaError("the random_k control needs at least one --control-seeds value")
+        try:
+            resolve_statistics(self.statistics)
+        except EsaError as exc:
+            raise EsaError(f"--statistics: {exc}") from exc
 
 
 # ---- log–log fits ------------------------------------------------------------------------------------------
@@ -170,12 +202,14 @@ def fit_power_law(x, y, level: float = 0.95) -> PowerLawFit:
     return PowerLawFit(n, slope, intercept, se_b, se_a, (slope - half, slope + half), r2)
 
 
-def fit_trends(rows: list[dict], x_key: str = "n_params") -> dict[str, dict]:
-    """Per statistic: ``{"fit": PowerLawFit as dict, "models": [...], "excluded": [...]}`` or, when no fit is
-    possible, ``{"fit": None, "reason": …}``. Models whose value is missing, non-finite or ≤ 0 are excluded
-    (and named): a log–log trend cannot place them."""
+def fit_trends(rows: list[dict], x_key: str = "n_params", statistics=()) -> dict[str, dict]:
+    """Per statistic (``statistics``, default all): ``{"fit": PowerLawFit as dict, "models": [...],
+    "excluded": [...]}`` or, when no fit is possible, ``{"fit": None, "reason": …}``. Models whose value is
+    missing, non-finite (also the JSON strings "nan"/"inf") or ≤ 0 are excluded (and named): a log–log trend
+    cannot place them."""
     out = {}
-    for stat in STATISTICS:
+    keys = resolve_statistics(statistics)
+    for stat in (s for s in STATISTICS if s.key in keys):
         usable = [r for r in rows if _positive(r.get(stat.key)) and _positive(r.get(x_key))]
         excluded = [r["model"] for r in rows if r not in usable]
         entry = {"models": [r["model"] for r in usable], "excluded": excluded}
@@ -235,13 +269,16 @@ def _perturbation(doc: dict) -> dict:
     return out
 
 
-def _baseline(bench) -> dict:
-    """Perplexity metrics of the unperturbed model on the bench's windows (when no trial needs a cache)."""
+def _baseline(bench) -> tuple[dict, dict[str, np.ndarray]]:
+    """Perplexity metrics and per-window arrays of the unperturbed model on the bench's windows (used when no
+    perturbation runs, so no trial computes them)."""
     tok = bench.lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     scores = evaluate_windows(bench.model, bench.windows, pad, bench.data.batch_tokens, "baseline")
     counts = np.array([scored_text_counts(tok, w) for w in bench.windows])  # (W, 2) bytes, words
-    return perplexity_metrics(scores, int(counts[:, 0].sum()), int(counts[:, 1].sum()))
+    arrays = {"window_index": np.asarray(bench.info["window_indices"]), "n_scored": scores.n_scored,
+              "baseline_nll": scores.nll}  # (W,) each: the keys perturb.npz uses for the same numbers
+    return perplexity_metrics(scores, int(counts[:, 0].sum()), int(counts[:, 1].sum())), arrays
 
 
 def _non_embedding(model: torch.nn.Module) -> int:
@@ -250,119 +287,89 @@ def _non_embedding(model: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if module_role(model, n) not in ("embedding", "lm_head"))
 
 
-def measure_model(lm: LoadedModel, cfg: ScalingConfig) -> tuple[dict, dict | None, dict | None]:
+PERTURBATION_KEYS = ("sw_delta_nll", "sw_delta_nll_ci95", "sw_ppl_ratio", "sw_collapsed", "random_delta_nll",
+                     "random_delta_nll_ci95", "random_ppl_ratio", "random_collapsed", "sw_over_random")
+DETECTION_KEYS = ("n_layers", "sw_count", "sw_layer", "sw_depth_fraction", "max_mlp_out_activation",
+                  "max_massive_activation")
+BASELINE_KEYS = ("perplexity", "nll_per_token", "bits_per_byte", "token_accuracy", "scored_tokens", "scored_bytes",
+                 "n_nonfinite_windows")
+
+
+def _perturb(lm: LoadedModel, cfg: ScalingConfig) -> tuple[dict, dict]:
+    pcfg = PerturbConfig(targets="superweights", op=cfg.op, controls=("random_k",),
+                         control_seeds=cfg.control_seeds, data=cfg.data)
+    return perturb_experiment(lm, pcfg)  # same data config → the same windows and candidates
+
+
+def measure_model(lm: LoadedModel, cfg: ScalingConfig) -> tuple[dict, dict | None, dict[str, np.ndarray]]:
     """Run the scaling protocol on one loaded model: ``(row, perturb document, per-window arrays)``.
 
-    The perturbation document and arrays are None when the model has no super-weight candidates; the row's
-    baseline then comes from an unperturbed pass over the same windows.
+    This is the one per-model measurement of ESA: ``esa scaling`` and a study's ``scaling:`` section
+    (:mod:`esa.executors.scaling_points`) both call it. Only what ``cfg.statistics`` needs is measured
+    (:func:`measurements`); the row keys of statistics not measured are null, with a note. The perturbation
+    document is None when no perturbation ran (not requested, or no super-weight candidates); the row's
+    baseline and the arrays (window_index, n_scored, baseline_nll) then come from an unperturbed pass over the
+    same windows.
     """
     start = time.perf_counter()
+    needs = measurements(cfg.statistics)
     bench = make_bench(lm, cfg.data)
-    det = _detection(lm, bench.calib)
+    det = _detection(lm, bench.calib) if "superweights" in needs else None
     notes: list[str] = []
-    doc = arrays = None
-    if det["sw_count"]:
-        pcfg = PerturbConfig(targets="superweights", op=cfg.op, controls=("random_k",),
-                             control_seeds=cfg.control_seeds, data=cfg.data)
-        doc, arrays = perturb_experiment(lm, pcfg)  # same data config → the same windows and candidates
+    doc = None
+    if det and det["sw_count"] and "perturbation" in needs:
+        doc, arrays = _perturb(lm, cfg)
         base, notes = doc["baseline"], list(doc["notes"])
     else:
-        base = _baseline(bench)
-        notes.append("no super-weight candidates: perturbation statistics are null")
-    tail = _tail_share(lm.model, cfg.tail_fraction)
+        base, arrays = _baseline(bench)
+        if "perturbation" in needs:
+            notes.append("no super-weight candidates: perturbation statistics are null")
+    skipped = sorted({"superweights", "perturbation", "tail"} - needs)
+    if skipped:
+        notes.append(f"not requested by statistics, so not measured (null): {', '.join(skipped)}")
+    tail = _tail_share(lm.model, cfg.tail_fraction) if "tail" in needs else dict.fromkeys(("share", "gini",
+                                                                                           "n_weights"))
     fp = lm.fingerprint
     row = {"model": fp.model_id, "n_params": fp.n_params, "n_params_non_embedding": _non_embedding(lm.model),
-           **{k: base[k] for k in ("perplexity", "nll_per_token", "bits_per_byte", "token_accuracy",
-                                   "scored_tokens", "scored_bytes", "n_nonfinite_windows")},
-           **{k: v for k, v in det.items() if k != "superweights"}, "superweights": det["superweights"],
-           **(_perturbation(doc) if doc else dict.fromkeys(
-               ("sw_delta_nll", "sw_delta_nll_ci95", "sw_ppl_ratio", "sw_collapsed", "random_delta_nll",
-                "random_delta_nll_ci95", "random_ppl_ratio", "random_collapsed", "sw_over_random"))),
+           **{k: base[k] for k in BASELINE_KEYS},
+           **{k: det[k] if det else None for k in DETECTION_KEYS}, "superweights": det["superweights"] if det else None,
+           **(_perturbation(doc) if doc else dict.fromkeys(PERTURBATION_KEYS)),
            "magnitude_top_share": tail["share"], "magnitude_gini": tail["gini"], "tail_weights": tail["n_weights"],
            "data": {k: bench.info[k] for k in ("dataset", "bos", "n_windows", "scored_tokens", "seed_invariant")},
            "fingerprint": fp.to_dict(), "notes": notes, "wall_seconds": time.perf_counter() - start}
     return row, doc, arrays
 
 
-# ---- the ladder --------------------------------------------------------------------------------------------
+# ---- a ladder's document -----------------------------------------------------------------------------------
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty directory unless ``overwrite`` — and even then one that holds no scaling run."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise EsaError(f"{out_dir} exists and is not empty; choose another --out-dir or pass --overwrite")
-        if not (out_dir / "scaling.json").exists():
-            raise EsaError(f"refusing to replace {out_dir}: it holds no scaling.json; choose an empty or new "
-                           "--out-dir")
-    return out_dir
+def ladder_document(rows: list[dict], x_axis: str = "n_params", statistics=()) -> dict:
+    """The trend part of ``scaling.json`` from measured rows (in ladder order): x axis, the statistics'
+    labels, the rows, the fits and the notes. ``esa scaling`` and the study report both build it from the
+    rows stored in a results database, so they cannot disagree."""
+    keys = resolve_statistics(statistics)
+    fits = fit_trends(rows, x_axis, keys)
+    return {"x_axis": x_axis,
+            "statistics": {s.key: {"label": s.label, "higher_is_better": s.higher_is_better}
+                           for s in STATISTICS if s.key in keys},
+            "rows": rows, "fits": fits, "notes": ladder_notes(rows)}
 
 
-def _slug(name: str) -> str:
-    from esa.baseline import model_slug
-
-    return model_slug(name)
-
-
-def measure_ladder(cfg: ScalingConfig, stage: Path | None = None) -> list[dict]:
-    """Load each model once, in order, and measure it; per-model perturbation files go under ``stage``."""
-    rows = []
-    for name in cfg.models:
-        log.info("scaling: %s", name)
-        lm = load_model(ModelSpec(name, cfg.dtype, cfg.device))
-        row, doc, arrays = measure_model(lm, cfg)
-        if doc is not None and stage is not None:
-            rel = Path("models") / _slug(name)
-            (stage / rel).mkdir(parents=True, exist_ok=True)
-            write_json(stage / rel / "perturb.json", doc)
-            write_arrays(stage / rel / "perturb.npz", **arrays)
-            row["perturb_file"] = str(rel / "perturb.json")
-        rows.append(row)
-        del lm, doc, arrays  # free this model before the next (larger) one loads
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return rows
-
-
-def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False) -> tuple[Path, dict]:
-    """Measure the ladder, fit the trends, write scaling.json and the plots; returns ``(out_dir, document)``.
-
-    Every model's source is resolved before any is measured, so an unavailable hub model fails in seconds
-    instead of after the smaller ones ran.
-    """
-    from esa.report.scaling_plots import plot_scaling
-
-    cfg.check()
-    out_dir = check_out_dir(Path(out_dir), overwrite)
-    for name in cfg.models:
-        resolve_source(name)
-    start = time.perf_counter()
-    with staged_run_dir(out_dir, overwrite=True) as stage:
-        rows = measure_ladder(cfg, stage)
-        fits = fit_trends(rows, cfg.x_axis)
-        doc = {"schema": SCHEMA, "provenance": provenance(resolve_device(cfg.device)), "config": asdict(cfg),
-               "x_axis": cfg.x_axis, "tail_fraction": cfg.tail_fraction,
-               "statistics": {s.key: {"label": s.label, "higher_is_better": s.higher_is_better}
-                              for s in STATISTICS},
-               "rows": rows, "fits": fits, "notes": _ladder_notes(rows, fits),
-               "wall_seconds": time.perf_counter() - start}
-        write_json(stage / "scaling.json", doc)
-        plot_scaling(doc, stage)
-    return out_dir, doc
-
-
-def _ladder_notes(rows: list[dict], fits: dict) -> list[str]:
+def ladder_notes(rows: list[dict]) -> list[str]:
     notes = []
     if len(rows) < 2:
         notes.append(f"{len(rows)} model: no trend can be fitted (need ≥ 2 models)")
     elif len(rows) == 2:
         notes.append("2 models: each fitted line passes through both points; slope CIs are undefined")
-    families = {r["fingerprint"]["model_type"] for r in rows}
+    families = {(r.get("fingerprint") or {}).get("model_type") for r in rows}
     if len(families) > 1:
-        notes.append(f"mixed families ({', '.join(sorted(families))}): tokenizers differ, compare bits_per_byte, "
-                     "not perplexity")
+        notes.append(f"mixed families ({', '.join(sorted(map(str, families)))}): tokenizers differ, compare "
+                     "bits_per_byte, not perplexity")
     return notes
 
+
+def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False, db=None, on_event=None) -> tuple[Path, dict]:
+    """Measure the ladder through a results database and write scaling.json and the plots from its rows;
+    returns ``(out_dir, document)``. See :func:`esa.scaling_ladder.run_scaling` (the database side)."""
+    from esa.scaling_ladder import run_scaling as run_through_db
+
+    return run_through_db(cfg, out_dir, overwrite, db, on_event)

@@ -32,6 +32,8 @@ import yaml
 from esa.errors import EsaError
 from esa.models import DTYPES, SUITE, ModelSpec
 from esa.registry import Registry, suggest
+from esa.study_causal_schema import BitscanSection, DoseResponseSection, check_causal
+from esa.study_scaling_schema import ScalingSection, check_scaling
 
 CONTROLS = ("random_k", "bottom_k")  # size-matched random weights; the least-sensitive k (a ranking's tail)
 
@@ -109,6 +111,9 @@ class Study:
     batch_tokens: int = 32_768  # micro-batch token budget (B · T)
     sensitivity: SensitivitySection | None = None
     perturbation: PerturbationSection | None = None
+    dose_response: DoseResponseSection | None = None  # esa.study_causal_schema
+    bitscan: BitscanSection | None = None  # esa.study_causal_schema
+    scaling: ScalingSection | None = None  # esa.study_scaling_schema: every model is a point of a size ladder
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -308,6 +313,8 @@ def validate(study: Study, where: str) -> None:
         _check_sensitivity(study.sensitivity, f"{where}.sensitivity")
     if study.perturbation:
         _check_perturbation(study.perturbation, study.sensitivity, f"{where}.perturbation")
+    check_causal(study, where)
+    check_scaling(study, where)
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
@@ -322,7 +329,9 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         out["models"] = [fix(m) if isinstance(m, str) else ({**m, "name": fix(m.get("name"))}
                                                             if isinstance(m, dict) else m)
                          for m in out["models"]]
-    for section, key in (("sensitivity", "calibration_dataset"), ("perturbation", "datasets")):
+    for section, key in (("sensitivity", "calibration_dataset"), ("perturbation", "datasets"),
+                         ("dose_response", "datasets"), ("bitscan", "datasets"),
+                         ("scaling", "dataset")):
         if isinstance(out.get(section), dict) and key in out[section]:
             value = out[section][key]
             out[section] = {**out[section], key: [fix(d) for d in value] if isinstance(value, list) else fix(value)}
@@ -400,6 +409,8 @@ EXPANDERS.register("baseline", expand_baseline)
 def expand(study: Study) -> list:
     """Every run of the study that this version of ESA can execute, in execution order."""
     import esa.study_sections  # noqa: F401 — registers the sensitivity and perturbation expanders
+    import esa.study_causal  # noqa: F401 — registers the dose_response and bitscan expanders
+    import esa.study_scaling  # noqa: F401 — registers the scaling_point expander
 
     return [run for kind in EXPANDERS for run in EXPANDERS.get(kind)(study)]
 

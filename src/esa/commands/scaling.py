@@ -1,4 +1,7 @@
-"""``esa scaling``: the same protocol on each model of a size ladder, and log–log trends vs parameter count."""
+"""``esa scaling``: the same protocol on each model of a size ladder, and log–log trends vs parameter count.
+
+The numbers go through a results database (``--db``, default ``<out-dir>/scaling.db``): rerunning a stopped
+ladder measures only the models it lacks, and ``esa report <db>`` shows the ladder's Scaling section."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ def register(subparsers) -> None:
                     "(count, depth, max activation), zeroing them vs a size-matched random_k control (ΔNLL/token, "
                     "PPL ratio) and the heavy-tail share of |W|; then fits log10(statistic) = a + b·log10(N) "
                     "per statistic with a t-based 95% CI of the slope. Writes scaling.json, scaling.png and "
-                    "plots/<statistic>.png. GPU ladder: --models pythia-70m pythia-160m … pythia-12b.")
+                    "plots/<statistic>.png from the rows of a results database (--db), which a rerun resumes. "
+                    "GPU ladder: --models pythia-70m pythia-160m … pythia-12b.")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"],
                    help="suite aliases, hub ids, local dirs or .gguf files, in ladder order")
     p.add_argument("--dataset", default=d.dataset, help="corpus name or .txt/.jsonl path")
@@ -34,8 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples per ΔNLL CI")
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    p.add_argument("--statistics", nargs="+", default=[],
+                   help="statistics to measure and fit (default: all); e.g. perplexity bits_per_byte sw_count")
     p.add_argument("--out-dir", type=Path, default=Path("runs/scaling"), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier scaling run in --out-dir")
+    p.add_argument("--db", type=Path, default=None,
+                   help="results database to write or append to (default: <out-dir>/scaling.db)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier scaling run's files in --out-dir")
     p.set_defaults(func=run)
 
 
@@ -46,7 +54,7 @@ def _config(args):
                       max_eval_tokens=args.max_eval_tokens or None, seed=args.seed, batch_tokens=args.batch_tokens,
                       calib_samples=args.calib_samples, n_boot=args.n_boot)
     return ScalingConfig(tuple(args.models), data, args.op, tuple(args.control_seeds), args.tail_fraction,
-                         args.x_axis, args.dtype, args.device)
+                         args.x_axis, args.dtype, args.device, tuple(args.statistics))
 
 
 def _fmt(value) -> str:
@@ -86,12 +94,16 @@ def _print(doc: dict, out_dir: Path) -> None:
     console.print(table)
     for note in doc["notes"]:
         console.print(f"note: {note}")
-    console.print(f"results: {out_dir / 'scaling.json'}\nplots: {out_dir / 'scaling.png'}, {out_dir / 'plots'}/")
+    console.print(f"results: {out_dir / 'scaling.json'} (from {doc['database']})\n"
+                  f"plots: {out_dir / 'scaling.png'}, {out_dir / 'plots'}/")
 
 
 def run(args) -> int:
+    from rich.console import Console
+
+    from esa.commands.study import _printer  # the same progress lines as `esa run`
     from esa.scaling import run_scaling
 
-    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite)
+    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, _printer(Console()))
     _print(doc, out_dir)
     return 0

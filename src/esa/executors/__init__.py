@@ -16,7 +16,8 @@ depends on others (a perturbation of a sensitivity ranking) has their run ids in
 Runs are ordered so dependencies come first within a model group (:mod:`esa.study_sections`); a run whose
 dependency completed in an earlier invocation gets its ranking from the store (:func:`load_dependencies`).
 
-Run kinds: ``baseline`` (here), ``sensitivity`` and ``perturbation`` (:mod:`esa.executors.sections`).
+Run kinds: ``baseline`` (here), ``sensitivity`` and ``perturbation`` (:mod:`esa.executors.sections`),
+``dose_response`` and ``bitscan`` (:mod:`esa.executors.causal`).
 
 :func:`plan` estimates what executing a study costs (tokens and forward time per run) without running it.
 """
@@ -36,8 +37,10 @@ import numpy as np
 from esa.baseline import BaselineConfig, check_context, evaluate_cell
 from esa.data.corpora import Corpus, load_corpus
 from esa.errors import EsaError
+from esa.executors.causal import causal_cost, causal_summary, execute_bitscan, execute_dose_response
 from esa.executors.sections import (RANKING_FILE, RunContext, cost, execute_perturbation, execute_sensitivity,
                                     write_ranking_artifact)
+from esa.executors.scaling_points import execute_scaling_point
 from esa.models import SUITE, LoadedModel, ModelSpec, resolve_source
 from esa.registry import Registry
 from esa.store import RunRecord, Store, sha256_json, utc_now
@@ -139,6 +142,9 @@ RUNNERS: Registry[Callable] = Registry("run kind")
 RUNNERS.register("baseline", _execute_baseline)
 RUNNERS.register("sensitivity", execute_sensitivity)
 RUNNERS.register("perturbation", execute_perturbation)
+RUNNERS.register("scaling_point", execute_scaling_point)  # esa.executors.scaling_points
+RUNNERS.register("dose_response", execute_dose_response)
+RUNNERS.register("bitscan", execute_bitscan)
 
 
 def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> RunRecord:
@@ -165,6 +171,12 @@ def summary_line(record: RunRecord) -> str:
         roles = ", ".join(f"{k} {v}" for k, v in sorted(m["topk_by_role"].items(), key=lambda kv: -kv[1])[:3])
         return f"{m['topk_rows']} weights in {m['topk_n_params']} tensors ({roles}); " \
                f"top 1% share {m['tail'].get('top_1pct_share', float('nan')):.3g}"
+    if record.kind in ("dose_response", "bitscan"):
+        return causal_summary(record)
+    if record.kind == "scaling_point":
+        from esa.executors.scaling_points import summary_line as scaling_summary
+
+        return scaling_summary(m)
     if record.kind == "perturbation":
         vs = m["comparisons"].get("target vs random_k")
         return f"ΔNLL {m['mean_delta_nll']:.4g} (ppl {m['baseline_perplexity']:.4g} → {m['perplexity']:.4g})" + \
@@ -297,7 +309,9 @@ def plan(study, measure: bool = True) -> list[PlanRow]:
     rows = []
     for run in runs:
         tp = rates[run.model][run.context_len]
-        tokens, passes = (run.max_eval_tokens, 1.0) if run.kind == "baseline" else cost(run)
+        tokens, passes = (run.max_eval_tokens, 1.0) if run.kind == "baseline" else \
+            causal_cost(run) if run.kind in ("dose_response", "bitscan") else \
+            run.cost() if run.kind == "scaling_point" else cost(run)  # esa.study_scaling.ScalingPointRun.cost
         secs = tokens * passes / tp.tokens_per_second if tokens is not None and tp.tokens_per_second else None
         rows.append(PlanRow(run, tokens, secs, tp.basis, passes))
     return rows

@@ -11,6 +11,7 @@ cannot sit on a log axis: that model is left out of the panel and counted in its
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -77,18 +78,30 @@ def plot_statistic(doc: dict, key: str, path: Path) -> Path:
     return path
 
 
-def plot_overview(doc: dict, path: Path) -> Path:
-    """All statistics of ``doc["fits"]`` in one grid PNG at ``path``."""
+def _overview(doc: dict) -> Figure:
     keys = list(doc["fits"])
-    rows = math.ceil(len(keys) / COLUMNS)
-    fig = Figure(figsize=(PANEL[0] * COLUMNS, PANEL[1] * rows), layout="constrained")
+    columns = min(COLUMNS, max(1, len(keys)))
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(PANEL[0] * columns, PANEL[1] * rows), layout="constrained")
     for i, key in enumerate(keys):
-        _draw(fig.add_subplot(rows, COLUMNS, i + 1), doc, key)
+        _draw(fig.add_subplot(rows, columns, i + 1), doc, key)
     models = ", ".join(Path(r["model"]).name for r in doc["rows"])
     fig.suptitle(f"scaling: {models} (x = {doc['x_axis']})", fontsize=9)
+    return fig
+
+
+def plot_overview(doc: dict, path: Path) -> Path:
+    """All statistics of ``doc["fits"]`` in one grid PNG at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _overview(doc).savefig(path, dpi=100)
     return path
+
+
+def overview_png(doc: dict) -> bytes:
+    """The overview grid as PNG bytes (embedded by the study report)."""
+    buf = io.BytesIO()
+    _overview(doc).savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
 
 
 def plot_scaling(doc: dict, out_dir: Path) -> list[Path]:

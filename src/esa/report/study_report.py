@@ -374,11 +374,31 @@ def _sensitivity(runs: list[Run]) -> list[Block]:
     return sensitivity_section(runs)
 
 
+def _dose_response(runs: list[Run]) -> list[Block]:
+    from esa.report.study_causal import dose_section  # imported late: that module imports this one
+
+    return dose_section(runs)
+
+
+def _bitscan(runs: list[Run]) -> list[Block]:
+    from esa.report.study_causal import bitscan_section
+
+    return bitscan_section(runs)
+
+
+def _scaling(runs: list[Run]) -> list[Block]:
+    from esa.report.study_scaling import scaling_section  # imported late: that module imports this one
+
+    return scaling_section(runs)
+
+
 SECTIONS: Registry[Section] = Registry("report section")  # run kind → how its runs are reported
 SECTIONS.register("baseline", Section("", baseline_section, 0))  # renders its own heading
 SECTIONS.register("sensitivity", Section("Sensitivity", _sensitivity, 1))
 SECTIONS.register("perturbation", Section("Causal validation", causal_section, 2))
-SECTIONS.register("scaling", Section("Scaling", generic_section, 3))
+SECTIONS.register("dose_response", Section("Causal validation: dose-response", _dose_response, 2))
+SECTIONS.register("bitscan", Section("Causal validation: bit scans", _bitscan, 2))
+SECTIONS.register("scaling_point", Section("Scaling", _scaling, 3))  # esa.report.study_scaling
 
 
 def kind_sections(runs: list[Run]) -> list[Block]:
