@@ -26,6 +26,11 @@ class Family:
     transposed: bool  # True when weights are stored (in, out) — GPT-2 Conv1D
     roles: tuple[tuple[str, str], ...]  # (regex on the in-block parameter path, role name), first match wins
     exact_head: bool = True  # hidden → head(hidden) reproduces the model's logits exactly (no extra scaling)
+    # Module inside a block whose output is the MLP's contribution to the residual stream, when that is not
+    # mlp_out's own output. Gemma-2/3 and OLMo-2 add post_feedforward_layernorm(down_proj(·)) to the residual:
+    # an RMSNorm with learned per-channel gains (Gemma-3-270M: up to ≈ 1657), so a modest down_proj output
+    # can become a massive residual activation. It must map mlp_out's (B, T, D) output token by token.
+    mlp_resid: str | None = None
 
 
 _LLAMA_ROLES = (
@@ -36,6 +41,7 @@ _LLAMA_ROLES = (
     (r"norm|layernorm", "norm"),
 )
 _LLAMA = Family("model.layers", "mlp.down_proj", False, _LLAMA_ROLES)
+_POST_NORM = Family("model.layers", "mlp.down_proj", False, _LLAMA_ROLES, mlp_resid="post_feedforward_layernorm")
 _NEOX = Family(
     "gpt_neox.layers", "mlp.dense_4h_to_h", False,
     ((r"attention\.query_key_value", "attn_qkv"), (r"attention\.dense", "attn_o"),
@@ -48,8 +54,8 @@ _GPT2 = Family(
 )
 
 FAMILIES: dict[str, Family] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "mixtral")},
-    **{t: Family("model.layers", "mlp.down_proj", False, _LLAMA_ROLES) for t in ("gemma", "gemma2", "gemma3_text")},
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "mixtral", "gemma")},
+    **{t: _POST_NORM for t in ("gemma2", "gemma3_text", "olmo2")},
     "gpt_neox": _NEOX,
     "gpt2": _GPT2,
 }
@@ -102,6 +108,19 @@ def mlp_out_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module path, module) of each layer's MLP output projection, in layer order."""
     fam = require_family(model)
     return [(f"{fam.layers}.{i}.{fam.mlp_out}", blk.get_submodule(fam.mlp_out))
+            for i, blk in enumerate(decoder_layers(model))]
+
+
+def mlp_residual_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module path, module) whose output is each layer's MLP contribution to the residual stream.
+
+    That is the MLP output projection itself (Llama, GPT-NeoX, GPT-2: ``h += down_proj(·)``) unless the family
+    names an ``mlp_resid`` module (Gemma-2/3, OLMo-2: ``h += post_feedforward_layernorm(down_proj(·))``).
+    """
+    fam = require_family(model)
+    if fam.mlp_resid is None:
+        return mlp_out_modules(model)
+    return [(f"{fam.layers}.{i}.{fam.mlp_resid}", blk.get_submodule(fam.mlp_resid))
             for i, blk in enumerate(decoder_layers(model))]
 
 

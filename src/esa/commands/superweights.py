@@ -13,8 +13,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "superweights", help="locate super weights in the MLP output projections (one forward pass)",
         description="Hooks every layer's MLP output projection (Llama down_proj, GPT-NeoX dense_4h_to_h, GPT-2 "
-                    "c_proj) on a few windows, flags output channels that spike far above the median per-layer "
-                    "maximum and names the single weight (row = out, col = in) that writes the spike. Writes "
+                    "c_proj; Gemma-2/3: the post-feed-forward norm's output) on a few windows, flags output channels "
+                    "that spike far above their layer's median channel maximum and names the single weight "
+                    "(row = out, col = in) that writes the spike. Writes "
                     "superweights.json and superweights.png.")
     p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
     p.add_argument("--dataset", default="python-docs", help="corpus name or .txt/.jsonl path")
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
                    help="after the first search, zero what was found and search again up to N more times "
                         "(weights are restored afterwards)")
     p.add_argument("--spike-ratio", type=float, default=d.spike_ratio,
-                   help="spike = max |activation| > this × median of the per-layer maxima")
+                   help="spike = a channel's max |activation| > this × its layer's median channel max")
     p.add_argument("--spike-floor", type=float, default=d.spike_floor, help="… and > this absolute value")
     p.add_argument("--min-share", type=float, default=d.min_share,
                    help="the weight's product must carry at least this fraction of the spiking output")
@@ -44,7 +45,7 @@ def register(subparsers) -> None:
 
 def _config(args):
     from esa.errors import EsaError
-    from esa.sensitivity.superweights import SuperWeightRun
+    from esa.sensitivity.superweight_run import SuperWeightRun
 
     if args.iterate < 0:
         raise EsaError(f"--iterate {args.iterate} must be ≥ 0 (extra search rounds)")
@@ -59,7 +60,7 @@ def _print(report, json_path, png_path) -> None:
 
     table = Table(title=f"super-weight candidates ({len(report.candidates)}): W(row = out, col = in)",
                   caption="|x|, |y|: input and output activation at the spike token t; y/typ: |y| over the "
-                          "median per-layer max; share: W·x / y")
+                          "layer's median channel max; share: fraction of y that vanishes without W·x")
     for col in ("round", "layer", "row", "col", "weight", "|x|", "|y|", "y/typ", "share", "x spike", "t"):
         table.add_column(col, justify="right")
     for w in report.candidates:
@@ -76,7 +77,7 @@ def _print(report, json_path, png_path) -> None:
 
 
 def run(args) -> int:
-    from esa.sensitivity.superweights import run_superweights
+    from esa.sensitivity.superweight_run import run_superweights
 
     spec = ModelSpec(args.model, args.dtype, args.device, args.revision)
     report, _, json_path, png_path = run_superweights(spec, _config(args), args.out_dir, args.overwrite)

@@ -1,7 +1,8 @@
 """The super-weight activation profile: max |input| and max |output| of each layer's MLP output projection.
 
 Yu et al. 2024 (Fig. 2) locate super weights by eye as a spike in both curves at one early layer; this plot is
-that figure, log-scaled, with the detected candidates starred and the output-spike threshold drawn. With
+that figure, log-scaled, with the detected candidates starred and each layer's output-spike threshold
+drawn. With
 ``iterate`` the later rounds (after zeroing what was found) are drawn faded, so the collapse of the spike is
 visible. Uses matplotlib's Agg canvas through ``Figure`` directly: no pyplot global state, no display needed.
 """
@@ -36,9 +37,10 @@ def plot_activation_profile(report: SuperWeightReport, path: Path | str, title: 
         _draw_round(ax, rnd, first=k == 0)
     first = report.rounds[0]
     thr = report.thresholds
-    limit = max(thr.spike_floor, thr.spike_ratio * first.typical_output)
-    ax.axhline(limit, color="tab:red", linewidth=0.8, linestyle=":",
-               label=f"output spike threshold ({thr.spike_ratio:g}× median, ≥ {thr.spike_floor:g})")
+    limits = [max(thr.spike_floor, thr.spike_ratio * p.typical_output) for p in first.layers]
+    ax.step([p.layer for p in first.layers], limits, where="mid", color="tab:red", linewidth=0.8, linestyle=":",
+            label=f"output spike threshold per layer ({thr.spike_ratio:g}× the layer's median channel max, "
+                  f"≥ {thr.spike_floor:g})")
     for w in report.candidates:
         ax.scatter([w.layer], [w.output_activation], marker="*", s=220, color="gold", edgecolors="black",
                    zorder=5)
@@ -50,7 +52,9 @@ def plot_activation_profile(report: SuperWeightReport, path: Path | str, title: 
     ax.set_title(title or f"MLP output projection activations — {len(report.candidates)} super-weight "
                           f"candidate(s) [row, col] = (out, in)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 4)  # headroom (log scale) so the top candidate's label clears the frame
+    fig.legend(fontsize=7, loc="outside lower center", ncols=3)  # below the axes: never over a spike
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

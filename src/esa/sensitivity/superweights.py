@@ -5,19 +5,40 @@ Yu et al. 2024, "The Super Weight in Large Language Models": in an early layer's
 into residual channel ``r`` — a *massive activation* (Sun et al. 2024) that stays in the residual stream and
 that attention relies on. Zeroing that single weight destroys the model.
 
-One forward pass (no grad) with hooks on every layer's MLP output projection records, per layer,
+The MLP's contribution to the residual stream, ``z``, is observed where the family map says
+(``esa.architectures.mlp_residual_modules``): the projection's own output ``z = y = W x`` (Llama, GPT-NeoX,
+GPT-2), or ``z = post_feedforward_layernorm(y) = g ⊙ y / rms(y)`` (Gemma-2/3, OLMo-2), whose learned gains ``g``
+can turn a modest ``y`` into a massive residual write. One forward pass (no grad) records, per layer,
 
-* max |input| per input channel and max |output| per output channel over batch and tokens, and where;
-* for each output channel whose max |output| clears ``spike_floor``, the input channel ``c`` whose single
-  product ``W[r, c] · x[c]`` is largest at the spike's token, and the share of the output that product carries.
+* max |x| per input channel and max |z| per output channel over batch and tokens, and where;
+* for each output channel whose max |z| clears ``spike_floor``, the input channel ``c`` whose single product
+  ``W[r, c] · x[c]`` is largest at the spike's token, and the *share*: the fraction of ``z[r]`` that vanishes
+  without that product — ``W[r, c]·x[c] / y[r]`` when ``z = y``; behind a norm, ``1 − post(y − W[r, c]·x[c]·e_r)[r]
+  / z[r]``, recomputed exactly, because removing a dominant product also shrinks ``rms(y)``.
 
-Worked example (SmolLM2-135M, 4 python-docs windows of 128 tokens): layer 11's ``down_proj`` sees
-|x[1229]| ≈ 2993 at token 0 and writes |y[507]| ≈ 23954 there; the per-layer maxima have medians ≈ 16 (input)
-and ≈ 48 (output), so the output is ≈ 500× typical; ``W[507, 1229] · x[1229]`` carries ≈ 73 % of ``y[507]``,
-so ``(layer 11, row 507, col 1229)`` is a candidate.
+Worked example (SmolLM2-135M, 4 python-docs windows of 128 tokens, seed 0): layer 11's ``down_proj`` sees
+|x[1229]| ≈ 2993 at token 0 and writes |y[507]| ≈ 23954 there, 484× the layer's median channel max (≈ 49);
+``W[507, 1229] · x[1229]`` carries ≈ 73 % of ``y[507]``, so ``(layer 11, row 507, col 1229)`` is a candidate
+(zeroing it: perplexity ×7.4). Also found: (28, 507, 678) at 391× (zeroing it alone: ×1.00) and (2, 507, 430) at
+210× (×1.74).
 
-A weight is a candidate when its output channel spikes (> ``spike_ratio`` × the median across layers of the
-per-layer max |output|, and > ``spike_floor``) and its single product carries ≥ ``min_share`` of that output.
+Worked example (Gemma-3-270M, D = 640, same windows; BOS on every window): residual channel 163 is massive at
+the BOS token from layer 3 on (|h| ≈ 1.0e4, growing to ≈ 1.0e5 by layer 13). ``down_proj`` never writes more than
+|y| ≈ 92 (layer 0), so the pre-norm detector found nothing. The norm does it: in layer 3, ``y[163] ≈ 0.63`` but
+``rms(y) ≈ 0.035``, so ``y/rms ≈ 17.7`` (a single channel's limit is √640 ≈ 25), times the gain ``g[163] = 585``
+gives ``z[163] ≈ 10354`` (1189× the layer's median channel max). ``W[163, 1414] · x[1414]`` carries 97 % of
+``y[163]`` and, renormalised, 96 % of ``z[163]``. Layers 3–8 each write ≈ 1.0–1.5e4 into channel 163 this way, one
+dominant weight per layer — redundantly: zeroing one of them costs ×1.01–1.06 perplexity, all six ×6.1. The
+strongest single weight is layer 0's ``W[400, 1405]`` (|x[1405]| ≈ 139, y ≈ 28.6, gain 153, z ≈ 2863; ×1.14).
+The 11 default candidates zeroed together: ×13–16, as many random weights of the same tensors: ×1.0001.
+
+A weight is a candidate when its output channel spikes (max |z| > ``spike_ratio`` × its layer's median over
+channels of the per-channel max |z|, and > ``spike_floor``) and its product carries ≥ ``min_share`` of ``z[r]``.
+The comparison is per layer because post-MLP gains differ ≈ 300× across Gemma-3's depth and 8 of its 18 layers
+write the massive channel, which made the former yardstick (the median across layers of per-layer maxima, ≈ 1.2e4
+there) useless. ``spike_ratio = 100`` keeps SmolLM2's two former candidates, adds its ×1.74 layer-2 weight and
+leaves out weights at ≤ 91× (×1.09 at most); it is a screening level — no ratio separates harmful from harmless
+single weights on both models (Gemma's 359× layer-2 weight costs ×1.0006) — and the perturbation protocols judge.
 Whether its input channel spikes too (the paper's signature) is recorded in ``input_spike``; set
 ``require_input_spike`` to demand it. The share test is what ties a spike to *one* weight: without it, a spike
 built from many moderate products (SmolLM2's layer 29) would name an arbitrary weight.
@@ -29,15 +50,15 @@ the storage: GPT-2's ``Conv1D`` stores (in, out), so ``storage_index`` is ``(col
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from esa.architectures import as_out_in, decoder_layers, family_of, mlp_out_modules
+from esa.architectures import as_out_in, decoder_layers, family_of, mlp_out_modules, mlp_residual_modules
 from esa.errors import EsaError
 
 log = logging.getLogger(__name__)
@@ -49,7 +70,7 @@ MAX_MASSIVE_PER_LAYER = 32  # residual channels reported per layer (largest firs
 class Thresholds:
     """Detection thresholds; stored with every report. Magnitudes are absolute activation values."""
 
-    spike_ratio: float = 50.0  # a down-projection activation spikes when > ratio × median of per-layer maxima
+    spike_ratio: float = 100.0  # a channel spikes when its max |activation| > ratio × its layer's median channel max
     spike_floor: float = 100.0  # … and > this absolute value (Sun et al. 2024 call > 100 "massive")
     min_share: float = 0.5  # the weight's product W[r, c]·x[c] must carry ≥ this fraction of the output y[r]
     require_input_spike: bool = False  # paper-strict mode: the input channel c must spike as well
@@ -72,16 +93,23 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """Max |activation| of one layer's MLP output projection in one search round (positions are token t)."""
+    """Max |activation| of one layer's MLP in one search round (positions are token t).
+
+    Inputs are the MLP output projection's ``x``; outputs are the MLP's contribution to the residual stream
+    ``z`` (``y`` itself, or Gemma's ``post_feedforward_layernorm(y)``, see the module docstring).
+    """
 
     layer: int
-    module: str  # module path, e.g. model.layers.11.mlp.down_proj
+    module: str  # module path of the output projection, e.g. model.layers.11.mlp.down_proj
     max_input: float  # max over (B, T, in-channels) of |x|
     input_channel: int
     input_position: int
-    max_output: float  # max over (B, T, out-channels) of |y|
+    max_output: float  # max over (B, T, out-channels) of |z|
     output_channel: int
     output_position: int
+    observed: str = ""  # module whose output is z (== module unless the family has a post-MLP norm)
+    typical_input: float = 0.0  # median over in-channels of the per-channel max |x|
+    typical_output: float = 0.0  # median over out-channels of the per-channel max |z|
 
 
 @dataclass(frozen=True)
@@ -94,17 +122,18 @@ class SuperWeight:
     param_name: str  # named_parameters() path, e.g. model.layers.11.mlp.down_proj.weight
     storage_index: tuple[int, int]  # index into the stored tensor: (row, col), or (col, row) for Conv1D
     weight: float  # W[row, col]
-    output_activation: float  # |y[row]| at the spike token (the channel's max over batch and tokens)
+    output_activation: float  # |z[row]| at the spike token (the channel's max over batch and tokens)
     input_activation: float  # |x[col]| at the same token
     input_channel_max: float  # max |x[col]| over all tokens
-    output_ratio: float  # output_activation / typical per-layer max |output|
-    input_ratio: float  # input_channel_max / typical per-layer max |input|
-    share: float  # W[row, col]·x[col] / y[row] at the spike token (signed; 1 = the weight alone)
+    output_ratio: float  # output_activation / the layer's typical_output
+    input_ratio: float  # input_channel_max / the layer's typical_input
+    share: float  # fraction of z[row] that vanishes without W[row, col]·x[col] (signed; 1 = the weight alone)
     input_spike: bool  # input_channel_max passes the spike thresholds too (the paper's signature)
     batch: int  # sequence and token position of the spike
     position: int
     token_id: int
     iteration: int  # search round that found it (0 = the unmodified model)
+    projection_output: float = 0.0  # signed y[row] of the output projection at the spike token (before any norm)
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,7 @@ class MassiveActivation:
 class SearchRound:
     iteration: int
     zeroed: tuple[tuple[int, int, int], ...]  # (layer, row, col) zeroed before this round
-    typical_input: float  # median over layers of the per-layer max |input|
+    typical_input: float  # median over layers of the per-layer typical_input (a summary; tests are per layer)
     typical_output: float
     layers: tuple[LayerProfile, ...]
 
@@ -148,15 +177,37 @@ class _LayerStats:
 
     in_max: torch.Tensor  # (Din,) max |x| over B·T
     in_pos: torch.Tensor  # (Din,) flat B·T index of it
-    out_max: torch.Tensor  # (D,)
+    out_max: torch.Tensor  # (D,) max |z| over B·T
     out_pos: torch.Tensor  # (D,)
-    spikes: dict[int, tuple[int, float, float, float]] = field(default_factory=dict)  # r → (c, W·x, y, x)
+    spikes: dict[int, tuple[int, float, float, float, float]] = field(default_factory=dict)  # r → (c, share,
+    #   z[r], x[c], y[r]) at the spike token
 
 
-def _attribute(xf: torch.Tensor, yf: torch.Tensor, w_oi: torch.Tensor, out_max: torch.Tensor,
-               out_pos: torch.Tensor, thr: Thresholds) -> dict[int, tuple[int, float, float, float]]:
-    """For output channels whose max clears the floor: the dominant input channel at the spike's token."""
-    rows = (out_max >= thr.spike_floor).nonzero().flatten()
+def _shares(post: nn.Module | None, y_at: torch.Tensor, rows: torch.Tensor, prod: torch.Tensor) -> torch.Tensor:
+    """(k,) fraction of each ``z[r]`` that vanishes when the product ``W[r, c]·x[c]`` is removed from ``y``.
+
+    Without a post-MLP module ``z = y`` and this is ``W[r, c]·x[c] / y[r]``. With one (Gemma's RMSNorm) it is
+    recomputed exactly: ``1 − post(y − W[r, c]·x[c]·e_r)[r] / z[r]``, so the RMS normalisation — which the
+    dominant product itself inflates — is accounted for. ``y_at`` is (k, D), one row per spike.
+    """
+    k = torch.arange(rows.numel(), device=rows.device)
+    if post is None:
+        return prod.double() / y_at[k, rows].double()
+    y_cf = y_at.clone()
+    y_cf[k, rows] -= prod
+    with torch.no_grad():  # .forward: the token-wise map without its hooks; both in fp32 so they compare
+        z_ref, z_cf = post.forward(y_at).float(), post.forward(y_cf).float()  # (k, D)
+    return 1 - z_cf[k, rows].double() / z_ref[k, rows].double()
+
+
+def _attribute(xf: torch.Tensor, yf: torch.Tensor, zf: torch.Tensor, w_oi: torch.Tensor, post: nn.Module | None,
+               out_max: torch.Tensor, out_pos: torch.Tensor, thr: Thresholds) -> dict:
+    """For output channels whose max |z| clears the floor: the dominant input channel at the spike's token.
+
+    The dominant column is ``argmax_c |W[r, c]·x[c]|``: a post-MLP norm scales row ``r`` of a token by one
+    positive-or-negative factor, so it cannot change which product dominates — only how large ``z[r]`` is.
+    """
+    rows = ((out_max >= thr.spike_floor) & (out_max > 0)).nonzero().flatten()
     rows = rows[out_max[rows].argsort(descending=True)][: thr.max_channels_per_layer]
     if rows.numel() == 0:
         return {}
@@ -165,21 +216,43 @@ def _attribute(xf: torch.Tensor, yf: torch.Tensor, w_oi: torch.Tensor, out_max: 
     contrib = x_at * w_oi[rows].float()  # (k, Din): W[r, c]·x[c] at the spike token
     col = contrib.abs().argmax(1)  # (k,)
     prod = contrib.gather(1, col[:, None]).squeeze(1)
-    y = yf[pos, rows]
+    share = _shares(post, yf[pos], rows, prod)
     x = x_at.gather(1, col[:, None]).squeeze(1)
-    return {int(r): (int(c), float(p), float(v), float(xv))
-            for r, c, p, v, xv in zip(rows.tolist(), col.tolist(), prod.tolist(), y.tolist(), x.tolist())}
+    return {int(r): (int(c), float(s), float(z), float(xv), float(y)) for r, c, s, z, xv, y in zip(
+        rows.tolist(), col.tolist(), share.tolist(), zf[pos, rows].tolist(), x.tolist(), yf[pos, rows].tolist())}
 
 
-def _mlp_hook(store: dict, i: int, w_oi: torch.Tensor, valid: torch.Tensor, thr: Thresholds):
+def _flat(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, t.detach().flatten(0, 1).float(), 0.0)  # (B·T, ·), padding zeroed
+
+
+def _stats(xf, yf, zf, w_oi, post, thr) -> _LayerStats:
+    in_max, in_pos = xf.abs().max(0)
+    out_max, out_pos = zf.abs().max(0)
+    spikes = _attribute(xf, yf, zf, w_oi, post, out_max, out_pos, thr)
+    return _LayerStats(in_max.cpu(), in_pos.cpu(), out_max.cpu(), out_pos.cpu(), spikes)
+
+
+def _mlp_hook(store: dict, inputs: dict, i: int, w_oi: torch.Tensor, valid: torch.Tensor, thr: Thresholds,
+              observed_here: bool):
+    """On the output projection: record x (and y = z when the MLP adds its output to the residual directly)."""
     def hook(module, args, output):
         keep = valid.to(output.device).reshape(-1, 1)  # (B·T, 1); layers may sit on different GPUs
-        xf = torch.where(keep, args[0].detach().flatten(0, 1).float(), 0.0)  # (B·T, Din)
-        yf = torch.where(keep, output.detach().flatten(0, 1).float(), 0.0)  # (B·T, D)
-        in_max, in_pos = xf.abs().max(0)
-        out_max, out_pos = yf.abs().max(0)
-        spikes = _attribute(xf, yf, w_oi, out_max, out_pos, thr)
-        store[i] = _LayerStats(in_max.cpu(), in_pos.cpu(), out_max.cpu(), out_pos.cpu(), spikes)
+        xf = _flat(args[0], keep)  # (B·T, Din)
+        if observed_here:
+            yf = _flat(output, keep)  # (B·T, D)
+            store[i] = _stats(xf, yf, yf, w_oi, None, thr)
+        else:
+            inputs[i] = xf  # the post-MLP module's hook finishes this layer
+    return hook
+
+
+def _post_hook(store: dict, inputs: dict, i: int, w_oi: torch.Tensor, valid: torch.Tensor, thr: Thresholds):
+    """On the post-MLP module (Gemma's post_feedforward_layernorm): y is its input, z its output."""
+    def hook(module, args, output):
+        keep = valid.to(output.device).reshape(-1, 1)
+        yf, zf = _flat(args[0], keep), _flat(output, keep)  # (B·T, D) each
+        store[i] = _stats(inputs.pop(i), yf, zf, w_oi, module, thr)
     return hook
 
 
@@ -215,12 +288,15 @@ def _residual_hook(store: list, i: int, valid: torch.Tensor, ids: torch.Tensor, 
 def _hooked(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor, thr: Thresholds, residual: bool):
     """Register the recording hooks; they are removed on exit whatever happens."""
     mlp: dict[int, _LayerStats] = {}
+    inputs: dict[int, torch.Tensor] = {}  # x of layers whose z is observed further on
     massive: list[MassiveActivation] = []
     handles = []
     try:
-        for i, (_, mod) in enumerate(mlp_out_modules(model)):
+        for i, ((_, mod), (_, obs)) in enumerate(zip(mlp_out_modules(model), mlp_residual_modules(model))):
             w_oi = as_out_in(mod.weight, model)  # (D, Din) view
-            handles.append(mod.register_forward_hook(_mlp_hook(mlp, i, w_oi, valid, thr)))
+            handles.append(mod.register_forward_hook(_mlp_hook(mlp, inputs, i, w_oi, valid, thr, obs is mod)))
+            if obs is not mod:
+                handles.append(obs.register_forward_hook(_post_hook(mlp, inputs, i, w_oi, valid, thr)))
         if residual:
             for i, block in enumerate(decoder_layers(model)):
                 handles.append(block.register_forward_hook(_residual_hook(massive, i, valid, ids, thr)))
@@ -237,27 +313,34 @@ def _forward(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> None:
         body(input_ids=ids, attention_mask=attn, use_cache=False)
 
 
-def _profiles(stats: dict[int, _LayerStats], modules: list[str], T: int) -> tuple[LayerProfile, ...]:
+def _profiles(stats: dict[int, _LayerStats], modules: list[str], observed: list[str],
+              T: int) -> tuple[LayerProfile, ...]:
     out = []
     for i in sorted(stats):
         s = stats[i]
         c, r = int(s.in_max.argmax()), int(s.out_max.argmax())
         out.append(LayerProfile(i, modules[i], float(s.in_max[c]), c, int(s.in_pos[c]) % T,
-                                float(s.out_max[r]), r, int(s.out_pos[r]) % T))
+                                float(s.out_max[r]), r, int(s.out_pos[r]) % T, observed[i],
+                                float(s.in_max.median()), float(s.out_max.median())))
     return tuple(out)
+
+
+def _ratio(value: float, typical: float) -> float:
+    return value / typical if typical > 0 else math.inf
 
 
 def _candidates(model, stats, rnd: SearchRound, ids: torch.Tensor, thr: Thresholds) -> list[SuperWeight]:
     """Apply the thresholds to one round's recorded spikes."""
     fam = family_of(model)
     transposed = bool(fam and fam.transposed)
-    out_limit = max(thr.spike_floor, thr.spike_ratio * rnd.typical_output)
-    in_limit = max(thr.spike_floor, thr.spike_ratio * rnd.typical_input)
     T = ids.shape[1]
     found = []
     for i, s in sorted(stats.items()):
-        for r, (c, prod, y, x) in s.spikes.items():
-            out, share, in_max = float(s.out_max[r]), prod / y, float(s.in_max[c])
+        prof = rnd.layers[i]
+        out_limit = max(thr.spike_floor, thr.spike_ratio * prof.typical_output)
+        in_limit = max(thr.spike_floor, thr.spike_ratio * prof.typical_input)
+        for r, (c, share, _, x, y) in s.spikes.items():
+            out, in_max = float(s.out_max[r]), float(s.in_max[c])
             if out <= out_limit or share < thr.min_share:
                 continue
             if thr.require_input_spike and in_max <= in_limit:
@@ -267,8 +350,9 @@ def _candidates(model, stats, rnd: SearchRound, ids: torch.Tensor, thr: Threshol
             index = (c, r) if transposed else (r, c)
             weight = float(model.get_parameter(name).detach()[index])
             found.append(SuperWeight(
-                i, r, c, name, index, weight, out, abs(x), in_max, out / rnd.typical_output,
-                in_max / rnd.typical_input, share, in_max > in_limit, b, t, int(ids[b, t]), rnd.iteration))
+                i, r, c, name, index, weight, out, abs(x), in_max, _ratio(out, prof.typical_output),
+                _ratio(in_max, prof.typical_input), share, in_max > in_limit, b, t, int(ids[b, t]), rnd.iteration,
+                y))
     found.sort(key=lambda w: -w.output_activation)
     return found
 
@@ -277,9 +361,10 @@ def _search_round(model, ids, attn, valid, thr, iteration, zeroed, residual):
     with _hooked(model, ids, valid, thr, residual) as (stats, massive):
         _forward(model, ids, attn)
     modules = [path for path, _ in mlp_out_modules(model)]
-    layers = _profiles(stats, modules, ids.shape[1])
-    rnd = SearchRound(iteration, tuple(zeroed), statistics.median(p.max_input for p in layers),
-                      statistics.median(p.max_output for p in layers), layers)
+    observed = [path for path, _ in mlp_residual_modules(model)]
+    layers = _profiles(stats, modules, observed, ids.shape[1])
+    rnd = SearchRound(iteration, tuple(zeroed), statistics.median(p.typical_input for p in layers),
+                      statistics.median(p.typical_output for p in layers), layers)
     return rnd, _candidates(model, stats, rnd, ids, thr), massive
 
 
@@ -342,85 +427,3 @@ def find_super_weights(model: nn.Module, input_ids: torch.Tensor, *, attention_m
     massive.sort(key=lambda m: (m.layer, -m.magnitude))
     return SuperWeightReport(thresholds, tuple(candidates), tuple(massive), tuple(rounds),
                              int(ids.shape[0]), int(valid.sum()))
-
-
-# ---- the `esa superweights` run: windows → one search → superweights.json + PNG --------------------------
-
-@dataclass(frozen=True)
-class SuperWeightRun:
-    """What ``esa superweights`` does; stored in its JSON."""
-
-    dataset: str = "python-docs"  # corpus name or .txt/.jsonl path
-    context_len: int = 128  # tokens per window (method "chunks", the super-weight paper's convention)
-    max_samples: int = 4  # windows in the single forward pass (B)
-    seed: int = 0  # picks which windows
-    iterations: int = 1  # search rounds in all; > 1 zeroes what was found and searches again
-    thresholds: Thresholds = Thresholds()
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise EsaError(f"{out_dir} exists and is not empty; choose another --out-dir or pass --overwrite")
-
-
-def _batch(loaded, run: SuperWeightRun):
-    """(ids (B, T), selection) of ``max_samples`` seeded chunks windows."""
-    from esa.data.corpora import load_corpus
-    from esa.data.windows import make_windows, select_windows
-
-    if run.max_samples < 1 or run.iterations < 1:
-        raise EsaError("--max-samples and the number of search rounds must be ≥ 1")
-    limit = loaded.fingerprint.max_positions
-    if limit is not None and run.context_len > limit:
-        raise EsaError(f"--context-len {run.context_len} exceeds the model's {limit} positions; use ≤ {limit}")
-    corpus = load_corpus(run.dataset)
-    ws = make_windows(loaded.tokenizer, corpus.documents, "chunks", run.context_len)
-    sel = select_windows(ws, run.max_samples * (run.context_len - 1), run.seed)
-    windows = sel.windows.windows[: run.max_samples]
-    return torch.stack([w.input_ids for w in windows]), sel, corpus
-
-
-def run_superweights(spec, run: SuperWeightRun, out_dir: Path, overwrite: bool = False):
-    """Load ``spec`` (an ``esa.models.ModelSpec``), search, write ``superweights.json`` and ``superweights.png``.
-
-    Returns ``(report, document, json_path, png_path)``; the document is what the JSON holds.
-    """
-    import json
-    import time
-
-    from esa.models import load_model
-    from esa.provenance import provenance
-    from esa.sensitivity.superweight_plots import plot_activation_profile
-
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
-    start = time.perf_counter()
-    loaded = load_model(spec)
-    ids, sel, corpus = _batch(loaded, run)
-    report = find_super_weights(loaded.model, ids, thresholds=run.thresholds, iterate=run.iterations > 1,
-                                max_iterations=run.iterations)
-    decode = loaded.tokenizer.decode
-    doc = {
-        "schema": "esa.superweights/1",
-        "provenance": provenance(loaded.device),
-        "model": loaded.fingerprint.to_dict(),
-        "run": asdict(run),
-        "data": {"dataset": corpus.name, "source": corpus.source, "method": sel.windows.method,
-                 "bos": sel.windows.bos, "context_len": run.context_len, "seed": run.seed,
-                 "seed_invariant": bool(sel.seed_invariant), "window_indices": sel.indices[: len(ids)].tolist(),
-                 "n_sequences": report.n_sequences, "n_tokens": report.n_tokens},
-        **report.to_dict(),
-        "tokens": {str(t): decode([t]) for t in sorted({w.token_id for w in report.candidates} | {
-            t for m in report.massive_activations for t in m.token_ids})},  # token id → text, for reading
-        "wall_seconds": time.perf_counter() - start,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_activation_profile(report, out_dir / "superweights.png",
-                                  title=f"{spec.name}: MLP output projection activations ({corpus.name})")
-    path = out_dir / "superweights.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=True))
-    tmp.replace(path)
-    return report, doc, path, png
