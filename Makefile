@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(ESA) demo --out-dir $(OUT)/demo --overwrite
+	$(ESA) demo --out-dir $(OUT)/demo --overwrite --study studies/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q

@@ -41,6 +41,8 @@ def _study(**changes):
     ({"bitscan": {**BITS, "bits": [31]}, "dtype": "bf16"}, r"bitscan\.bits.*bf16"),
     ({"bitscan": {**BITS, "top_n": 20}}, r"without k the target is the top top_n=20"),
     ({"bitscan": {**BITS, "targets": [{"name": "s", "spec": "superweights", "k": 3}]}}, r"only a ranking target"),
+    ({"dose_response": {**DOSE, "seeds": [0, 2]}}, r"dose_response\.seeds: \[2\] not among the study's seeds"),
+    ({"bitscan": {**BITS, "seeds": [5]}}, r"bitscan\.seeds: \[5\] not among"),
 ])
 def test_section_mistakes_are_refused(change, wanted):
     with pytest.raises(EsaError, match=wanted):
@@ -104,3 +106,12 @@ def test_study_files_with_causal_sections_validate():
     root = Path(__file__).resolve().parents[1] / "studies"
     found = [load_study(p) for p in sorted(root.glob("*.yaml"))]
     assert any(s.dose_response is not None for s in found) and any(s.bitscan is not None for s in found)
+
+
+def test_sections_can_run_on_a_subset_of_the_seeds():
+    runs = expand(_study(dose_response={**DOSE, "seeds": [1]}, bitscan={**BITS, "seeds": [0]}))
+    assert {r.seed for r in runs if r.kind == "dose_response"} == {1}
+    assert {r.seed for r in runs if r.kind == "bitscan"} == {0}
+    assert {r.seed for r in runs if r.kind == "baseline"} == {0, 1}
+    top = [r for r in runs if r.kind == "dose_response" and r.ranking is not None]
+    assert all(r.ranking_run.seed == 1 for r in top)  # the ranking of the same seed

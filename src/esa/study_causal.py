@@ -107,7 +107,8 @@ class BitscanRun:
 
 def _cells(study: Study, section) -> list[tuple[ModelSpec, str, int, int]]:
     """(model, dataset, ctx, seed), model-major; the first seed only when the whole split is scored."""
-    seeds = study.seeds if study.max_eval_tokens is not None else study.seeds[:1]
+    seeds = section.seeds or study.seeds
+    seeds = seeds if study.max_eval_tokens is not None else seeds[:1]
     return [(spec, d, ctx, seed) for spec in model_specs(study) for d in (section.datasets or study.datasets)
             for ctx in (section.context_lens or study.context_lens) for seed in seeds]
 

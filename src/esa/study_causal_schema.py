@@ -63,6 +63,7 @@ class DoseResponseSection:
     collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
     datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
     context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
+    seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class BitscanSection:
     collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
     datasets: tuple[str, ...] = ()
     context_lens: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -105,12 +107,15 @@ def _check_targets(targets: tuple[CausalTarget, ...], sens, where: str, k_from: 
         _require(t.k is not None or bool(k_from), f"{at}: give the ranking target a k, or list {k_from or 'ks'}")
 
 
-def _check_places(datasets: tuple[str, ...], context_lens: tuple[int, ...], where: str) -> None:
+def _check_places(section, study_seeds: tuple[int, ...], where: str) -> None:
     from esa.study import _check_dataset
 
-    for i, d in enumerate(datasets):
+    for i, d in enumerate(section.datasets):
         _check_dataset(d, f"{where}.datasets[{i}]")
-    _require(all(c >= 2 for c in context_lens), f"{where}.context_lens: each must be ≥ 2")
+    _require(all(c >= 2 for c in section.context_lens), f"{where}.context_lens: each must be ≥ 2")
+    extra = [s for s in section.seeds if s not in study_seeds]
+    _require(not extra, f"{where}.seeds: {extra} not among the study's seeds {list(study_seeds)}; "
+             "these sections pick a subset of them")
 
 
 def op_string(entry: DoseOp) -> str:
@@ -134,7 +139,8 @@ def _check_bits(values, dtypes: set[str], where: str) -> None:
                 raise EsaError(f"{where}: {exc} (models are loaded as {dtype})") from exc
 
 
-def check_dose_response(d: DoseResponseSection, sens, dtypes: set[str], where: str) -> None:
+def check_dose_response(d: DoseResponseSection, sens, dtypes: set[str], where: str,
+                        seeds: tuple[int, ...]) -> None:
     """Semantic checks of a dose_response section (types were checked while parsing)."""
     from esa.perturb.ops import OPS
     from esa.perturb.protocols import DOSE_PARAM, dose_ops
@@ -165,10 +171,10 @@ def check_dose_response(d: DoseResponseSection, sens, dtypes: set[str], where: s
         _require(c == "random_k", f"{where}.controls[{i}]: " + suggest(c, ["random_k"], "dose-response control"))
     _require(d.trials >= 1, f"{where}.trials must be ≥ 1")
     _require(d.collapse_ppl is None or d.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
-    _check_places(d.datasets, d.context_lens, where)
+    _check_places(d, seeds, where)
 
 
-def check_bitscan(b: BitscanSection, sens, dtypes: set[str], where: str) -> None:
+def check_bitscan(b: BitscanSection, sens, dtypes: set[str], where: str, seeds: tuple[int, ...]) -> None:
     """Semantic checks of a bitscan section."""
     _check_targets(b.targets, sens, where, "top_n")
     for i, t in enumerate(b.targets):
@@ -180,13 +186,14 @@ def check_bitscan(b: BitscanSection, sens, dtypes: set[str], where: str) -> None
     _require(bool(b.bits), f"{where}.bits: give at least one bit, e.g. [sign, exponent_msb]")
     _check_bits(b.bits, dtypes, f"{where}.bits")
     _require(b.collapse_ppl is None or b.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
-    _check_places(b.datasets, b.context_lens, where)
+    _check_places(b, seeds, where)
 
 
 def check_causal(study, where: str) -> None:
     """Validate the study's dose_response and bitscan sections (called by :func:`esa.study.validate`)."""
     dtypes = {m.dtype or study.dtype for m in study.models}
     if getattr(study, "dose_response", None) is not None:
-        check_dose_response(study.dose_response, study.sensitivity, dtypes, f"{where}.dose_response")
+        check_dose_response(study.dose_response, study.sensitivity, dtypes, f"{where}.dose_response",
+                            study.seeds)
     if getattr(study, "bitscan", None) is not None:
-        check_bitscan(study.bitscan, study.sensitivity, dtypes, f"{where}.bitscan")
+        check_bitscan(study.bitscan, study.sensitivity, dtypes, f"{where}.bitscan", study.seeds)

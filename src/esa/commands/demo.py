@@ -2,7 +2,10 @@
 
 baseline → super weights → sensitivity ranking (grad_x_weight global top-k, two calibration seeds) → super
 weights vs size-matched random and bottom-k controls (paired statistics) → dose-response → reports. Each step
-writes its own directory under ``--out-dir``.
+writes its own directory under ``--out-dir``. With ``--study FILE`` (``make demo``: ``studies/demo.yaml``) the
+same machinery then runs as a study: every run into ``<out-dir>/study.db`` (SQLite, the study's single source of
+truth; a fresh database, since ``--overwrite`` replaces the demo), then ``esa report``'s Markdown + HTML page from
+it in ``<out-dir>/study_report/``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from esa.baseline import BaselineConfig, run_baseline
+from esa.errors import EsaError
 from esa.commands.sensitivity import SensitivityConfig, run_sensitivity
 from esa.models import ModelSpec
 from esa.perturb.protocols import DoseConfig, EvalConfig, PerturbConfig, run_dose_response, run_perturb
 from esa.report.baseline_report import write_baseline_report
 from esa.report.demo_report import write_demo_report
-from esa.sensitivity.superweights import SuperWeightRun, run_superweights
+from esa.sensitivity.superweight_run import SuperWeightRun, run_superweights
 
 MODEL = ModelSpec("smollm2-135m")
 DEMO_BASELINE = BaselineConfig(MODEL, "smoke", ("python-docs",), (128, 512), (0, 1, 2),
@@ -39,6 +43,8 @@ def register(subparsers) -> None:
                                            "reports (offline)")
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results")
+    p.add_argument("--study", type=Path, help="then run this study file into <out-dir>/study.db and report it "
+                                              "(make demo: studies/demo.yaml)")
     p.set_defaults(func=run)
 
 
@@ -68,4 +74,30 @@ def run(args) -> int:
                                dose_dir)
     print(f"baseline report: {baseline_report.resolve()}")
     print(f"report: {report.resolve()}")
+    if args.study is not None:
+        run_demo_study(args.study, out, args.overwrite)
     return 0
+
+
+def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
+    """``esa run FILE --db <out>/study.db`` then ``esa report`` on it; an earlier demo database is replaced
+    only with ``overwrite`` (else completed runs are reused, as a study rerun does)."""
+    from rich.console import Console
+
+    from esa.commands.study import _printer
+    from esa.executors import run_study
+    from esa.report.study_report import write_study_report
+    from esa.study import load_study
+
+    study, db = load_study(path), out / "study.db"
+    if overwrite:
+        for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            f.unlink(missing_ok=True)
+    print(f"[study] {path}: every run recorded in {db}")
+    summary = run_study(study, db, "local", str(path.resolve()), _printer(Console()))
+    if not summary.ok:
+        what, error = (summary.failed or summary.load_errors)[0]
+        raise EsaError(f"demo study: {what}: {error} — the completed runs are kept in {db}")
+    md, html = write_study_report(db, out / "study_report")
+    print(f"study report: {md.resolve()}")
+    print(f"study report (HTML): {html.resolve()}")

@@ -180,7 +180,7 @@ def summary_line(record: RunRecord) -> str:
     if record.kind == "perturbation":
         vs = m["comparisons"].get("target vs random_k")
         return f"ΔNLL {m['mean_delta_nll']:.4g} (ppl {m['baseline_perplexity']:.4g} → {m['perplexity']:.4g})" + \
-            (f", vs random_k {vs['mean_delta_nll']:+.4g}" if vs else "")
+            (f"; target − random_k {vs['mean_delta_nll']:+.4g} nats/token" if vs else "")
     return f"ppl {m['perplexity']:.4g}"
 
 
