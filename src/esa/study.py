@@ -19,19 +19,17 @@ type error names the field and the expected type.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import yaml
 
 from esa.errors import EsaError
 from esa.models import DTYPES, SUITE, ModelSpec
 from esa.registry import Registry, suggest
+from esa.schema import SHORTHAND, coerce
 from esa.study_causal_schema import BitscanSection, DoseResponseSection, check_causal
 from esa.study_scaling_schema import ScalingSection, check_scaling
 
@@ -120,81 +118,7 @@ class Study:
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-_SHORTHAND = {ModelEntry: "name"}  # a bare string in place of these sections fills this field
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if typing.get_origin(tp) is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return {type(None): "null", Any: "any value"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _type_error(value, tp, where: str) -> EsaError:
-    return EsaError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _coerce(value, tp, where: str):
-    """Check ``value`` against the annotation ``tp`` (recursively) and return it in its typed form."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        nested = dataclasses.is_dataclass(arms[0]) or typing.get_origin(arms[0]) in (tuple, dict)
-        if len(arms) == 1 and nested:  # Optional[section]: the section's own error is the precise one
-            return _coerce(value, arms[0], where)
-        for arg in arms:
-            try:
-                return _coerce(value, arg, where)
-            except EsaError:
-                continue
-        raise _type_error(value, tp, where)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise _type_error(value, tp, where)
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(value, tp, where)
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp in _SHORTHAND:
-            value = {_SHORTHAND[tp]: value}
-        return _parse_section(tp, value, where)
-    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[tp](value)
-    if not ok:
-        raise _type_error(value, tp, where)
-    return float(value) if tp is float else value
-
-
-def _parse_section(cls, data, where: str):
-    """Build the frozen dataclass ``cls`` from a mapping, refusing unknown keys and missing required ones."""
-    if not isinstance(data, dict):
-        raise _type_error(data, cls, where)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise EsaError(f"{where}: " + suggest(str(key), list(fields), "key"))
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if name not in data:
-            if required:
-                raise EsaError(f"{where}: missing required key {name!r} ({_type_name(hints[name])}); add it")
-            continue
-        values[name] = _coerce(data[name], hints[name], f"{where}.{name}")
-    return cls(**values)
+SHORTHAND[ModelEntry] = "name"  # `models: [smollm2-135m]` is shorthand for `models: [{name: smollm2-135m}]`
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -342,7 +266,7 @@ def parse_study(data, where: str = "study", base: Path | None = None) -> Study:
     """Validate a loaded YAML mapping into a :class:`Study` (``where`` prefixes error messages)."""
     if isinstance(data, dict) and base is not None:
         data = _resolve_paths(data, base)
-    study = _coerce(data, Study, where)
+    study = coerce(data, Study, where)
     validate(study, where)
     return study
 

@@ -12,8 +12,9 @@ render. Order:
    scored, so seeds cannot change the number).
 3. One section per other run kind present, chosen in :data:`SECTIONS` (run kind → section renderer):
    sensitivity (:mod:`esa.report.study_sensitivity`, which also reads the runs' ranking artifacts), causal
-   validation (kind ``perturbation``), scaling; a kind without a renderer still gets a generic table of its
-   scalar metrics, so no stored run is ever hidden.
+   validation (kind ``perturbation``, :mod:`esa.report.study_perturbation`; dose-response and bit scans,
+   :mod:`esa.report.study_causal`), scaling (:mod:`esa.report.study_scaling`); a kind without a renderer
+   still gets a generic table of its scalar metrics, so no stored run is ever hidden.
 
 Every sentence is formatted from stored numbers. A run's metrics are JSON with non-finite numbers stored as
 "nan"/"inf" strings (decoded with :func:`esa.runs.as_float`).
@@ -31,7 +32,7 @@ from pathlib import Path
 from esa.errors import EsaError
 from esa.registry import Registry
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from esa.report.study_plots import baseline_perplexity_plot, comparison_plot
+from esa.report.study_plots import baseline_perplexity_plot
 from esa.runs import as_float
 from esa.stats import SeedAggregate, aggregate_seeds
 from esa.store import SQLITE_MAGIC, _inspect
@@ -284,57 +285,6 @@ def baseline_section(runs: list[Run]) -> list[Block]:
                    "Mean perplexity vs context length per model and dataset (95 % CI across seeds)")]
 
 
-# ------------------------------------------------------------------------------------ causal validation
-COMPARISON_HEADER = ("run", "comparison", "mean ΔNLL (nats/token)", "95% CI", "PPL ratio",
-                     "Wilcoxon p (Holm)", "collapsed")
-
-
-def comparison_rows(runs: list[Run]) -> list[dict]:
-    """One dict per stored paired comparison (``metrics["comparisons"]``) of the completed runs."""
-    rows = []
-    for r in runs:
-        for c in _comparisons(r) if r.status == "completed" else []:
-            rows.append({"run": run_label(r), "name": str(c.get("name")), "label": f"{r.model_name}: {c.get('name')}",
-                         "mean_delta_nll": as_float(c.get("mean_delta_nll")), "ci_low": as_float(c.get("ci_low")),
-                         "ci_high": as_float(c.get("ci_high")), "ppl_ratio": as_float(c.get("ppl_ratio")),
-                         "p_holm": _p_holm(c), "collapsed": bool(c.get("collapsed"))})
-    return rows
-
-
-def _verdicts(rows: list[dict]) -> list[str]:
-    """Per run: the target's effect vs baseline, and whether it beats the size-matched random control."""
-    out = []
-    for run in dict.fromkeys(r["run"] for r in rows):
-        comps = {r["name"]: r for r in rows if r["run"] == run}
-        target, versus = comps.get("target vs baseline"), comps.get("target vs random_k")
-        if target is None:
-            continue
-        text = (f"{run}: perturbing the targets multiplies perplexity by {fnum(target['ppl_ratio'])} (mean ΔNLL "
-                f"{target['mean_delta_nll']:+.4f}, 95 % CI [{target['ci_low']:+.4f}, {target['ci_high']:+.4f}], "
-                f"Holm-adjusted Wilcoxon p = {target['p_holm']:.3g}).")
-        if versus is not None:
-            sig = versus["p_holm"] < ALPHA and versus["ci_low"] > 0
-            text += (f" Against the size-matched random control the difference is "
-                     f"{'significant' if sig else 'not significant'} at α = {ALPHA}.")
-        out.append(text)
-    return out
-
-
-def causal_section(runs: list[Run]) -> list[Block]:
-    rows = comparison_rows(runs)
-    if not rows:
-        return generic_section(runs)
-    table = Table(COMPARISON_HEADER, tuple(
-        (r["run"], r["name"], f"{r['mean_delta_nll']:+.4f}", f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
-         fnum(r["ppl_ratio"]), f"{r['p_holm']:.3g}", "yes" if r["collapsed"] else "no") for r in rows))
-    n_runs = len({r["run"] for r in rows})
-    intro = (f"{len(rows)} paired comparison(s) from {n_runs} perturbation run(s): per-window ΔNLL on the same "
-             f"windows, bootstrap 95 % CI, Wilcoxon p-values Holm-adjusted within each run; "
-             f"{sum(r['collapsed'] for r in rows)} collapsed.")
-    return [Paragraph(intro), table, *([Bullets(tuple(v))] if (v := _verdicts(rows)) else []),
-            Figure("causal_validation.png", comparison_plot(rows), "Mean ΔNLL per comparison (95 % CI)")]
-
-
 # ------------------------------------------------------------------------------ any other kind of run
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, str]]:
     """Scalar leaves of a metrics dict as (dotted key, formatted value); long lists are skipped."""
@@ -368,6 +318,12 @@ class Section:
     order: int  # position in the report
 
 
+def _perturbation(runs: list[Run]) -> list[Block]:
+    from esa.report.study_perturbation import causal_section  # imported late: that module imports this one
+
+    return causal_section(runs)
+
+
 def _sensitivity(runs: list[Run]) -> list[Block]:
     from esa.report.study_sensitivity import sensitivity_section  # imported late: that module imports this one
 
@@ -395,7 +351,7 @@ def _scaling(runs: list[Run]) -> list[Block]:
 SECTIONS: Registry[Section] = Registry("report section")  # run kind → how its runs are reported
 SECTIONS.register("baseline", Section("", baseline_section, 0))  # renders its own heading
 SECTIONS.register("sensitivity", Section("Sensitivity", _sensitivity, 1))
-SECTIONS.register("perturbation", Section("Causal validation", causal_section, 2))
+SECTIONS.register("perturbation", Section("Causal validation", _perturbation, 2))
 SECTIONS.register("dose_response", Section("Causal validation: dose-response", _dose_response, 2))
 SECTIONS.register("bitscan", Section("Causal validation: bit scans", _bitscan, 2))
 SECTIONS.register("scaling_point", Section("Scaling", _scaling, 3))  # esa.report.study_scaling
