@@ -32,7 +32,36 @@ def python_docs():
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """Path of a small local corpus (fast to tokenize) with enough text for dozens of 32-token windows."""
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    return str(_words_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt"))
+
+
+def _words_corpus(path):
+    """A small synthetic text (fast to tokenize) with enough tokens for dozens of 32-token windows."""
     words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
     path.write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama (esa.tiny, seed 0) saved with the embedded SmolLM2 tokenizer: loadable by --model.
+
+    Shared by the whole session: tests must not write into it."""
+    from transformers import AutoTokenizer
+
+    from esa.models import resolve_source
+    from esa.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_study_dir(tmp_path_factory, tiny_llama_dir):
+    """``model/`` (the tiny Llama) and ``corpus.txt`` (synthetic words) side by side, for study files."""
+    path = tmp_path_factory.mktemp("tiny_study")
+    (path / "model").symlink_to(tiny_llama_dir, target_is_directory=True)
+    _words_corpus(path / "corpus.txt")
+    return path

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from esa.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, sha256_of, smollm2_gguf
+from esa.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, smollm2_gguf
 from esa.errors import EsaError
-from esa.models import resolve_source
+from esa.models import resolve_source, sha256_file
 
 
 def _parts(tmp_path, blobs: list[bytes]):
@@ -27,7 +27,7 @@ def test_assemble_concatenates_in_order_and_checks_the_digest(tmp_path):
     target = tmp_path / "cache" / "m.gguf"
     out = assemble(_parts(tmp_path, blobs), hashlib.sha256(whole).hexdigest(), target)
     assert out == target and target.read_bytes() == whole
-    assert sha256_of(target) == hashlib.sha256(whole).hexdigest()
+    assert sha256_file(target) == hashlib.sha256(whole).hexdigest()
     assert assemble([], "unused: a verified file is reused", target) == target
 
 

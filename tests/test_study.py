@@ -155,14 +155,5 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved with the SmolLM2 tokenizer: loads in well under a second."""
-    from transformers import AutoTokenizer
-
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path)
-    return path
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir

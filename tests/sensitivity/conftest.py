@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esa.sensitivity.calibration import Batch, batches_from_ids
-from esa.tiny import VOCAB, tiny_model
+from esa.tiny import VOCAB
 
 
 def random_batches(n: int = 4, T: int = 12, batch_size: int = 2, seed: int = 0, holes: bool = True):
@@ -24,11 +24,5 @@ def random_batches(n: int = 4, T: int = 12, batch_size: int = 2, seed: int = 0, 
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama saved with the embedded SmolLM2 tokenizer (so corpora tokenize as for the real model)."""
-    from esa.models import ModelSpec, load_model
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", seed=0).save_pretrained(path)
-    load_model(ModelSpec("smollm2-135m", device="cpu")).tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir

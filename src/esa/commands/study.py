@@ -75,14 +75,15 @@ def _printer(console):
         if kind == "skip_group":
             console.print(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
         elif kind == "group":
-            console.print(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed")
+            console.print(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed",
+                          soft_wrap=True)
         elif kind == "load_error":
             console.print(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
         elif kind == "run":
             rec = info["record"]
             what = summary_line(rec) if rec.status == "completed" else f"[red]{summary_line(rec)}[/red]"
             console.print(f"[{info['done']}/{info['total']}] {info['label']}: {what}  ({rec.run_id[:12]})",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)  # soft: no line breaks inserted inside a result
     return on_event
 
 
