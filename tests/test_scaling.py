@@ -211,3 +211,19 @@ def test_two_point_ladder_fits_and_plots_end_to_end(tmp_path, tokenizer, monkeyp
     pngs = [out / "scaling.png", *[out / "plots" / f"{k}.png" for k, e in doc["fits"].items() if e["fit"]]]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
     assert read_json(out / "scaling.json")["rows"][1]["model"] == str(tiny_dir)
+
+
+def test_fit_trends_leaves_out_effects_whose_ci_contains_zero():
+    rows = [{"model": "a", "n_params": 1e8, "sw_delta_nll": 2.0, "sw_delta_nll_ci95": [1.5, 2.5],
+             "random_delta_nll": 2e-6, "random_delta_nll_ci95": [-1e-5, 1e-5], "sw_over_random": 1e6},
+            {"model": "b", "n_params": 1e9, "sw_delta_nll": 1.0, "sw_delta_nll_ci95": [0.8, 1.2],
+             "random_delta_nll": 3e-3, "random_delta_nll_ci95": [1e-3, 5e-3], "sw_over_random": 333.0},
+            {"model": "c", "n_params": 1e10, "sw_delta_nll": 0.5, "sw_delta_nll_ci95": [0.4, 0.6],
+             "random_delta_nll": 1e-3, "random_delta_nll_ci95": [2e-4, 2e-3], "sw_over_random": 500.0}]
+    fits = fit_trends(rows)
+    assert fits["sw_delta_nll"]["fit"]["n"] == 3 and fits["sw_delta_nll"]["why"] == {}
+    assert fits["sw_delta_nll"]["fit"]["slope"] == pytest.approx(np.log10(0.5) / 1)  # halves per 10×
+    for key in ("random_delta_nll", "sw_over_random"):  # a's random effect is not measured: left out, said why
+        assert fits[key]["models"] == ["b", "c"] and fits[key]["excluded"] == ["a"]
+        assert fits[key]["why"]["a"] == "random_delta_nll 95 % CI [-1e-05, 1e-05] contains 0"
+    assert fits["random_delta_nll"]["fit"]["slope"] == pytest.approx(np.log10(1e-3 / 3e-3))

@@ -75,6 +75,8 @@ class Statistic:
     label: str  # axis label
     higher_is_better: bool | None  # None: neither (a description of the model, not a quality)
     needs: str = "baseline"  # the measurement that produces it: baseline | superweights | perturbation | tail
+    effect_ci: str | None = None  # row key of the 95 % CI of the effect it rests on: a model whose CI holds 0
+    #                               has no measured effect, and its log would be a trend of noise — left out
 
 
 STATISTICS = (
@@ -84,11 +86,12 @@ STATISTICS = (
     Statistic("sw_depth_fraction", "strongest super weight: layer / n_layers", None, "superweights"),
     Statistic("max_mlp_out_activation", "max |MLP output projection activation|", None, "superweights"),
     Statistic("max_massive_activation", "max massive residual-stream |h|", None, "superweights"),
-    Statistic("sw_delta_nll", "super weights perturbed: mean ΔNLL/token", False, "perturbation"),
-    Statistic("sw_ppl_ratio", "super weights perturbed: PPL ratio", False, "perturbation"),
-    Statistic("random_delta_nll", "random_k perturbed: mean ΔNLL/token", False, "perturbation"),
-    Statistic("random_ppl_ratio", "random_k perturbed: PPL ratio", False, "perturbation"),
-    Statistic("sw_over_random", "ΔNLL super weights / ΔNLL random_k", None, "perturbation"),
+    Statistic("sw_delta_nll", "super weights perturbed: mean ΔNLL/token", False, "perturbation", "sw_delta_nll_ci95"),
+    Statistic("sw_ppl_ratio", "super weights perturbed: PPL ratio", False, "perturbation", "sw_delta_nll_ci95"),
+    Statistic("random_delta_nll", "random_k perturbed: mean ΔNLL/token", False, "perturbation",
+              "random_delta_nll_ci95"),
+    Statistic("random_ppl_ratio", "random_k perturbed: PPL ratio", False, "perturbation", "random_delta_nll_ci95"),
+    Statistic("sw_over_random", "ΔNLL super weights / ΔNLL random_k", None, "perturbation", "random_delta_nll_ci95"),
     Statistic("magnitude_top_share", "share of Σ|W| in the top tail_fraction of |W|", None, "tail"),
 )
 STATISTIC_KEYS = tuple(s.key for s in STATISTICS)
@@ -204,15 +207,16 @@ def fit_power_law(x, y, level: float = 0.95) -> PowerLawFit:
 
 def fit_trends(rows: list[dict], x_key: str = "n_params", statistics=()) -> dict[str, dict]:
     """Per statistic (``statistics``, default all): ``{"fit": PowerLawFit as dict, "models": [...],
-    "excluded": [...]}`` or, when no fit is possible, ``{"fit": None, "reason": …}``. Models whose value is
-    missing, non-finite (also the JSON strings "nan"/"inf") or ≤ 0 are excluded (and named): a log–log trend
-    cannot place them."""
+    "excluded": [...], "why": {model: reason}}`` or, when no fit is possible, ``{"fit": None, "reason": …}``.
+    Models whose value is missing, non-finite (also the JSON strings "nan"/"inf") or ≤ 0 are excluded: a
+    log–log trend cannot place them; so are models whose effect's 95 % CI (``Statistic.effect_ci``) contains 0
+    — e.g. random_k's ΔNLL of +1.7e-6 [-7.6e-6, +1.1e-5] is no measured effect, and its log is noise."""
     out = {}
     keys = resolve_statistics(statistics)
     for stat in (s for s in STATISTICS if s.key in keys):
-        usable = [r for r in rows if _positive(r.get(stat.key)) and _positive(r.get(x_key))]
-        excluded = [r["model"] for r in rows if r not in usable]
-        entry = {"models": [r["model"] for r in usable], "excluded": excluded}
+        why = {r["model"]: reason for r in rows if (reason := _unusable(r, stat, x_key))}
+        usable = [r for r in rows if r["model"] not in why]
+        entry = {"models": [r["model"] for r in usable], "excluded": list(why), "why": why}
         try:
             fit = fit_power_law([r[x_key] for r in usable], [r[stat.key] for r in usable])
             entry["fit"] = asdict(fit)
@@ -220,6 +224,21 @@ def fit_trends(rows: list[dict], x_key: str = "n_params", statistics=()) -> dict
             entry.update(fit=None, reason=str(exc))
         out[stat.key] = entry
     return out
+
+
+def _unusable(row: dict, stat: Statistic, x_key: str) -> str | None:
+    """Why ``row`` cannot be a point of ``stat``'s log–log fit, or None."""
+    if not (_positive(row.get(stat.key)) and _positive(row.get(x_key))):
+        return "no finite, positive value"
+    ci = row.get(stat.effect_ci) if stat.effect_ci else None
+    if ci is not None and _finite_pair(ci) and ci[0] <= 0 <= ci[1]:
+        return f"{stat.effect_ci.removesuffix('_ci95')} 95 % CI [{ci[0]:.3g}, {ci[1]:.3g}] contains 0"
+    return None
+
+
+def _finite_pair(ci) -> bool:
+    return isinstance(ci, (list, tuple)) and len(ci) == 2 and all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in ci)
 
 
 def _positive(value) -> bool:

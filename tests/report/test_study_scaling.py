@@ -99,5 +99,6 @@ def test_three_models_give_a_slope_ci_and_protocols_stay_apart():
     fit_table = next(b for b in blocks if isinstance(b, Table) and b.header[0] == "statistic")
     bpb, sw = fit_table.rows
     assert bpb[2:4] == (num(fit.slope), f"[{num(fit.slope_ci95[0])}, {num(fit.slope_ci95[1])}]")
-    assert sw[2] == "—" and "0 model(s) with a finite, positive value" in sw[-1] and "a, b, c" in sw[-1]
+    assert sw[2] == "—" and "0 usable model(s)" in sw[-1]
+    assert "left out: a (no finite, positive value); b (no finite, positive value); c (" in sw[-1]
     assert any(isinstance(b, Paragraph) and "Only a was measured" in b.text for b in blocks)  # ctx 512 ladder

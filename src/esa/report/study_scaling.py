@@ -87,9 +87,10 @@ FIT_HEADER = ("statistic", "models", "slope", "slope 95% CI", "intercept (log10)
 
 def _fit_row(key: str, entry: dict) -> tuple[str, ...]:
     fit, n = entry.get("fit"), len(entry.get("models", []))
-    left_out = f"left out (no finite, positive value): {', '.join(entry['excluded'])}" if entry["excluded"] else ""
+    reasons = entry.get("why") or {m: "no finite, positive value" for m in entry["excluded"]}
+    left_out = "left out: " + "; ".join(f"{m} ({r})" for m, r in reasons.items()) if reasons else ""
     if fit is None:
-        why = f"{n} model(s) with a finite, positive value, a fit needs ≥ 2" if n < 2 else entry.get("reason", "")
+        why = f"{n} usable model(s), a fit needs ≥ 2" if n < 2 else entry.get("reason", "")
         return (LABELS[key], str(n), "—", "—", "—", "—", "; ".join(filter(None, ("no fit: " + why, left_out))))
     ci = fit.get("slope_ci95")
     spread = f"[{num(ci[0])}, {num(ci[1])}]" if ci else "undefined (2 models)"
