@@ -59,9 +59,21 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_study_dir(tmp_path_factory, tiny_llama_dir):
+def make_study_dir(tmp_path_factory, tiny_llama_dir):
+    """A factory of fresh directories holding ``model/`` (the tiny Llama, linked) and ``corpus.txt`` (``text``,
+    or synthetic words when None), for study files that name both by path."""
+    def make(name: str = "tiny_study", text: str | None = None):
+        path = tmp_path_factory.mktemp(name)
+        (path / "model").symlink_to(tiny_llama_dir, target_is_directory=True)
+        if text is None:
+            _words_corpus(path / "corpus.txt")
+        else:
+            (path / "corpus.txt").write_text(text)
+        return path
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_study_dir(make_study_dir):
     """``model/`` (the tiny Llama) and ``corpus.txt`` (synthetic words) side by side, for study files."""
-    path = tmp_path_factory.mktemp("tiny_study")
-    (path / "model").symlink_to(tiny_llama_dir, target_is_directory=True)
-    _words_corpus(path / "corpus.txt")
-    return path
+    return make_study_dir()

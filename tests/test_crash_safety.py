@@ -31,17 +31,8 @@ N_RUNS = 6
 
 
 @pytest.fixture(scope="module")
-def study_file(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from esa.data.corpora import load_corpus
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    root = tmp_path_factory.mktemp("crash")
-    tiny_model("llama").save_pretrained(root / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(root / "model")
-    (root / "corpus.txt").write_text("\n\n".join(load_corpus("python-docs").documents[:40]))
+def study_file(make_study_dir, python_docs):
+    root = make_study_dir("crash", "\n\n".join(python_docs.documents[:40]))
     spec = {"name": "crash", "models": ["./model"], "datasets": ["./corpus.txt"], "context_lens": [32, 64],
             "seeds": [0, 1, 2], "max_eval_tokens": 1024, "batch_tokens": 256}
     (root / "crash.yaml").write_text(yaml.safe_dump(spec))

@@ -16,6 +16,7 @@ from esa.errors import EsaError
 from esa.executors import run_id, run_study
 from esa.store import APPLICATION_ID, SCHEMA_VERSION, RunRecord, Store, export
 from esa.study import parse_study
+from helpers.models import forbid_model_loading
 
 DETERMINISTIC = ("perplexity", "nll_per_token", "token_accuracy", "bits_per_byte", "scored_tokens",
                  "scored_bytes", "n_windows", "n_nonfinite_windows", "seed_invariant")
@@ -129,19 +130,9 @@ def test_run_id_is_content_addressed():
 
 # ------------------------------------------------------------------------------- a real small study
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved with the SmolLM2 tokenizer, and a small text corpus next to it."""
-    from transformers import AutoTokenizer
-
-    from esa.data.corpora import load_corpus
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
-    (path / "corpus.txt").write_text("\n\n".join(load_corpus("python-docs").documents[:12]))
-    return path
+def tiny_dir(make_study_dir, python_docs):
+    """The tiny Llama and a corpus of 12 python-docs documents next to it."""
+    return make_study_dir("tiny", "\n\n".join(python_docs.documents[:12]))
 
 
 def _study(tiny_dir, **changes):
@@ -190,12 +181,7 @@ def test_store_matches_esa_baseline_per_window(tiny_db, tiny_dir, tmp_path):
 
 
 def test_rerun_skips_completed_runs_without_loading(tiny_db, tiny_dir, monkeypatch):
-    import esa.executors.local as local
-
-    def no_load(spec):
-        raise AssertionError("a completed study must not load its model again")
-
-    monkeypatch.setattr(local, "load_model", no_load)
+    forbid_model_loading(monkeypatch, "a completed study must not load its model again")
     summary = run_study(_study(tiny_dir), tiny_db)
     assert summary.skipped == 4 and summary.completed == 0 and summary.ok
 

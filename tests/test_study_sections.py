@@ -10,6 +10,7 @@ from esa.sensitivity.ranking import read_ranking
 from esa.store import Store
 from esa.study import expand, parse_study
 from esa.study_sections import op_spec
+from helpers.models import forbid_model_loading
 
 SECTIONS = {
     "sensitivity": {"scorers": ["magnitude", "grad_x_weight"], "k": 16, "calibration_tokens": 64},
@@ -141,10 +142,7 @@ def test_rows_artifacts_and_dependencies(sections_db, tiny_dir):
 
 
 def test_rerun_skips_everything_without_loading(sections_db, tiny_dir, monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a completed study must not load its model or run anything")
-
-    monkeypatch.setattr("esa.executors.local.load_model", boom)
+    forbid_model_loading(monkeypatch)
     summary = run_study(_study(tiny_dir), sections_db)
     assert summary.skipped == summary.total == 8 and summary.completed == 0
 

@@ -7,6 +7,7 @@ import torch
 from esa.executors import load_dependencies, resolved_config, run_key, run_study, summary_line
 from esa.store import RunRecord, Store
 from esa.study import expand, parse_study
+from helpers.models import forbid_model_loading
 
 SECTIONS = {
     "sensitivity": {"scorers": ["magnitude"], "k": 8},
@@ -62,10 +63,7 @@ def test_rows_and_artifacts(causal_db):
 
 
 def test_rerun_skips_everything_without_loading(causal_db, tiny_dir, monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a completed study must not load its model or run anything")
-
-    monkeypatch.setattr("esa.executors.local.load_model", boom)
+    forbid_model_loading(monkeypatch)
     summary = run_study(causal_study(tiny_dir), causal_db)
     assert summary.skipped == summary.total == 6 and summary.completed == 0
 

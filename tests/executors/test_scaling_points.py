@@ -15,17 +15,10 @@ SCALING = {"control_seeds": [0], "calib_samples": 2, "n_boot": 200}  # 254 token
 
 
 @pytest.fixture(scope="module")
-def ladder(tmp_path_factory):
+def ladder(tmp_path_factory, tiny_llama_dir):
     """(study, db) of the 2-model ladder, executed once."""
-    from transformers import AutoTokenizer
-
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
     path = tmp_path_factory.mktemp("ladder")
-    tiny_model("llama", seed=0).save_pretrained(path / "tiny")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "tiny")
-    study = parse_study({"name": "ladder", "models": ["smollm2-135m", str(path / "tiny")],
+    study = parse_study({"name": "ladder", "models": ["smollm2-135m", str(tiny_llama_dir)],
                          "datasets": ["python-docs"], "context_lens": [128], "seeds": [0], "max_eval_tokens": 254,
                          "batch_tokens": 4096, "scaling": SCALING})
     summary = run_study(study, path / "s.db")

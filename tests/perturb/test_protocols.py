@@ -12,13 +12,12 @@ import torch
 
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows
-from esa.models import Fingerprint, LoadedModel
 from esa.perturb import from_coordinates, from_ranking, make_op, perturbed
 from esa.perturb.protocols import (BitscanConfig, DoseConfig, EvalConfig, PerturbConfig, bitscan_experiment,
                                    dose_experiment, make_bench, perturb_experiment)
 from esa.sensitivity.ranking import COLUMNS
 from esa.stats import per_window_delta, perplexity
-from esa.tiny import tiny_model
+from helpers.models import tiny_loaded
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # tiny Llama: (out 64, in 128)
 RTOL = 1e-5  # prefix-cache replay vs a full forward in other micro-batches
@@ -26,10 +25,7 @@ RTOL = 1e-5  # prefix-cache replay vs a full forward in other micro-batches
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
-    model = tiny_model("llama", seed=3)
-    fp = Fingerprint("tiny-llama", "esa.tiny", "seed-3", sum(p.numel() for p in model.parameters()), "fp32",
-                     "llama", 512)
-    return LoadedModel(model, tokenizer, fp, torch.device("cpu"))
+    return tiny_loaded(tokenizer, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,21 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from esa.errors import EsaError
-from esa.models import Fingerprint, LoadedModel
+from esa.models import Fingerprint
 from esa.perturb.protocols import EvalConfig, PerturbConfig, perturb_experiment
 from esa.perturb.targets import from_ranking
 from esa.sensitivity.ranking import COLUMNS, meta_path, read_ranking, write_ranking
 from esa.tiny import tiny_model
+from helpers.models import tiny_loaded
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # tiny Llama: (out 64, in 128)
 
 
 @pytest.fixture(scope="module")
 def lm(tokenizer):
-    model = tiny_model("llama", seed=5)
-    fp = Fingerprint("tiny-llama", "esa.tiny", "seed-5", sum(p.numel() for p in model.parameters()), "fp32",
-                     "llama", 512)
-    return LoadedModel(model, tokenizer, fp, torch.device("cpu"))
+    return tiny_loaded(tokenizer, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,8 @@ SECTIONS = {
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("causal-report")
-    tiny_model("llama").save_pretrained(path / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    (path / "corpus.txt").write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
+def report(make_study_dir):
+    path = make_study_dir("causal-report")
     study = parse_study({"name": "causal-report", "models": [str(path / "model")],
                          "datasets": [str(path / "corpus.txt")], "context_lens": [32], "seeds": [0],
                          "max_eval_tokens": 128, "batch_tokens": 1024, **SECTIONS})

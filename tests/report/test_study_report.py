@@ -6,7 +6,6 @@ import base64
 import re
 import shutil
 import sqlite3
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -16,23 +15,14 @@ from esa.cli import main
 from esa.executors import run_study
 from esa.store import RunRecord, Store
 from esa.study import parse_study
+from helpers.report_parsing import html_parts, md_tables
 
 
 # ------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved with the SmolLM2 tokenizer, and a small text corpus next to it."""
-    from transformers import AutoTokenizer
-
-    from esa.data.corpora import load_corpus
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
-    (path / "corpus.txt").write_text("\n\n".join(load_corpus("python-docs").documents[:6]))
-    return path
+def tiny_dir(make_study_dir, python_docs):
+    """The tiny Llama and a corpus of 6 python-docs documents next to it."""
+    return make_study_dir("tiny", "\n\n".join(python_docs.documents[:6]))
 
 
 @pytest.fixture(scope="module")
@@ -77,56 +67,6 @@ def mixed_db(study_db, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------- parsing
-def md_tables(text: str) -> list[list[list[str]]]:
-    """Every Markdown table as rows of unescaped cells (header first, separator dropped)."""
-    tables, cur = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
-            cells = [re.sub(r"\\(.)", r"\1", c.strip()) for c in cells]
-            if not all(set(c) <= {"-"} for c in cells):
-                cur.append(cells)
-        elif cur:
-            tables.append(cur)
-            cur = []
-    return tables
-
-
-class _HtmlTables(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables, self.imgs, self.links, self._cell = [], [], [], None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self.tables[-1].append([])
-        elif tag in ("td", "th"):
-            self._cell = ""
-        elif tag == "img":
-            self.imgs.append(attrs.get("src", ""))
-        for key in ("src", "href"):
-            if key in attrs:
-                self.links.append(attrs[key])
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th"):
-            self.tables[-1][-1].append(self._cell)
-            self._cell = None
-
-
-def html_parts(text: str) -> _HtmlTables:
-    parser = _HtmlTables()
-    parser.feed(text)
-    return parser
-
-
 def _pm(cell: str) -> tuple[float, float]:
     mean, half = re.fullmatch(r"(\S+) ± (\S+)", cell).groups()
     return float(mean), float(half)

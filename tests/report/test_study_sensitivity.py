@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import sqlite3
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -21,23 +20,15 @@ from scipy import stats as sps
 from esa.cli import main
 from esa.executors import run_study
 from esa.study import parse_study
+from helpers.report_parsing import html_parts, md_tables
 
 K = 32
 
 
 @pytest.fixture(scope="module")
-def sens_db(tmp_path_factory):
+def sens_db(make_study_dir):
     """Baselines + sensitivity runs (magnitude: seed 0 only, data-free; grad_x_weight: seeds 0 and 1)."""
-    from transformers import AutoTokenizer
-
-    from esa.models import resolve_source
-    from esa.tiny import tiny_model
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path / "model")
-    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1]).save_pretrained(path / "model")
-    words = [f"word{i % 97} token{i % 13} value={i}" for i in range(600)]
-    (path / "corpus.txt").write_text("\n\n".join(" ".join(words[i:i + 30]) for i in range(0, 600, 30)))
+    path = make_study_dir("sens")
     study = parse_study({"name": "sens", "models": [str(path / "model")], "datasets": [str(path / "corpus.txt")],
                          "context_lens": [32], "seeds": [0, 1], "max_eval_tokens": 64, "batch_tokens": 1024,
                          "sensitivity": {"scorers": ["magnitude", "grad_x_weight"], "k": K,
@@ -76,49 +67,6 @@ def ranks(table: pd.DataFrame) -> dict[tuple, int]:
     return dict(zip(zip(table["param"], table["row"], table["col"].fillna(-1).astype(int)), table["rank"]))
 
 
-def md_tables(text: str) -> list[list[list[str]]]:
-    tables, cur = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [re.sub(r"\\(.)", r"\1", c.strip()) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            if not all(set(c) <= {"-"} for c in cells):
-                cur.append(cells)
-        elif cur:
-            tables, cur = tables + [cur], []
-    return tables
-
-
-class _Html(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables, self.imgs, self._cell = [], [], None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self.tables[-1].append([])
-        elif tag in ("td", "th"):
-            self._cell = ""
-        elif tag == "img":
-            self.imgs.append(dict(attrs)["src"])
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th"):
-            self.tables[-1][-1].append(self._cell)
-            self._cell = None
-
-
-def _parse(page: str) -> _Html:
-    parser = _Html()
-    parser.feed(page)
-    return parser
-
-
 def table_with(tables, first_header: str, column: str) -> list[dict]:
     t = next(t for t in tables if t[0][0] == first_header and column in t[0])
     return [dict(zip(t[0], row)) for row in t[1:]]
@@ -146,7 +94,7 @@ def test_tail_table_equals_the_rows(report, sens_db):
     runs = sens_rows(sens_db)
     assert sorted(runs) == [("grad_x_weight", 0), ("grad_x_weight", 1), ("magnitude", 0)]
     tables = md_tables(md)
-    assert tables == _parse(page).tables  # one block list renders both files
+    assert tables == html_parts(page).tables  # one block list renders both files
     rows = {r["scorer"]: r for r in table_with(tables, "model", "Gini bounds")}
     assert set(rows) == {"magnitude", "grad_x_weight"}
     for scorer, row in rows.items():
@@ -201,7 +149,7 @@ def test_heatmaps_are_embedded_and_described(report, sens_db):
     runs = sens_rows(sens_db)
     figures = re.findall(r"\]\((sensitivity_topk_[^)]+\.png)\)", md)
     assert len(figures) == 2 and all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
-    imgs = _parse(page).imgs
+    imgs = html_parts(page).imgs
     assert len(imgs) == 3 and all(src.startswith("data:image/png;base64,") for src in imgs)  # + baseline plot
     assert not re.search(r"https?://|<script|<link|@import|url\(", page, re.I)
     for scorer in ("magnitude", "grad_x_weight"):

@@ -84,7 +84,7 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
     only with ``overwrite`` (else completed runs are reused, as a study rerun does)."""
     from rich.console import Console
 
-    from esa.commands.study import _printer
+    from esa.commands.study import progress_printer
     from esa.executors import run_study
     from esa.report.study_report import write_study_report
     from esa.study import load_study
@@ -94,7 +94,7 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
         for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
             f.unlink(missing_ok=True)
     print(f"[study] {path}: every run recorded in {db}")
-    summary = run_study(study, db, "local", str(path.resolve()), _printer(Console()))
+    summary = run_study(study, db, "local", str(path.resolve()), progress_printer(Console()))
     if not summary.ok:
         what, error = (summary.failed or summary.load_errors)[0]
         raise EsaError(f"demo study: {what}: {error} — the completed runs are kept in {db}")

@@ -101,9 +101,9 @@ def _print(doc: dict, out_dir: Path) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    from esa.commands.study import _printer  # the same progress lines as `esa run`
+    from esa.commands.study import progress_printer  # the same progress lines as `esa run`
     from esa.scaling import run_scaling
 
-    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, _printer(Console()))
+    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, progress_printer(Console()))
     _print(doc, out_dir)
     return 0

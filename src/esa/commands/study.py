@@ -70,7 +70,7 @@ def plan(args) -> int:
     return 0
 
 
-def _printer(console):
+def progress_printer(console):
     def on_event(kind: str, **info) -> None:
         if kind == "skip_group":
             console.print(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
@@ -99,7 +99,7 @@ def run(args) -> int:
     for section in deferred_sections(study):
         console.print(f"note: not executed by this version of ESA (validated only): {section}")
     options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
-    summary = run_study(study, db, args.executor, str(args.study.resolve()), _printer(console),
+    summary = run_study(study, db, args.executor, str(args.study.resolve()), progress_printer(console),
                         **(options if args.executor == "ray" else {}))
     console.print(f"study {study.name}: {summary.completed} completed now, {summary.skipped} already done, "
                   f"{len(summary.failed)} failed, of {summary.total} → {db}", soft_wrap=True)
