@@ -139,7 +139,7 @@ def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
     """De-quantise a GGUF once and cache it as safetensors keyed by the file's sha256."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = sha256_file(gguf)
+    digest = _file_hash_cached(gguf)  # hashed once per (path, size, mtime), not on every load
     target = cache_dir() / "models" / digest[:32]
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target, digest

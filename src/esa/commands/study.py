@@ -71,6 +71,7 @@ def plan(args) -> int:
 
 
 def progress_printer(console):
+    """A ``run_study`` event callback printing one line per model group and per finished run."""
     def on_event(kind: str, **info) -> None:
         if kind == "skip_group":
             console.print(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
