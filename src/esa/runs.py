@@ -33,6 +33,22 @@ def check_target(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def check_out_dir(out_dir: Path, overwrite: bool, owned: tuple[str, ...], what: str) -> Path:
+    """Accept a new or empty directory; refuse a non-empty one unless ``overwrite`` — and even then unless it
+    holds one of the ``owned`` files, i.e. an earlier ``what`` run, so ``--overwrite`` never replaces a
+    directory ESA did not write."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise EsaError(f"{out_dir} exists and is not empty; choose another --out-dir or pass --overwrite")
+        if not any((out_dir / f).exists() for f in owned):
+            raise EsaError(f"refusing to replace {out_dir}: it holds no {what} run (none of {', '.join(owned)}); "
+                           "choose an empty or new --out-dir")
+    return out_dir
+
+
 @contextmanager
 def staged_run_dir(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a staging directory that replaces ``path`` only when the block succeeds.

@@ -74,6 +74,9 @@ def test_out_dir_not_overwritten_by_accident(tmp_path, tiny_dir, corpus, capsys)
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert _run(tmp_path, tiny_dir, corpus, "--scorer", "magnitude", "--k", "5") == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+    # --overwrite clears only an earlier sensitivity run, never a directory ESA did not write
+    assert _run(tmp_path, tiny_dir, corpus, "--scorer", "magnitude", "--k", "5", "--overwrite") == 2
+    assert "refusing to replace" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
 
 
 def test_calibration_seeds_resample(tiny_dir):

@@ -180,6 +180,8 @@ def test_cli_refuses_non_empty_out_dir(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
     assert main(["superweights", "--out-dir", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert main(["superweights", "--out-dir", str(tmp_path), "--overwrite"]) == 2  # not an earlier run: kept
+    assert "refusing to replace" in capsys.readouterr().err
     assert main(["superweights", "--iterate", "-1", "--out-dir", str(tmp_path / "new")]) == 2
     assert (tmp_path / "keep.txt").read_text() == "x"
 

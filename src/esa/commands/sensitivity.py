@@ -9,9 +9,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esa.errors import EsaError
 from esa.models import ModelSpec, load_model
 from esa.provenance import provenance
+from esa.runs import check_out_dir
 from esa.sensitivity import plots
 from esa.sensitivity.calibration import CalibrationSpec, calibration_batches
 from esa.sensitivity.ranking import read_ranking, score_and_rank, write_ranking
@@ -44,9 +44,10 @@ class SensitivityConfig:
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise EsaError(f"--out-dir {out_dir} is not empty; pass --overwrite or choose another directory")
+    """An empty ``out_dir``: a non-empty one is cleared only with ``overwrite`` and only when it holds an
+    earlier ``esa sensitivity`` run (its manifest, ranking or stability file)."""
+    if check_out_dir(out_dir, overwrite, ("manifest.json", "ranking.parquet", "stability.json"),
+                     "esa sensitivity").is_dir():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

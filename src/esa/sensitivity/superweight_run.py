@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from esa.errors import EsaError
+from esa.runs import check_out_dir
 from esa.sensitivity.superweights import Thresholds, find_super_weights
 
 
@@ -26,13 +27,6 @@ class SuperWeightRun:
     seed: int = 0  # picks which windows
     iterations: int = 1  # search rounds in all; > 1 zeroes what was found and searches again
     thresholds: Thresholds = Thresholds()
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise EsaError(f"{out_dir} exists and is not empty; choose another --out-dir or pass --overwrite")
 
 
 def _batch(loaded, run: SuperWeightRun):
@@ -65,7 +59,7 @@ def run_superweights(spec, run: SuperWeightRun, out_dir: Path, overwrite: bool =
     from esa.sensitivity.superweight_plots import plot_activation_profile
 
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, ("superweights.json",), "esa superweights")
     start = time.perf_counter()
     loaded = load_model(spec)
     ids, sel, corpus = _batch(loaded, run)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.errors import EsaError
 from esa.models import ModelSpec, load_model
 from esa.perturb.ops import parse_op
 from esa.perturb.protocols.bitscan import bitscan_experiment, greedy_collapse
@@ -51,6 +50,7 @@ from esa.perturb.protocols.common import (CONTROLS, DOSE_PARAM, STOCHASTIC_OPS, 
                                           DoseConfig, EvalConfig, PerturbConfig, adjust, build_cache, compare,
                                           make_bench, trial)
 from esa.perturb.protocols.experiments import dose_experiment, dose_ops, perturb_experiment
+from esa.runs import check_out_dir as check_owned_out_dir
 from esa.runs import staged_run_dir, write_arrays, write_json
 
 __all__ = [
@@ -65,16 +65,7 @@ RESULT_FILES = ("perturb.json", "dose_response.json", "bitscan.json")  # what --
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> Path:
     """Refuse a non-empty directory unless ``overwrite`` — and even then one holding no ESA perturbation run."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise EsaError(f"{out_dir} exists and is not empty; choose another --out-dir or pass --overwrite")
-        if not any((out_dir / f).exists() for f in RESULT_FILES):
-            raise EsaError(f"refusing to replace {out_dir}: it holds no perturb/dose-response/bitscan run; "
-                           "choose an empty or new --out-dir")
-    return out_dir
+    return check_owned_out_dir(out_dir, overwrite, RESULT_FILES, "perturb/dose-response/bitscan")
 
 
 def _run(spec: ModelSpec, out_dir, overwrite: bool, experiment, cfg, stem: str, plot) -> Path:
