@@ -1,4 +1,4 @@
-"""Paired statistics against scipy and hand formulas; coverage of the bootstrap CI; non-finite handling."""
+"""Paired statistics against scipy and hand formulas; the bootstrap-t CI; seed aggregation; non-finite handling."""
 
 import math
 
@@ -96,24 +96,68 @@ def test_corrections_keep_nan_and_count_it():
     np.testing.assert_allclose(bh[[0, 2]], [0.03, 0.03])
 
 
-def test_bootstrap_seeded_and_blocked(monkeypatch):
+def _bootstrap_t_loop(x, n_boot, level, seed):
+    """Bootstrap-t by hand, one resample at a time: t* = (mean* - mean) / (sd*/√W), interval from its quantiles."""
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    m, se = x.mean(), x.std(ddof=1) / math.sqrt(x.size)
+    t = [(x[i].mean() - m) / (x[i].std(ddof=1) / math.sqrt(x.size)) for i in idx]
+    q_lo, q_hi = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
+    return m - q_hi * se, m - q_lo * se
+
+
+def test_bootstrap_t_matches_hand_loop():
+    x = np.random.default_rng(2).lognormal(size=12)
+    got = stats.bootstrap_t_ci(x, n_boot=800, level=0.9, seed=4)
+    assert got == pytest.approx(_bootstrap_t_loop(x, 800, 0.9, 4), rel=1e-9)
+    assert got[0] < x.mean() < got[1]
+
+
+def test_bootstrap_t_seeded_and_blocked(monkeypatch):
     x = np.random.default_rng(1).normal(size=57)
-    a = stats.bootstrap_mean_ci(x, n_boot=3000, seed=5)
-    assert a == stats.bootstrap_mean_ci(x, n_boot=3000, seed=5)
-    assert a != stats.bootstrap_mean_ci(x, n_boot=3000, seed=6)
-    monkeypatch.setattr(stats, "_BOOT_BLOCK", 57 * 7)  # many small blocks: same stream, same answer
-    assert stats.bootstrap_mean_ci(x, n_boot=3000, seed=5) == pytest.approx(a, abs=1e-15)
+    a = stats.bootstrap_t_ci(x, n_boot=3000, seed=5)
+    assert a == stats.bootstrap_t_ci(x, n_boot=3000, seed=5)
+    assert a != stats.bootstrap_t_ci(x, n_boot=3000, seed=6)
+    monkeypatch.setattr(stats, "_BOOT_BLOCK", 58 * 7)  # many small blocks: same stream, same answer
+    assert stats.bootstrap_t_ci(x, n_boot=3000, seed=5) == pytest.approx(a, rel=1e-12)
 
 
-def test_bootstrap_coverage():
-    """~95 % of 200 seeded experiments' CIs cover the true mean (allow 90-99 %)."""
-    rng = np.random.default_rng(42)
-    true_mean, covered = 0.3, 0
-    for i in range(200):
-        sample = rng.normal(true_mean, 1.0, size=60)
-        low, high = stats.bootstrap_mean_ci(sample, n_boot=1000, seed=i)
-        covered += low <= true_mean <= high
-    assert 180 <= covered <= 198
+def test_bootstrap_t_rows_are_independent_samples():
+    x = np.random.default_rng(3).normal(size=(4, 9))
+    x[2, 5] = math.nan
+    low, high = stats.bootstrap_t_ci_rows(x, n_boot=500, seed=1)
+    for r in (0, 1, 3):
+        assert (low[r], high[r]) == pytest.approx(stats.bootstrap_t_ci(x[r], n_boot=500, seed=1), rel=1e-12)
+    assert math.isnan(low[2]) and math.isnan(high[2])
+
+
+def test_bootstrap_t_degenerate_inputs():
+    assert stats.bootstrap_t_ci(np.full(10, 0.25)) == (0.25, 0.25)  # no spread: the mean itself
+    assert all(math.isnan(v) for v in stats.bootstrap_t_ci([0.1]))  # one window: no standard error
+
+
+def test_paired_compare_records_method_and_few_windows():
+    c = stats.paired_compare(BASE, PERT, NTOK, n_boot=500)
+    assert c.ci_method == stats.CI_METHOD == "bootstrap-t" and c.n_windows >= stats.MIN_WINDOWS
+    assert not c.few_windows and c.to_dict()["ci_method"] == "bootstrap-t"
+    few = stats.paired_compare(BASE[:5], PERT[:5], NTOK[:5], n_boot=500)
+    assert few.few_windows and few.to_dict()["few_windows"] is True
+    assert stats.ci_method_label(None) == "percentile bootstrap"  # results stored before ci_method existed
+
+
+def test_paired_compare_ci_covers_95_percent_at_8_windows():
+    """Regression (audit issue 10, defect 2): the percentile bootstrap covered ≈ 89 % here; bootstrap-t ≈ 95 %.
+
+    1,000 experiments of 8 windows with normal per-window ΔNLL (true mean 0.05 nats/token); binomial SE 0.7 %.
+    """
+    rng = np.random.default_rng(11)
+    n = np.full(8, 100)
+    covered = 0
+    for i in range(1000):
+        base = rng.uniform(250, 350, 8)
+        pert = base + n * rng.normal(0.05, 0.2, 8)
+        c = stats.paired_compare(base, pert, n, n_boot=1000, seed=i)
+        covered += c.ci_low <= 0.05 <= c.ci_high
+    assert 930 <= covered <= 970
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
@@ -150,3 +194,28 @@ def test_aggregate_seeds_matches_t_interval():
     assert one.mean == 0.2 and math.isnan(one.ci_low)
     bad = stats.aggregate_seeds([0.1, float("inf"), 0.3])
     assert bad.n_nonfinite == 1 and bad.mean == math.inf and math.isnan(bad.ci_high)
+
+
+def test_aggregate_seeds_log_scale_is_exp_of_log_t_interval():
+    """Regression (audit issue 10, defect 3): PPL 3 and 80 gave the linear CI [-448, 531]."""
+    x = np.array([3.0, 80.0])
+    agg = stats.aggregate_seeds(x, scale="log")
+    logs = np.log(x)
+    low, high = np.exp(sps.t.interval(0.95, 1, loc=logs.mean(), scale=sps.sem(logs)))
+    assert (agg.ci_low, agg.ci_high) == (pytest.approx(low), pytest.approx(high))
+    assert agg.mean == pytest.approx(sps.gmean(x)) and agg.ci_low > 0 and agg.scale == "log"
+    assert agg.sd == pytest.approx(logs.std(ddof=1))
+    three = stats.aggregate_seeds([24.0, 19.5, 31.2], scale="log")
+    logs = np.log([24.0, 19.5, 31.2])
+    ref = np.exp(sps.t.interval(0.95, 2, loc=logs.mean(), scale=sps.sem(logs)))
+    assert (three.ci_low, three.ci_high) == (pytest.approx(ref[0]), pytest.approx(ref[1]))
+
+
+def test_aggregate_seeds_log_scale_edge_cases():
+    collapsed = stats.aggregate_seeds([12.0, math.inf], scale="log")
+    assert collapsed.mean == math.inf and collapsed.n_nonfinite == 1 and math.isnan(collapsed.ci_low)
+    assert stats.aggregate_seeds([12.0], scale="log").mean == pytest.approx(12.0)
+    with pytest.raises(EsaError, match="positive"):
+        stats.aggregate_seeds([12.0, 0.0], scale="log")
+    with pytest.raises(EsaError, match="unknown scale"):
+        stats.aggregate_seeds([12.0], scale="logit")

@@ -7,13 +7,22 @@ Definitions (W windows, window w with n_w scored tokens):
 
 * per-window ΔNLL  ``d_w = (nll_pert_w - nll_base_w) / n_w`` — nats per token, so windows of different
   lengths are comparable; positive means the perturbation hurt.
-* ``mean_delta_nll = mean_w d_w`` (each window weighs the same), with a seeded percentile-bootstrap CI
-  (windows resampled with replacement, all resamples drawn as one index matrix).
+* ``mean_delta_nll = mean_w d_w`` (each window weighs the same), with a seeded studentized-bootstrap
+  (bootstrap-t) CI, :data:`CI_METHOD`: windows resampled with replacement, each resample's mean studentized by
+  its own standard error, and the interval read off the quantiles of that pivot. Chosen over the percentile
+  bootstrap (covers 78–90 % at 8 windows) by the simulation in README.md "Intervals": it covers 95 % ± 1 % for
+  normal differences from :data:`MIN_WINDOWS` windows up, and comes closest of the methods tried on skewed ones
+  (≈ 90 % at 8 windows, 93 % at 64 for lognormal(0, 1) — nothing tried reaches 95 % there).
+  ``few_windows`` flags a comparison with fewer than :data:`MIN_WINDOWS` windows.
 * ``delta_nll_per_token = (Σ nll_pert - Σ nll_base) / Σ n_w`` = log(PPL_pert / PPL_base) (each token weighs
   the same); ``ppl = exp(Σ nll / Σ n)`` and ``delta_ppl = ppl_pert - ppl_base``.
 * p-values: Wilcoxon signed-rank on ``d`` and the paired t-test (``scipy.stats.ttest_rel``) on per-token NLLs,
   both two-sided; effect size Cohen's ``d_z = mean(d) / sd(d)`` (ddof=1).
 * ``collapsed``: any non-finite perturbed window loss, or perturbed PPL above ``collapse_ppl`` (default 1000).
+
+Across seeds (:func:`aggregate_seeds`) a metric gets a t-interval; a ratio-type metric (perplexity,
+word/byte perplexity, a PPL ratio) is aggregated on the log scale (``scale="log"``) and exponentiated back, so
+its centre is the geometric mean across seeds and both bounds are positive.
 
 Non-finite values are never dropped: they are counted, make the means ±inf/NaN, and every statistic that
 would need them to be finite (CI, p-values, d_z) is NaN — explicitly, not an exception.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,7 +41,12 @@ from scipy import stats as sps
 from esa.errors import EsaError
 
 DEFAULT_COLLAPSE_PPL = 1000.0
-_BOOT_BLOCK = 4_000_000  # max elements of one resample-index block (bounds memory to ~32 MB of int64)
+_BOOT_BLOCK = 4_000_000  # max elements of one resample block (bounds memory to ~32 MB per float64 array)
+CI_METHOD = "bootstrap-t"  # the mean-ΔNLL interval of paired_compare, stored as PairedComparison.ci_method
+CI_METHOD_LABELS = {"bootstrap-t": "studentized bootstrap (bootstrap-t)",
+                    "percentile": "percentile bootstrap"}  # results written before bootstrap-t carry no ci_method
+MIN_WINDOWS = 8  # below this the bootstrap-t CI is erratic (1.3-1.9x the t width at W=4-5, infinite at W≤3)
+SCALES = ("linear", "log")  # aggregate_seeds: "log" for ratio-type metrics (perplexity, PPL ratio)
 
 
 def _as_1d(x, name: str) -> np.ndarray:
@@ -60,23 +75,105 @@ def perplexity(nll, n_tokens) -> float:
         return float(np.exp(np.sum(np.asarray(nll, dtype=np.float64)) / np.sum(n_tokens)))
 
 
-def bootstrap_mean_ci(values, n_boot: int = 10_000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap CI of the mean of ``values`` (NaN, NaN when any value is non-finite).
+def _resample_weights(rng: np.random.Generator, rows: int, w: int) -> np.ndarray:
+    """(rows, W) share of each window in each of ``rows`` resamples (W indices drawn with replacement each)."""
+    idx = rng.integers(0, w, size=(rows, w))  # (rows, W)
+    flat = (idx + w * np.arange(rows)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * w).reshape(rows, w) / w
 
-    All ``n_boot`` resamples are one (n_boot, W) index matrix from ``np.random.default_rng(seed)``, drawn in
-    row blocks so memory stays bounded; the same seed gives the same interval.
+
+def _studentized(xc: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(R, n_boot) pivots t* = (mean* - mean) / se* of each row of the row-centred ``xc`` (R, W).
+
+    Every row shares the same resample indices, drawn in blocks from ``np.random.default_rng(seed)``. A resample
+    of one repeated value has se* = 0: its t* is ±inf, or 0 when the whole row is constant (0/0).
     """
-    x = _as_1d(values, "values")
-    if not np.isfinite(x).all():
-        return math.nan, math.nan
+    r, w = xc.shape
     rng = np.random.default_rng(seed)
-    rows = max(1, _BOOT_BLOCK // x.size)
-    means = np.concatenate([x[rng.integers(0, x.size, size=(min(rows, n_boot - s), x.size))].mean(axis=1)
-                            for s in range(0, n_boot, rows)])  # (n_boot,)
+    rows = max(1, _BOOT_BLOCK // (w + r))
+    out = []
+    for s in range(0, n_boot, rows):
+        c = _resample_weights(rng, min(rows, n_boot - s), w)  # (b, W)
+        m = xc @ c.T  # (R, b) resample mean minus sample mean
+        var = np.maximum(xc**2 @ c.T - m**2, 0.0) * (w / (w - 1))  # (R, b) resample variance, ddof=1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = m / np.sqrt(var / w)
+        out.append(np.where(np.isnan(t), 0.0, t))
+    return np.concatenate(out, axis=1)
+
+
+def _quantiles(t: np.ndarray, probs: list[float]) -> np.ndarray:
+    """(len(probs), R) linear-interpolation quantiles of each row of ``t``; ±inf where the neighbours are ±inf."""
+    with np.errstate(invalid="ignore"):
+        q = np.quantile(t, probs, axis=1)
+    return np.where(np.isnan(q), np.quantile(t, probs, axis=1, method="lower"), q)
+
+
+def bootstrap_t_ci_rows(x, n_boot: int = 10_000, level: float = 0.95,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Studentized-bootstrap CI of the mean of each row of ``x`` (R, W): rows are independent samples.
+
+    With mean m and se = sd(ddof=1)/√W of a row, and t*_b = (m*_b - m) / se*_b over ``n_boot`` resamples of its
+    W values, the interval is ``[m - q_{1-α/2}(t*) · se, m - q_{α/2}(t*) · se]`` with α = 1 - ``level``
+    (Efron & Tibshirani 1993, §12.5). It is asymmetric where the data are skewed. Rows with a non-finite value,
+    or fewer than 2 values, get (NaN, NaN); a constant row gets (m, m). Returns (low, high), each (R,).
+    """
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))  # (R, W)
+    r, w = x.shape
+    low, high = np.full(r, math.nan), np.full(r, math.nan)
+    ok = np.isfinite(x).all(axis=1)
+    if w < 2 or not ok.any():
+        return low, high
+    xs = x[ok]
+    m = xs.mean(axis=1)
+    se = xs.std(axis=1, ddof=1) / math.sqrt(w)
     alpha = 1.0 - level
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    q_lo, q_hi = _quantiles(_studentized(xs - m[:, None], n_boot, seed), [alpha / 2, 1 - alpha / 2])
+    with np.errstate(invalid="ignore"):
+        low[ok] = np.where(se > 0, m - q_hi * se, m)
+        high[ok] = np.where(se > 0, m - q_lo * se, m)
+    return low, high
+
+
+def bootstrap_t_ci(values, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Studentized-bootstrap CI of the mean of ``values`` (W,), as :func:`bootstrap_t_ci_rows`.
+
+    Deterministic given ``seed``; NaN, NaN when any value is non-finite or W < 2. Fewer than
+    :data:`MIN_WINDOWS` values give an interval, but not its stated coverage (README.md "Intervals").
+    """
+    low, high = bootstrap_t_ci_rows(_as_1d(values, "values")[None, :], n_boot, level, seed)
+    return float(low[0]), float(high[0])
+
+
+def ci_method_label(method: str | None) -> str:
+    """Words for a stored ``ci_method``; a comparison stored without one used the percentile bootstrap."""
+    return CI_METHOD_LABELS.get(method or "percentile", str(method))
+
+
+def interval_phrase(comparisons: Iterable[Mapping]) -> str:
+    """"<method> 95 % CI" for stored comparison dicts (each method once, in order; CI_METHOD when none)."""
+    methods = dict.fromkeys(ci_method_label(c.get("ci_method")) for c in comparisons) or [CI_METHOD_LABELS[CI_METHOD]]
+    return " / ".join(methods) + " 95 % CI"
+
+
+def few_windows(comparison: Mapping) -> bool:
+    """Whether a stored comparison has fewer than :data:`MIN_WINDOWS` windows (its flag, else its n_windows)."""
+    if comparison.get("few_windows") is not None:
+        return bool(comparison["few_windows"])
+    n = comparison.get("n_windows")
+    return n is not None and int(n) < MIN_WINDOWS
+
+
+def few_windows_caveat(comparisons: Iterable[Mapping]) -> str | None:
+    """The warning a report shows when some comparisons have too few windows for the CI's coverage, else None."""
+    comps = list(comparisons)
+    few = [c for c in comps if few_windows(c)]
+    if not few:
+        return None
+    sizes = sorted({int(c["n_windows"]) for c in few if c.get("n_windows") is not None})
+    at = f" ({', '.join(map(str, sizes))} windows)" if sizes else ""
+    return (f"{len(few)} of {len(comps)} comparison(s) have fewer than {MIN_WINDOWS} windows{at}: their 95 % CIs "
+            f"do not have the stated coverage (README \"Intervals\"); score more windows (max_eval_tokens).")
 
 
 def cohens_dz(d) -> float:
@@ -151,8 +248,10 @@ class PairedComparison:
     n_windows: int
     n_tokens: int
     mean_delta_nll: float  # nats/token, mean over windows; higher = more damage
-    ci_low: float  # bootstrap CI of mean_delta_nll (NaN when any window is non-finite)
+    ci_low: float  # CI_METHOD interval of mean_delta_nll (NaN when any window is non-finite)
     ci_high: float
+    ci_method: str  # how ci_low/ci_high were computed: CI_METHOD ("bootstrap-t")
+    few_windows: bool  # n_windows < MIN_WINDOWS: the CI does not have its stated coverage
     delta_nll_per_token: float  # token-weighted, = log(ppl_perturbed / ppl_baseline)
     ppl_baseline: float
     ppl_perturbed: float
@@ -186,11 +285,12 @@ def paired_compare(baseline_nll, perturbed_nll, n_tokens, *, n_boot: int = 10_00
     n = np.asarray(n_tokens, np.float64)
     ppl_b, ppl_p = perplexity(base, n), perplexity(pert, n)
     n_bad_p = int((~np.isfinite(pert)).sum())
-    ci = bootstrap_mean_ci(d, n_boot, level, seed)
+    ci = bootstrap_t_ci(d, n_boot, level, seed)
     with np.errstate(invalid="ignore", over="ignore"):
         return PairedComparison(
             n_windows=int(d.size), n_tokens=int(n.sum()), mean_delta_nll=float(np.mean(d)),
-            ci_low=ci[0], ci_high=ci[1], delta_nll_per_token=float((pert.sum() - base.sum()) / n.sum()),
+            ci_low=ci[0], ci_high=ci[1], ci_method=CI_METHOD, few_windows=bool(d.size < MIN_WINDOWS),
+            delta_nll_per_token=float((pert.sum() - base.sum()) / n.sum()),
             ppl_baseline=ppl_b, ppl_perturbed=ppl_p, delta_ppl=float(ppl_p - ppl_b),
             p_wilcoxon=wilcoxon_p(d), p_ttest=ttest_p(base / n, pert / n), cohens_dz=cohens_dz(d),
             n_nonfinite_baseline=int((~np.isfinite(base)).sum()), n_nonfinite_perturbed=n_bad_p,
@@ -201,25 +301,56 @@ def paired_compare(baseline_nll, perturbed_nll, n_tokens, *, n_boot: int = 10_00
 
 @dataclass(frozen=True)
 class SeedAggregate:
-    """One metric over S seeds: mean ± t-based CI (t_{(1+level)/2, S-1} · sd / √S)."""
+    """One metric over S seeds: centre and t-based CI, on the linear or the log scale.
+
+    ``scale="linear"``: mean ± t_{(1+level)/2, S-1} · sd / √S. ``scale="log"`` (ratio-type metrics: perplexity,
+    word/byte perplexity, PPL ratios): that interval of the log values, exponentiated — ``mean`` is then the
+    geometric mean across seeds and the CI is asymmetric around it and positive. Worked example: seeds with
+    PPL 3 and 80 give geometric mean √240 ≈ 15.5 and CI exp(mean(log) ± 12.71 · sd(log)/√2) ≈ [1.4e-8, 1.8e10]
+    (two seeds that far apart pin nothing down), where the linear interval would be [-448, 531].
+    """
 
     n: int
-    mean: float
-    sd: float  # ddof=1; NaN for one seed
+    mean: float  # arithmetic mean (linear) or geometric mean (log)
+    sd: float  # ddof=1, of the values (linear) or of their logs (log); NaN for one seed
     ci_low: float
     ci_high: float
     level: float
     n_nonfinite: int  # seeds whose value was Inf/NaN (kept: they make mean non-finite and the CI NaN)
+    scale: str = "linear"  # "linear" | "log" (see above)
 
 
-def aggregate_seeds(values, level: float = 0.95) -> SeedAggregate:
-    """Mean and t-based CI of one metric across seeds; non-finite seeds are counted, never dropped."""
-    x = _as_1d(values, "values")
-    n_bad = int((~np.isfinite(x)).sum())
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = float(np.mean(x))
-    if n_bad or x.size < 2:
-        return SeedAggregate(int(x.size), mean, math.nan, math.nan, math.nan, float(level), n_bad)
+def _t_interval(x: np.ndarray, level: float) -> tuple[float, float, float, float]:
+    """(mean, sd, low, high) of the t-interval of the mean of finite ``x``; NaN sd and bounds for one value."""
+    mean = float(np.mean(x))
+    if x.size < 2:
+        return mean, math.nan, math.nan, math.nan
     sd = float(x.std(ddof=1))
     half = float(sps.t.ppf((1 + level) / 2, x.size - 1)) * sd / math.sqrt(x.size)
-    return SeedAggregate(int(x.size), mean, sd, mean - half, mean + half, float(level), n_bad)
+    return mean, sd, mean - half, mean + half
+
+
+def aggregate_seeds(values, level: float = 0.95, scale: str = "linear") -> SeedAggregate:
+    """Centre and t-based CI of one metric across seeds; non-finite seeds are counted, never dropped.
+
+    Use ``scale="log"`` for a positive ratio-type metric (perplexity, word/byte perplexity, PPL ratio); keep
+    ``"linear"`` for metrics already on a log scale (NLL, ΔNLL, bits per byte) and for accuracies. A
+    non-finite seed makes ``mean`` non-finite (+inf for a collapsed perplexity) and the CI NaN.
+    """
+    if scale not in SCALES:
+        raise EsaError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}.")
+    x = _as_1d(values, "values")
+    n_bad = int((~np.isfinite(x)).sum())
+    if scale == "log" and (x <= 0).any():
+        raise EsaError(f"scale='log' needs positive values, got {x[x <= 0].tolist()}; aggregate a metric that "
+                       "can be ≤ 0 with scale='linear'.")
+    y = np.log(x) if scale == "log" else x
+    if n_bad:
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = float(np.exp(np.mean(y)) if scale == "log" else np.mean(y))
+        return SeedAggregate(int(x.size), mean, math.nan, math.nan, math.nan, float(level), n_bad, scale)
+    mean, sd, low, high = _t_interval(y, level)
+    if scale == "log":
+        with np.errstate(over="ignore"):
+            mean, low, high = (float(np.exp(v)) for v in (mean, low, high))
+    return SeedAggregate(int(x.size), mean, sd, low, high, float(level), n_bad, scale)

@@ -199,3 +199,20 @@ def test_sensitivity_section_equals_ranking_and_stability(tmp_path):
             "model.layers.11.mlp.down_proj.weight[507,1229] at rank 2.") in section
     for png in ("topk_layer_role.png", "score_hist.png"):
         assert f"(../sensitivity/{png})" in section
+
+
+def test_ci_method_named_and_few_windows_marked(tmp_path):
+    """Audit issue 10, defect 2: the table names the CI's method; fewer than 8 windows get a † and a warning."""
+    _build(tmp_path)
+    doc = json.loads((tmp_path / "perturb/perturb.json").read_text())
+    for i, c in enumerate(doc["comparisons"]):
+        c.update(n_windows=5 if i == 0 else 16, few_windows=i == 0, ci_method="bootstrap-t")
+    (tmp_path / "perturb/perturb.json").write_text(json.dumps(doc))
+    path = write_demo_report(tmp_path / "report", tmp_path / "report" / "baseline_report.md",
+                             tmp_path / "superweights", tmp_path / "sensitivity", tmp_path / "perturb",
+                             tmp_path / "dose_response")
+    section = _section(path.read_text(), "4. Causal validation")
+    assert "| studentized bootstrap (bootstrap-t) 95 % CI |" in section
+    [target], [random] = _rows(section, "target vs baseline"), _rows(section, "random_k vs baseline")
+    assert target[2].endswith("] †") and random[2].endswith("]")
+    assert "1 of 5 comparison(s) have fewer than 8 windows (5 windows)" in section

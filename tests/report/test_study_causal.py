@@ -59,11 +59,18 @@ def _table(blocks, header):
     return next(b for b in blocks if isinstance(b, Table) and b.header == header)
 
 
+def _ci(c: dict) -> str:
+    """A stored CI as the report shows it: † when the comparison has fewer windows than esa.stats.MIN_WINDOWS."""
+    return f"[{_d(c['ci_low'])}, {_d(c['ci_high'])}]" + (" †" if c.get("few_windows") else "")
+
+
 def test_sections_and_figures_are_written(report):
     _, md, page, _ = report
     text = md.read_text()
     for heading in ("## Causal validation: dose-response", "## Causal validation: bit scans"):
         assert heading in text
+        section = text.split(heading)[1].split("\n## ")[0]  # 128 tokens in windows of 32: too few for the CI
+        assert "studentized bootstrap (bootstrap-t) 95 % CI" in section and "fewer than 8 windows" in section
     for name in ("dose_response.png", "dose_vs_k.png", "bitscan_greedy.png"):
         assert f"]({name})" in text and (md.parent / name).read_bytes().startswith(b"\x89PNG")
     assert page.read_text().count("data:image/png;base64,") >= 5  # + baseline and sensitivity figures
@@ -79,7 +86,7 @@ def test_dose_table_equals_the_db(report):
             for arm in ("target", "random_k"):
                 c = m["comparisons"][row[arm]]
                 cells = (f"{m['parameter']}={row['value']}", arm, _d(c["mean_delta_nll"]),
-                         f"[{_d(c['ci_low'])}, {_d(c['ci_high'])}]", _ppl(c["ppl_perturbed"]),
+                         _ci(c), _ppl(c["ppl_perturbed"]),
                          f"{_f(c['ppl_ratio']):.4f}", f"{_f(c['p_wilcoxon_holm']):.3g}",
                          "yes" if c["collapsed"] else "no")
                 match = [r for r in rows if f"top-{config['k']}" in r[0] and r[1:] == cells]
@@ -102,7 +109,7 @@ def test_bitscan_tables_sentences_and_warnings_equal_the_db(report):
     assert len(flips) == len(m["comparisons"]) == 4
     for name, c in m["comparisons"].items():
         row = next(r for r in flips if r[1] == name)
-        assert row[3:] == (_d(c["mean_delta_nll"]), f"[{_d(c['ci_low'])}, {_d(c['ci_high'])}]",
+        assert row[3:] == (_d(c["mean_delta_nll"]), _ci(c),
                            _ppl(c["ppl_perturbed"]), "yes" if c["collapsed"] else "no")
     g = m["greedy"]
     (greedy,) = _table(blocks, GREEDY_HEADER).rows

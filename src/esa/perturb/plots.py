@@ -3,7 +3,8 @@
 ΔNLL (nats per token, mean over windows) spans orders of magnitude between a super weight (several nats) and
 a random control (≈ 1e-6), so ΔNLL axes are symmetric-log: linear within ±``LINTHRESH`` and logarithmic
 beyond, keeping sign. Collapsed trials (non-finite loss) have no finite mean: they are drawn as a red ✕ at the
-top of the axis and labelled, never dropped.
+top of the axis and labelled, never dropped. Axis labels name the CI's method (the comparisons' stored
+``ci_method``), and a figure whose comparisons have fewer windows than that CI needs says so in red.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from matplotlib import colormaps
 from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from esa.stats import few_windows_caveat, interval_phrase
 
 LINTHRESH = 1e-4  # nats/token: |ΔNLL| below this is drawn linearly
 COLORS = {"target": "tab:red", "random_k": "tab:blue", "bottom_k": "tab:green"}
@@ -56,8 +59,14 @@ def _mark_collapse(ax, xs: list, ys: list[float]) -> None:
                         fontsize=7, color="red")
 
 
+def _few_windows_note(fig: Figure, comparisons: list[dict]) -> None:
+    """A red footnote when some comparisons have too few windows for their CI's stated coverage."""
+    if caveat := few_windows_caveat(comparisons):
+        fig.text(0.01, 0.005, caveat.split(":")[0] + ": CIs under-cover", fontsize=7, color="red", va="bottom")
+
+
 def plot_perturb(doc: dict, path: Path) -> Path:
-    """Bars: mean ΔNLL of each arm vs baseline with its bootstrap CI; random_k's per-seed means as dots."""
+    """Bars: mean ΔNLL of each arm vs baseline with its 95 % CI; random_k's per-seed means as dots."""
     comps = [c for c in doc["comparisons"] if c["against"] == "baseline"]
     names = [c["name"].split(" vs ")[0] for c in comps]
     means = [_f(c["mean_delta_nll"]) for c in comps]
@@ -82,7 +91,8 @@ def plot_perturb(doc: dict, path: Path) -> Path:
         ax.annotate(f"ΔNLL {_f(c['mean_delta_nll']):.3g}\nPPL ×{_f(c['ppl_ratio']):.6g}", (x, 0),
                     textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
     _mark_collapse(ax, list(xs), means)
-    ax.set_ylabel("ΔNLL vs baseline (nats/token, mean over windows, 95% CI)")
+    ax.set_ylabel(f"ΔNLL vs baseline (nats/token, mean over windows)\n{interval_phrase(comps)}", fontsize=8)
+    _few_windows_note(fig, comps)
     op = doc["arms"][0]["op"] if doc["arms"] else {}
     ax.set_title(f"{doc['model']['model_id']}: {doc['targets']['spec']} under {op.get('op', '?')} vs controls",
                  fontsize=9)
@@ -123,7 +133,9 @@ def plot_dose_response(doc: dict, path: Path) -> Path:
         ax.set_xscale("symlog", linthresh=xs[xs > 0].min())
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xlabel(f"{rows[0]['op']['op']} {doc['parameter']}" if rows else doc["parameter"])
-    ax.set_ylabel("ΔNLL vs baseline (nats/token, 95% CI band)")
+    comps = [r[a] for r in rows for a in ("target", "random_k") if a in r]
+    ax.set_ylabel(f"ΔNLL vs baseline (nats/token)\n{interval_phrase(comps)} band", fontsize=8)
+    _few_windows_note(fig, comps)
     ax.set_title(f"{doc['model']['model_id']}: dose-response of {doc['targets']['spec']} "
                  f"({doc['targets']['n_elements']} elements)", fontsize=9)
     ax.legend(fontsize=8)

@@ -22,8 +22,14 @@ def _fmt_ci(stat: dict, digits: int = 3) -> str:
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _centre(stat: dict) -> str:
+    """What ``stat["mean"]`` is: results written before log-scale aggregation carry no ``scale``."""
+    return "geometric mean" if stat.get("scale") == "log" else "mean"
+
+
 def _summary_table(runs: list[BaselineRun]) -> list[str]:
-    lines = ["| model | dataset | ctx | method | tokens scored | seeds | perplexity (95% CI) | token acc | "
+    lines = ["| model | dataset | ctx | method | tokens scored | seeds | perplexity (geometric mean, 95% CI) | "
+             "token acc | "
              "bits/byte | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         tps = defaultdict(list)
@@ -129,7 +135,7 @@ def _reliability(runs: list[BaselineRun]) -> list[str]:
                 lo, hi = (as_float(v) for v in a["perplexity"]["ci95"])
                 mean = as_float(a["perplexity"]["mean"])
                 lines.append(f"- {where}: {len(a['seeds'])} seeds resample the windows; perplexity 95 % CI "
-                             f"half-width {(hi - lo) / 2:.3f} ({(hi - lo) / 2 / mean:.2%} of the mean).")
+                             f"[{lo:.4g}, {hi:.4g}] around the {_centre(a['perplexity'])} {mean:.3f}.")
     return lines
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from esa.runs import as_float, read_json
 from esa.sensitivity.ranking import read_ranking
+from esa.stats import few_windows, few_windows_caveat, interval_phrase
 
 TOP_ROWS = 10  # ranking rows shown in the report (the full table is in ranking.parquet / .csv)
 
@@ -101,14 +102,18 @@ def _sensitivity_lines(sens_dir: Path, out: Path, sw: dict) -> list[str]:
 
 
 def _comparison_lines(doc: dict) -> list[str]:
-    lines = ["| comparison | mean ΔNLL (nats/token, over windows) | 95 % CI | PPL after | PPL ratio "
-             "| Wilcoxon p (Holm) | collapsed |",
+    """The comparison table; its CI column names the method, and a † marks too few windows for its coverage."""
+    comps = doc["comparisons"]
+    lines = [f"| comparison | mean ΔNLL (nats/token, over windows) | {interval_phrase(comps)} | PPL after | "
+             "PPL ratio | Wilcoxon p (Holm) | collapsed |",
              "|---|---|---|---|---|---|---|"]
-    for c in doc["comparisons"]:
+    for c in comps:
         lines.append(f"| {c['name']} | {as_float(c['mean_delta_nll']):+.4f} | "
-                     f"[{as_float(c['ci_low']):+.4f}, {as_float(c['ci_high']):+.4f}] | "
+                     f"[{as_float(c['ci_low']):+.4f}, {as_float(c['ci_high']):+.4f}]{' †' if few_windows(c) else ''} | "
                      f"{as_float(c['ppl_perturbed']):.3f} | {as_float(c['ppl_ratio']):.3f} | "
                      f"{as_float(c.get('p_wilcoxon_holm')):.2g} | {c['collapsed']} |")
+    if caveat := few_windows_caveat(comps):
+        lines += ["", f"> **Warning** (†): {caveat}"]
     return lines
 
 

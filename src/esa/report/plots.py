@@ -13,7 +13,10 @@ from esa.runs import as_float
 
 
 def perplexity_vs_context(runs, path: Path) -> Path:
-    """One line per (model, dataset): mean perplexity across seeds vs context length, CI as error bars."""
+    """One line per (model, dataset): perplexity across seeds vs context length, CI as error bars.
+
+    The centre is the geometric mean across seeds and the bars are drawn from the stored bounds (asymmetric:
+    the CI comes from log perplexity, :func:`esa.baseline.aggregate`), so they never go below 0."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run in runs:
         by_dataset: dict[str, list[dict]] = {}
@@ -29,7 +32,7 @@ def perplexity_vs_context(runs, path: Path) -> Path:
             ax.errorbar(x, y, yerr=list(zip(*err)), marker="o", capsize=3, label=f"{run.model} · {dataset}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity (mean over seeds, 95% CI)")
+    ax.set_ylabel("perplexity (geometric mean over seeds, 95% CI)")
     ax.set_title("Perplexity vs context length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -2,8 +2,9 @@
 
 A **dose-response** run (:func:`esa.executors.causal.execute_dose_response`) stores, per swept value, the
 names of its ``target`` and ``random_k`` comparisons, and the comparisons themselves (paired ΔNLL vs the
-unperturbed model on the same windows, bootstrap 95 % CI, Wilcoxon p Holm-adjusted across the run). The
-section shows:
+unperturbed model on the same windows, 95 % CI by the stored ``ci_method`` — bootstrap-t —, Wilcoxon p
+Holm-adjusted across the run). CIs of comparisons with fewer than :data:`esa.stats.MIN_WINDOWS` windows are
+marked † and the section says their coverage is not the stated one. The section shows:
 
 1. a table with one row per run × value × arm — exactly the stored numbers, formatted;
 2. per run, in words: the range of the target's ΔNLL, at how many values its CI lies entirely above the
@@ -27,6 +28,7 @@ from esa.report.html import Block, Bullets, Figure, Paragraph, Table
 from esa.report.study_causal_plots import dose_plot, dose_vs_k_plot, greedy_plot
 from esa.report.study_report import ALPHA, Run, fnum, generic_section
 from esa.runs import as_float
+from esa.stats import few_windows, few_windows_caveat, interval_phrase
 
 
 def fdelta(x: float) -> str:
@@ -34,15 +36,23 @@ def fdelta(x: float) -> str:
     return f"{x:+.4g}" if math.isfinite(x) else str(x)
 
 
-def fci(low: float, high: float) -> str:
-    return f"[{fdelta(low)}, {fdelta(high)}]"
+def fci(low: float, high: float, few: bool = False) -> str:
+    """``[low, high]``; a † when the comparison has too few windows for the CI's stated coverage."""
+    return f"[{fdelta(low)}, {fdelta(high)}]" + (" †" if few else "")
 
 
 def _stats(c: dict) -> dict:
     p = as_float(c.get("p_wilcoxon_holm", c.get("p_wilcoxon")))
     return {"mean": as_float(c.get("mean_delta_nll")), "ci_low": as_float(c.get("ci_low")),
             "ci_high": as_float(c.get("ci_high")), "ppl": as_float(c.get("ppl_perturbed")),
-            "ppl_ratio": as_float(c.get("ppl_ratio")), "p_holm": p, "collapsed": bool(c.get("collapsed"))}
+            "ppl_ratio": as_float(c.get("ppl_ratio")), "p_holm": p, "collapsed": bool(c.get("collapsed")),
+            "ci_method": c.get("ci_method"), "n_windows": c.get("n_windows"), "few_windows": few_windows(c)}
+
+
+def _interval_words(rows: list[dict]) -> tuple[str, str]:
+    """(the CI method of ``rows``, the few-windows caveat or ""), for a section's intro."""
+    caveat = few_windows_caveat(rows)
+    return interval_phrase(rows), (f" ⚠ {caveat} Their CIs are marked †." if caveat else "")
 
 
 def _title(run: Run) -> str:
@@ -114,7 +124,8 @@ def dose_section(runs: list[Run]) -> list[Block]:
     table, sentences, panels = [], [], []
     for r in done:
         rows, title, param = dose_rows(r), _title(r), str(r.metrics.get("parameter"))
-        table += [(title, f"{param}={x['value']}", x["arm"], fdelta(x["mean"]), fci(x["ci_low"], x["ci_high"]),
+        table += [(title, f"{param}={x['value']}", x["arm"], fdelta(x["mean"]),
+                   fci(x["ci_low"], x["ci_high"], x["few_windows"]),
                    fnum(x["ppl"]), fnum(x["ppl_ratio"], 4), f"{x['p_holm']:.3g}", "yes" if x["collapsed"] else "no")
                   for x in rows]
         if any(x["arm"] == "target" for x in rows):
@@ -122,10 +133,11 @@ def dose_section(runs: list[Run]) -> list[Block]:
             sentences.append(_dose_sentence(title, param, rows, threshold))
         panels.append({"title": title, "parameter": param, "rows": rows})
     n_values = sum(len(r.metrics["rows"]) for r in done)
+    method, caveat = _interval_words([x for p in panels for x in p["rows"]])
     intro = (f"{len(done)} dose-response run(s), {n_values} op setting(s) in all: at each value of the swept "
              "parameter the targets and size-matched random_k controls are perturbed and scored on the same windows "
-             "as the unperturbed model (mean ΔNLL per window, bootstrap 95 % CI, Wilcoxon p Holm-adjusted within "
-             f"each run); {sum(row[-1] == 'yes' for row in table)} setting(s) collapsed.")
+             f"as the unperturbed model (mean ΔNLL per window, {method}, Wilcoxon p Holm-adjusted within "
+             f"each run); {sum(row[-1] == 'yes' for row in table)} setting(s) collapsed.{caveat}")
     failed = len(runs) - len(done)
     blocks: list[Block] = [Paragraph(intro + (f" {failed} run(s) failed (see the warnings)." if failed else "")),
                            Table(DOSE_HEADER, tuple(table)), Bullets(tuple(sentences))]
@@ -185,11 +197,14 @@ def bitscan_section(runs: list[Run]) -> list[Block]:
     if not done:
         return generic_section(runs)
     flips = {r.run_id: flip_rows(r) for r in done}
-    table = tuple((_title(r), f["name"], f"{f['value_after']:.6g}", fdelta(f["mean"]), fci(f["ci_low"], f["ci_high"]),
-                   fnum(f["ppl"]), "yes" if f["collapsed"] else "no") for r in done for f in flips[r.run_id])
+    table = tuple((_title(r), f["name"], f"{f['value_after']:.6g}", fdelta(f["mean"]),
+                   fci(f["ci_low"], f["ci_high"], f["few_windows"]), fnum(f["ppl"]), "yes" if f["collapsed"] else "no")
+                  for r in done for f in flips[r.run_id])
+    method, caveat = _interval_words([f for fs in flips.values() for f in fs])
     intro = (f"{len(done)} bit-scan run(s): each listed bit of each scanned weight flipped alone (paired ΔNLL vs the "
-             "unperturbed model on the same windows, bootstrap 95 % CI), then flips added greedily — most damaging "
-             "first, re-scored with those already applied — until the model collapses or max_flips is reached.")
+             f"unperturbed model on the same windows, {method}), then flips added greedily — most damaging "
+             "first, re-scored with those already applied — until the model collapses or max_flips is reached."
+             + caveat)
     sentences = [s for r in done for s in _bitscan_sentences(r, flips[r.run_id])]
     curves = [{"title": _title(r), "baseline_ppl": as_float(r.metrics.get("baseline_perplexity")),
                "collapse_ppl": as_float(r.metrics["greedy"].get("collapse_ppl")),

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from esa.stats import MIN_WINDOWS, interval_phrase
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -24,14 +26,18 @@ def _png(fig) -> bytes:
 
 
 def _err(mean: float, low: float, high: float) -> tuple[float, float]:
-    """(below, above) error-bar lengths; zero when the CI is undefined (one seed, non-finite seeds)."""
+    """(below, above) error-bar lengths; zero when the CI is undefined (one seed, non-finite seeds).
+
+    Drawn from the bounds, not a half-width, so an asymmetric CI (perplexity, aggregated on the log scale) keeps
+    its shape and never reaches below its lower bound."""
     if math.isnan(low) or math.isnan(high):
         return 0.0, 0.0
     return mean - low, high - mean
 
 
 def baseline_perplexity_plot(cells: list[dict]) -> bytes:
-    """Mean perplexity over seeds vs context length, one line per (model, dataset), 95 % CI as error bars.
+    """Geometric-mean perplexity over seeds vs context length, one line per (model, dataset), 95 % CI as
+    asymmetric error bars (the log-scale CI of :func:`esa.stats.aggregate_seeds`, always above 0).
 
     ``cells``: dicts with model, dataset, context_len and ``perplexity`` (an :class:`esa.stats.SeedAggregate`).
     """
@@ -51,7 +57,7 @@ def baseline_perplexity_plot(cells: list[dict]) -> bytes:
     ax.set_xticks(contexts, [str(c) for c in contexts])
     ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity (mean over seeds, 95% CI)")
+    ax.set_ylabel("perplexity (geometric mean over seeds, 95% CI)")
     ax.set_title("Baseline perplexity vs context length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -59,9 +65,10 @@ def baseline_perplexity_plot(cells: list[dict]) -> bytes:
 
 
 def comparison_plot(rows: list[dict]) -> bytes:
-    """Horizontal bars of mean ΔNLL (nats/token) per comparison with bootstrap CI; collapsed ones in red.
+    """Horizontal bars of mean ΔNLL (nats/token) per comparison with its 95 % CI; collapsed ones in red.
 
-    ``rows``: dicts with label, mean_delta_nll, ci_low, ci_high, collapsed.
+    ``rows``: dicts with label, mean_delta_nll, ci_low, ci_high, collapsed, and optionally ci_method (the CI's
+    method, named on the axis) and few_windows (labelled "†" : fewer than MIN_WINDOWS windows).
     """
     fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.35 * len(rows)))
     y = list(range(len(rows)))[::-1]
@@ -69,9 +76,10 @@ def comparison_plot(rows: list[dict]) -> bytes:
     err = [_err(m, r["ci_low"], r["ci_high"]) for m, r in zip(means, rows)]
     colors = ["#c53030" if r["collapsed"] else "#2b6cb0" for r in rows]
     ax.barh(y, means, xerr=list(zip(*err)) if rows else None, color=colors, capsize=3)
-    ax.set_yticks(y, [_short(r["label"], 60) for r in rows], fontsize=7)
+    ax.set_yticks(y, [_short(r["label"], 60) + (" †" if r.get("few_windows") else "") for r in rows], fontsize=7)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("mean ΔNLL per window (nats/token), 95% bootstrap CI; red = collapsed")
+    few = f"; † < {MIN_WINDOWS} windows: CI under-covers" if any(r.get("few_windows") for r in rows) else ""
+    ax.set_xlabel(f"mean ΔNLL per window (nats/token), {interval_phrase(rows)}; red = collapsed{few}", fontsize=8)
     ax.set_title("Causal validation: perturbation effects")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

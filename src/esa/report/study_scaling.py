@@ -7,7 +7,7 @@ same way belong on one trend line. Within a ladder a model appears once (the new
 have changed) and models are ordered by size. Each ladder with ≥ 2 models shows:
 
 * a per-model table: parameters, bits per byte, perplexity, super-weight count and depth, mean ΔNLL/token of
-  the perturbed super weights (target) and of the size-matched random_k control with bootstrap 95 % CIs, the
+  the perturbed super weights (target) and of the size-matched random_k control with bootstrap-t 95 % CIs, the
   PPL ratio of the target, and the heavy-tail share;
 * the fits of :func:`esa.scaling.fit_trends` — the very function ``esa scaling`` uses — computed here from the
   stored rows: slope with its t-based 95 % CI (undefined with 2 models), intercept, R², the models used, or
