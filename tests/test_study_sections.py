@@ -1,12 +1,14 @@
 """Study sensitivity and perturbation sections: expansion, dependencies, run ids, execution and resume."""
 
+import json
+
 import numpy as np
 import pytest
 
 from esa.errors import EsaError
 from esa.executors import RUNNERS, plan, resolved_config, run_key, run_study
 from esa.perturb.ops import make_op, parse_op
-from esa.sensitivity.ranking import read_ranking
+from esa.sensitivity.ranking import floor_path, read_ranking
 from esa.store import Store
 from esa.study import expand, parse_study
 from esa.study_sections import op_spec
@@ -43,7 +45,7 @@ def _pure(**changes):
 def sections_db(tiny_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("db") / "s.db"
     summary = run_study(_study(tiny_dir), db)
-    assert summary.ok and summary.completed == summary.total == 8, summary
+    assert summary.ok and summary.completed == summary.total == 7, summary
     return db
 
 
@@ -54,14 +56,15 @@ def test_expansion_order_seeds_directions_and_controls():
     assert kinds == sorted(kinds, key=["baseline", "sensitivity", "perturbation"].index)  # dependencies first
     sens = [(r.scorer, r.bottom, r.seed) for r in runs if r.kind == "sensitivity"]
     # every scorer's top ranking; magnitude needs no data: one seed; a bottom ranking only where a bottom
-    # target or a bottom_k control needs it
+    # target needs it (a bottom_k control comes from the top ranking's floor table)
     assert sens == [("magnitude", False, 0), ("magnitude", True, 0), ("grad_x_weight", False, 0),
-                    ("grad_x_weight", False, 1), ("grad_x_weight", True, 0), ("grad_x_weight", True, 1)]
+                    ("grad_x_weight", False, 1)]
     pert = {(r.target, r.seed): r for r in runs if r.kind == "perturbation"}
     assert len(pert) == 6
     top1 = pert[("top", 1)]
     assert top1.controls == ("random_k", "bottom_k") and top1.control_seeds == (0, 1)
-    assert (top1.ranking_run.seed, top1.ranking_run.bottom, top1.tail_run.bottom) == (1, False, True)
+    assert (top1.ranking_run.seed, top1.ranking_run.bottom) == (1, False)
+    assert top1.dependencies() == {"ranking": top1.ranking_run}
     low1 = pert[("low", 1)]
     assert low1.controls == ("random_k",) and low1.ranking_run.bottom and low1.ranking_run.seed == 0
     assert pert[("row", 0)].controls == ("random_k",) and not pert[("row", 0)].dependencies()
@@ -117,7 +120,7 @@ def test_rows_artifacts_and_dependencies(sections_db, tiny_dir):
     with Store(sections_db) as store:
         frame = store.runs_frame("sections").set_index("run_id")
         assert (frame["status"] == "completed").all()
-        assert frame["kind"].value_counts().to_dict() == {"sensitivity": 4, "perturbation": 3, "baseline": 1}
+        assert frame["kind"].value_counts().to_dict() == {"sensitivity": 3, "perturbation": 3, "baseline": 1}
         for rid, row in frame[frame["kind"] == "sensitivity"].iterrows():
             table = read_ranking(sections_db.parent / row["ranking_file"])
             assert len(table) == 16 and row["topk_rows"] == 16
@@ -128,6 +131,13 @@ def test_rows_artifacts_and_dependencies(sections_db, tiny_dir):
             assert list(arrays["param"]) == list(table["param"])
             order = np.sort(table["score"].to_numpy())
             assert np.array_equal(table["score"].to_numpy(), order if row["config.bottom"] else order[::-1])
+            floor_file = floor_path(sections_db.parent / row["ranking_file"])
+            assert floor_file.is_file() != bool(row["config.bottom"])  # top rankings keep a per-tensor floor
+            if floor_file.is_file():  # as many of each tensor's lowest scores as it has in the top k
+                floor = read_ranking(floor_file)
+                assert floor["param"].value_counts().to_dict() == table["param"].value_counts().to_dict()
+                for name, part in floor.groupby("param"):
+                    assert part["score"].max() <= table.loc[table["param"] == name, "score"].min()
         pert = frame[frame["kind"] == "perturbation"]
         for rid, row in pert.iterrows():
             deps = [v for k, v in row.items() if k.startswith("config.depends_on.") and isinstance(v, str)]
@@ -138,13 +148,15 @@ def test_rows_artifacts_and_dependencies(sections_db, tiny_dir):
         top = pert[pert["config.target"] == "top"].iloc[0]
         assert "comparisons.target vs random_k.p_wilcoxon_holm" in top.index
         assert "bottom_k" in str(top["arms"]) and "/tmp" not in str(top["arms"])
+        arms = {a["name"]: a for a in json.loads(top["arms"])}
+        assert arms["bottom_k"]["tensors"] == arms["target"]["tensors"]  # matched per tensor in count
         assert "fingerprint" not in str(top["notes"])  # the protocol could check the ranking's model
 
 
 def test_rerun_skips_everything_without_loading(sections_db, tiny_dir, monkeypatch):
     forbid_model_loading(monkeypatch)
     summary = run_study(_study(tiny_dir), sections_db)
-    assert summary.skipped == summary.total == 8 and summary.completed == 0
+    assert summary.skipped == summary.total == 7 and summary.completed == 0
 
 
 def test_perturbation_equals_perturb_experiment(sections_db, tiny_dir):
@@ -158,10 +170,10 @@ def test_perturbation_equals_perturb_experiment(sections_db, tiny_dir):
     with Store(sections_db) as store:
         rid = run_key(run, fp)
         deps = resolved_config(run, fp)["depends_on"]
-        files = [str(store.artifact_dir(deps[role]) / "ranking.parquet") for role in ("ranking", "bottom_k")]
+        ranking_file = str(store.artifact_dir(deps["ranking"]) / "ranking.parquet")
         stored = store.load_arrays(rid)
         metrics = store.runs_frame("sections").set_index("run_id").loc[rid]
-    doc, arrays = perturb_experiment(lm, perturb_config(run, *files))
+    doc, arrays = perturb_experiment(lm, perturb_config(run, ranking_file))
     assert set(arrays) == set(stored)
     for key, value in arrays.items():
         np.testing.assert_array_equal(value, stored[key], err_msg=key)

@@ -4,7 +4,7 @@ Sensitivity runs — one per model × scorer × calibration seed × direction:
 
 * a data-free scorer (``magnitude``) runs for the first seed only (the seed would change nothing);
 * direction ``top`` always; ``bottom`` (the k *least* sensitive weights) only where the perturbation section
-  needs it: a ``bottom: true`` target, or the ``bottom_k`` control of a ranking target;
+  needs it: a ``bottom: true`` target (a top ranking also keeps its floor table, for ``bottom_k``);
 * ``calibration_tokens`` becomes ``ceil(tokens / context_len)`` chunks windows. Example: 65 536 tokens at
   context 512 → 128 windows (127 scored tokens each: the first token of a window is never predicted).
 
@@ -14,7 +14,8 @@ seeds ``0 … trials-1``. A ranking target depends on the sensitivity run of its
 (seed 0's run for a data-free scorer): the run's config then names that run's id (``depends_on``), so a new
 ranking means a new perturbation run. Controls actually applied, per target kind:
 
-* ranking target (top k): ``random_k``; ``bottom_k`` = the k lowest of the scorer's bottom ranking;
+* ranking target (top k): ``random_k``; ``bottom_k`` = per target tensor, as many of its lowest-scoring
+  non-zero weights under the same scorer (the ranking's floor table, :func:`esa.perturb.targets.lowest_of`);
 * ranking target with ``bottom: true``: ``random_k`` only (the target *is* the bottom);
 * ``spec: superweights``: ``random_k``; ``bottom_k`` = the k smallest non-zero |W| of the same tensors;
 * any other spec: ``random_k`` only (a glob or coordinate set has no ranking to take a tail from).
@@ -79,13 +80,12 @@ class PerturbationRun:
     seed: int  # picks the evaluation windows
     max_eval_tokens: int | None
     batch_tokens: int
-    ranking_run: SensitivityRun | None = None  # gives the targets (ranking targets)
-    tail_run: SensitivityRun | None = None  # gives the bottom_k control
+    ranking_run: SensitivityRun | None = None  # gives the targets and, for top targets, the bottom_k floor
 
     def config(self) -> dict:
         """Without the dependency runs: executors add their run ids as ``depends_on``."""
         cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
-        del cfg["ranking_run"], cfg["tail_run"]
+        del cfg["ranking_run"]
         return cfg
 
     def label(self) -> str:
@@ -93,8 +93,7 @@ class PerturbationRun:
                f"seed={self.seed}"
 
     def dependencies(self) -> dict:
-        deps = {"ranking": self.ranking_run, "bottom_k": self.tail_run}
-        return {role: run for role, run in deps.items() if run is not None}
+        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
 
 
 def op_spec(name: str, point: dict) -> str:
@@ -114,7 +113,7 @@ def _needs_tail(study: Study, scorer: str) -> bool:
     p = study.perturbation
     if p is None:
         return False
-    return any(t.ranking == scorer and (t.bottom or "bottom_k" in p.controls) for t in p.targets)
+    return any(t.ranking == scorer and t.bottom for t in p.targets)
 
 
 def sensitivity_run(study: Study, spec: ModelSpec, scorer: str, seed: int, bottom: bool) -> SensitivityRun:
@@ -149,14 +148,10 @@ def _perturbation_runs(study: Study, spec: ModelSpec, t: TargetEntry, dataset: s
                        seed: int) -> list[PerturbationRun]:
     p = study.perturbation
     controls = _controls_for(study, t)
-    ranking_run = tail_run = None
-    if t.ranking is not None:
-        ranking_run = sensitivity_run(study, spec, t.ranking, seed, t.bottom)
-        if "bottom_k" in controls:
-            tail_run = sensitivity_run(study, spec, t.ranking, seed, True)
+    ranking_run = sensitivity_run(study, spec, t.ranking, seed, t.bottom) if t.ranking is not None else None
     return [PerturbationRun(spec, t.name, t.spec, t.ranking, t.k, t.bottom, op_spec(entry.op, point), controls,
                             tuple(range(p.trials)), dataset, ctx, seed, study.max_eval_tokens, study.batch_tokens,
-                            ranking_run, tail_run)
+                            ranking_run)
             for entry in p.ops for point in grid_points(entry)]
 
 

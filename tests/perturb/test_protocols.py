@@ -15,7 +15,7 @@ from esa.evals.perplexity import evaluate_windows
 from esa.perturb import from_coordinates, from_ranking, make_op, perturbed
 from esa.perturb.protocols import (BitscanConfig, DoseConfig, EvalConfig, PerturbConfig, bitscan_experiment,
                                    dose_experiment, make_bench, perturb_experiment)
-from esa.sensitivity.ranking import COLUMNS
+from esa.sensitivity.ranking import COLUMNS, floor_path
 from esa.stats import per_window_delta, perplexity
 from helpers.models import tiny_loaded
 
@@ -44,6 +44,7 @@ def ranking(lm, tmp_path_factory):
                           "weight": w.reshape(-1).numpy(), "rank": np.arange(1, w.numel() + 1)})[COLUMNS]
     path = tmp_path_factory.mktemp("ranking") / "ranking.csv"
     table.to_csv(path, index=False)
+    table.to_parquet(floor_path(path))  # the whole tensor: its own floor (bottom_k's per-tensor lowest scores)
     return path, table
 
 

@@ -96,7 +96,7 @@ def test_ranking_of_another_model_is_refused(lm, table, data, tmp_path, changes,
 
 def test_matching_ranking_runs_and_dtype_may_differ(lm, table, data, tmp_path):
     """Same revision, size and type but another dtype (the same weights in bf16) → accepted, no warning."""
-    path = write_ranking(table, tmp_path / "r", _other(lm, dtype="bf16"))[0]
+    path = write_ranking(table, tmp_path / "r", _other(lm, dtype="bf16"), floor=table)[0]
     cfg = PerturbConfig(targets=f"topk:{path}:3", controls=("random_k", "bottom_k"), control_seeds=(0,),
                         data=data)
     doc, _ = perturb_experiment(lm, cfg)

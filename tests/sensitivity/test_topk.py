@@ -121,3 +121,27 @@ def test_one_score_tensor_alive_at_a_time(monkeypatch):
     monkeypatch.setattr(ranking, "TailStats", BigPool)
     ranking.score_and_rank(model, params, random_batches(), "grad_x_weight", 10)
     assert len(alive) == len(params) and peak[0] == 0
+
+
+@pytest.mark.parametrize("k", [1, 7, 60])
+def test_matched_floor_equals_brute_force(k):
+    """Per tensor: its lowest non-zero scores, as many as it holds in the final top k (a brute-force sort)."""
+    from esa.sensitivity.topk import MatchedFloor
+
+    gen = torch.Generator().manual_seed(k)
+    weights = [torch.randn(s, generator=gen) for s in ((16, 8), (32,), (8, 8), (40, 4))]
+    weights[2][0, :3] = 0.0  # exact zeros are never a floor (zeroing them would change nothing)
+    scores = [w.abs() * torch.rand(w.shape, generator=gen) for w in weights]
+    top = TopK(k)
+    floor = MatchedFloor(top)
+    for i, (s, w) in enumerate(zip(scores, weights)):
+        top.add(i, s, w)
+        floor.add(i, s.clone(), w)
+    picked = top.result()
+    counts = np.bincount(picked.param, minlength=len(scores))
+    got = floor.result()
+    for i, (s, w) in enumerate(zip(scores, weights)):
+        flat, wf = s.reshape(-1).numpy(), w.reshape(-1).numpy()
+        order = [j for j in np.argsort(flat, kind="stable") if wf[j] != 0][: counts[i]]
+        assert got.flat[got.param == i].tolist() == order, i
+    assert len(got) == k  # memory and output stay O(k)

@@ -50,7 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--op", default="zero", help="zero | sign_flip | scale:factor=F | set:value=V | "
                    "gauss_noise:sigma=S[,relative_to=tensor_std] | uniform_noise:width=W | bit_flip:bit=B | "
                    "random_bit_flip:prob=P[,bits=…]")
-    p.add_argument("--controls", default=",".join(CONTROLS), help="comma list of random_k, bottom_k (or none)")
+    p.add_argument("--controls", default=None,
+                   help=f"comma list of {', '.join(CONTROLS)} (or none); default: random_k, plus bottom_k when a "
+                        "ranking is known (--ranking, a topk: target, or superweights: magnitude)")
     p.add_argument("--ranking", default=None, help="ranking.parquet/.csv for bottom_k (from `esa sensitivity`)")
     p.add_argument("--control-seeds", nargs="+", type=int, default=[0, 1, 2], help="random_k draws")
     p.set_defaults(func=run_perturb_cmd)
@@ -134,7 +136,8 @@ def run_perturb_cmd(args) -> int:
     from esa.perturb.protocols import run_perturb
     from esa.runs import read_json
 
-    cfg = PerturbConfig(args.targets, args.op, tuple(args.controls.split(",")), args.ranking,
+    controls = None if args.controls is None else tuple(args.controls.split(","))
+    cfg = PerturbConfig(args.targets, args.op, controls, args.ranking,
                         tuple(args.control_seeds), _data(args))
     out = run_perturb(_spec(args), cfg, args.out_dir, args.overwrite)
     doc = read_json(out / "perturb.json")

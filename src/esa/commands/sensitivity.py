@@ -62,7 +62,7 @@ def _one_seed(cfg: SensitivityConfig, loaded, params, seed: int, out: Path) -> d
         batches = calib.batches
     res = score_and_rank(loaded.model, params, batches, cfg.scorer, cfg.k, cfg.mode, not cfg.bottom,
                          ScoreOptions(cfg.probes, seed), cfg.hist_sample)
-    write_ranking(res.table, out / f"ranking_seed{seed}", loaded.fingerprint.to_dict())
+    write_ranking(res.table, out / f"ranking_seed{seed}", loaded.fingerprint.to_dict(), res.floor)
     return {"seed": seed, "result": res, "calibration": calib.describe() if calib else None}
 
 
@@ -79,7 +79,7 @@ def run_sensitivity(cfg: SensitivityConfig, overwrite: bool = False) -> dict:
     seeds = cfg.seeds if info.needs_data else cfg.seeds[:1]  # no data → the seed changes nothing
     runs = [_one_seed(cfg, loaded, params, s, out) for s in seeds]
     first = runs[0]["result"]
-    files = write_ranking(first.table, out / "ranking", loaded.fingerprint.to_dict())
+    files = write_ranking(first.table, out / "ranking", loaded.fingerprint.to_dict(), first.floor)
     label = f"{cfg.model} · {cfg.scorer} · seed {seeds[0]}"
     files.append(plots.score_histogram(first.sample, out / "score_hist.png", f"score distribution: {label}"))
     files.append(plots.layer_role_heatmap(first.table, out / "topk_layer_role.png",
@@ -98,7 +98,8 @@ def run_sensitivity(cfg: SensitivityConfig, overwrite: bool = False) -> dict:
                 "seeds_run": list(seeds), "provenance": provenance(loaded.device),
                 "wall_seconds": time.perf_counter() - start,
                 "files": [p.name for p in files]
-                + [f"ranking_seed{s}.{e}" for s in seeds for e in ("parquet", "csv", "meta.json")]
+                + [f"ranking_seed{s}.{e}" for s in seeds
+                   for e in ("parquet", "csv", "meta.json") + (("floor.parquet",) if not cfg.bottom else ())]
                 + ["stability.json"]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return stability

@@ -7,7 +7,7 @@ arrays become the run's ``per_window.npz``. Weights change only inside the proto
 * **dose_response** — :func:`~esa.perturb.protocols.dose_experiment` with :func:`dose_config`. Metrics:
   ``parameter``, ``op``; ``rows`` — per value, in the study's order: ``value``, ``op`` and the names of its
   ``target`` and ``random_k`` comparisons, each arm's seed spread, and how many elements the op changed;
-  ``comparisons`` — {name: paired statistics vs the unperturbed model (mean ΔNLL, bootstrap CI, PPL ratio,
+  ``comparisons`` — {name: paired statistics vs the unperturbed model (mean ΔNLL, bootstrap-t CI, PPL ratio,
   Wilcoxon/t-test p with Holm and BH across the run, collapsed)}, named ``"<arm> @ <parameter>=<value>"``;
   the targets (kind, size, k, super-weight candidates), the baseline, notes. Arrays: window_index,
   n_scored, baseline_nll (W,), ``<arm>_nll__<i>`` (S, W) per value index i, ``delta__<comparison>`` (W,).
@@ -30,18 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from esa.executors.sections import write_dependency_ranking
 from esa.models import LoadedModel
-
-
-def _ranking_file(run, ctx, deps: dict, tmp: Path, model: dict) -> str | None:
-    """The dependency's ranking written to ``tmp`` (fingerprint: the one it was scored on), or None."""
-    from esa.executors.sections import _ranking_of
-    from esa.sensitivity.ranking import write_ranking
-
-    if "ranking" not in deps:
-        return None
-    table = _ranking_of(ctx, deps, "ranking", run.label())
-    return str(write_ranking(table, tmp / "ranking", table.attrs.get("model") or model)[0])
 
 
 def _targets(run, ranking_file: str | None) -> str:
@@ -120,7 +110,7 @@ def _execute(lm: LoadedModel, run, ctx, experiment, make_config, to_metrics) -> 
     fingerprint = lm.fingerprint.to_dict()
     deps = resolved_config(run, fingerprint).get("depends_on", {})
     with tempfile.TemporaryDirectory(prefix="esa-causal-") as tmp:
-        ranking_file = _ranking_file(run, ctx, deps, Path(tmp), fingerprint)
+        ranking_file = write_dependency_ranking(run, ctx, deps, Path(tmp), fingerprint)
         doc, arrays = experiment(lm, make_config(run, ranking_file))
     files = {ranking_file: deps["ranking"]} if ranking_file else {}
     return _scrub(to_metrics(doc), files), arrays

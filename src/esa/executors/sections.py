@@ -13,7 +13,7 @@ A runner is ``(lm, run, ctx: RunContext) -> (metrics, arrays)``; the arrays beco
 * **perturbation** — :func:`~esa.perturb.protocols.perturb_experiment` with the run's :class:`PerturbConfig`
   (:func:`perturb_config`). A ranking target reads the ranking of the sensitivity run it depends on, from the
   :class:`RunContext` (filled by sensitivity runs of this process, or by the driver from the store). Metrics:
-  every paired comparison (mean ΔNLL, bootstrap CI, Wilcoxon/t-test p-values with Holm and BH, PPL ratio,
+  every paired comparison (mean ΔNLL, bootstrap-t CI, Wilcoxon/t-test p-values with Holm and BH, PPL ratio,
   collapsed), separation ratios, per-arm sizes and seeds, the baseline, notes; ``perplexity`` is the target
   arm's perturbed PPL. Arrays: perturb.npz's (window_index, n_scored, baseline_nll, ``<arm>_nll``,
   ``<arm>_nll_per_seed``, ``delta__<comparison>``).
@@ -38,9 +38,18 @@ from esa.models import LoadedModel
 RANKING_FILE = "ranking.parquet"  # in artifacts/<run_id>/, next to per_window.npz
 
 
+FLOOR_PREFIX = "floor__"  # arrays of a top ranking's floor table (the bottom_k control's source)
+
+
+def floor_key(rid: str) -> str:
+    """The :attr:`RunContext.rankings` key of sensitivity run ``rid``'s floor table."""
+    return f"{rid}/floor"
+
+
 @dataclass
 class RunContext:
-    """What the runs of one model group share in one process: corpora, and rankings by sensitivity run id."""
+    """What the runs of one model group share in one process: corpora, and rankings by sensitivity run id
+    (``<run id>`` → its table, ``floor_key(<run id>)`` → its floor table, for top rankings)."""
 
     corpora: dict = field(default_factory=dict)
     rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -70,14 +79,22 @@ def ranking_table(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
     return table[COLUMNS]
 
 
+def split_floor(arrays: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(ranking table, floor table or None) of a sensitivity run's arrays."""
+    floor = {k.removeprefix(FLOOR_PREFIX): v for k, v in arrays.items() if k.startswith(FLOOR_PREFIX)}
+    top = {k: v for k, v in arrays.items() if not k.startswith(FLOOR_PREFIX)}
+    return ranking_table(top), ranking_table(floor) if floor else None
+
+
 def write_ranking_artifact(directory: Path, arrays: dict[str, np.ndarray], model: dict) -> Path:
-    """Write ``ranking.parquet``/``.csv``/``.meta.json`` (with the scored model's fingerprint ``model``) into
-    ``directory`` via a staging dir and renames (crash-safe)."""
+    """Write ``ranking.parquet``/``.csv``/``.meta.json`` (+ ``ranking.floor.parquet``; with the scored model's
+    fingerprint ``model``) into ``directory`` via a staging dir and renames (crash-safe)."""
     from esa.sensitivity.ranking import write_ranking
 
     directory.mkdir(parents=True, exist_ok=True)
+    table, floor = split_floor(arrays)
     with tempfile.TemporaryDirectory(prefix=".ranking-", dir=directory) as stage:
-        for path in write_ranking(ranking_table(arrays), Path(stage) / "ranking", model):
+        for path in write_ranking(table, Path(stage) / "ranking", model, floor):
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(path, directory / path.name)
@@ -129,7 +146,11 @@ def execute_sensitivity(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, di
     res = score_and_rank(lm.model, params, calib.batches if calib else (), run.scorer, run.k, run.mode,
                          not run.bottom, ScoreOptions(seed=run.seed))
     arrays = ranking_arrays(res.table)
-    ctx.rankings[run_key(run, lm.fingerprint.to_dict())] = res.table
+    rid = run_key(run, lm.fingerprint.to_dict())
+    ctx.rankings[rid] = res.table
+    if res.floor is not None:
+        arrays |= {FLOOR_PREFIX + k: v for k, v in ranking_arrays(res.floor).items()}
+        ctx.rankings[floor_key(rid)] = res.floor
     ppl = _calibration_perplexity(lm.model, calib.batches) if calib else math.nan
     metrics = {"perplexity": ppl, "tail": res.tail,
                **_topk_summary(res.table), "score_seconds": res.score_seconds, "topk_seconds": res.topk_seconds,
@@ -149,32 +170,32 @@ def _ranking_of(ctx: RunContext, deps: dict, role: str, label: str) -> pd.DataFr
     return ctx.rankings[rid]
 
 
-def perturb_config(run, ranking_file: str | None = None, tail_file: str | None = None):
-    """The :class:`PerturbConfig` of a perturbation run, given its ranking files (for ranking targets)."""
+def perturb_config(run, ranking_file: str | None = None):
+    """The :class:`PerturbConfig` of a perturbation run, given its ranking file (for ranking targets).
+
+    A top-ranking target's bottom_k control comes from the floor table written beside that file."""
     from esa.perturb.protocols import EvalConfig, PerturbConfig
 
     targets = run.spec if run.spec is not None else f"topk:{ranking_file}:{run.k}"
     data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens)
-    return PerturbConfig(targets, run.op, run.controls, tail_file, run.control_seeds, data)
+    return PerturbConfig(targets, run.op, run.controls, None, run.control_seeds, data)
 
 
-def _write_rankings(run, ctx: RunContext, deps: dict, tmp: Path, model: dict) -> tuple[str | None, str | None]:
-    """Ranking files for the run's targets and bottom_k control; a bottom target keeps only its k rows.
+def write_dependency_ranking(run, ctx: RunContext, deps: dict, tmp: Path, model: dict) -> str | None:
+    """The run's ranking (and its floor table) written to ``tmp``, or None without a ranking dependency.
 
-    A ranking read from the store carries its own fingerprint (which the protocol checks against the loaded
-    model); one made in this process was scored on ``model``."""
+    A bottom target keeps only its k lowest rows (``topk:`` takes the highest). A ranking read from the store
+    carries its own fingerprint (which the protocol checks against the loaded model); one made in this process
+    was scored on ``model``."""
     from esa.sensitivity.ranking import write_ranking
 
-    files = [None, None]
-    for i, role in enumerate(("ranking", "bottom_k")):
-        if role not in deps:
-            continue
-        table = _ranking_of(ctx, deps, role, run.label())
-        scored_on = table.attrs.get("model") or model
-        if role == "ranking" and run.bottom:  # topk: takes the highest scores; here the k lowest are wanted
-            table = table.sort_values("score", ascending=True, kind="stable", na_position="last").head(run.k)
-        files[i] = str(write_ranking(table, tmp / role, scored_on)[0])
-    return files[0], files[1]
+    if "ranking" not in deps:
+        return None
+    table = _ranking_of(ctx, deps, "ranking", run.label())
+    scored_on = table.attrs.get("model") or model
+    if getattr(run, "bottom", False):
+        table = table.sort_values("score", ascending=True, kind="stable", na_position="last").head(run.k)
+    return str(write_ranking(table, tmp / "ranking", scored_on, ctx.rankings.get(floor_key(deps["ranking"])))[0])
 
 
 def _metrics(doc: dict, files: dict[str, str]) -> dict:
@@ -205,10 +226,9 @@ def execute_perturbation(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, d
     fingerprint = lm.fingerprint.to_dict()
     deps = resolved_config(run, fingerprint).get("depends_on", {})
     with tempfile.TemporaryDirectory(prefix="esa-perturb-") as tmp:
-        ranking_file, tail_file = _write_rankings(run, ctx, deps, Path(tmp), fingerprint)
-        doc, arrays = perturb_experiment(lm, perturb_config(run, ranking_file, tail_file))
-    files = {f: deps[role] for f, role in ((ranking_file, "ranking"), (tail_file, "bottom_k")) if f}
-    return _metrics(doc, files), arrays
+        ranking_file = write_dependency_ranking(run, ctx, deps, Path(tmp), fingerprint)
+        doc, arrays = perturb_experiment(lm, perturb_config(run, ranking_file))
+    return _metrics(doc, {ranking_file: deps["ranking"]} if ranking_file else {}), arrays
 
 
 # ------------------------------------------------------------------------------------------- cost estimate

@@ -15,6 +15,7 @@ Builders, all validating names (unknown → EsaError listing similar names) and 
   (param,row,col).
 * :func:`from_ranking` — top (or bottom) ``k`` rows of a sensitivity table (param, row, col, score).
 * :func:`random_k` — a size-matched control: as many elements of the same tensors, none of the originals.
+* :func:`lowest_of` — the bottom-k control: per tensor, as many of its lowest-scoring elements (a floor table).
 * :func:`from_glob` — whole rows, columns or tensors by fnmatch pattern: ``rows:*.mlp.down_proj.weight:5``,
   ``cols:model.layers.*.self_attn.o_proj.weight:0-3``, ``tensor:model.norm.weight``.
 * :func:`parse_targets` — one string that is any of the above (coordinates separated by ``;``).
@@ -145,16 +146,23 @@ def _flatten(name: str, shape: tuple[int, ...], coords: np.ndarray) -> np.ndarra
     return np.ravel_multi_index(tuple(coords.T), shape).astype(np.int64)
 
 
+def _storage_flat(table: Mapping[str, tuple[str, nn.Parameter]], transposed: set[str], name: str,
+                  coords) -> tuple[str, np.ndarray]:
+    """(canonical name, (N,) flat storage indices) of (N, ndim) coordinates in the (out, in) convention, in order."""
+    canon, param = resolve_param(table, name)
+    shape, flip = tuple(param.shape), canon in transposed
+    arr = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1)  # (N, ndim), (out, in) convention
+    return canon, _to_storage(_flatten(name, _out_in_shape(shape, flip), arr), shape, flip)
+
+
+def _coordinate_columns(table: Mapping[str, tuple[str, nn.Parameter]], name: str) -> list[str]:
+    return ["row", "col"] if resolve_param(table, name)[1].dim() == 2 else ["row"]
+
+
 def _build(model: nn.Module, groups: Mapping[str, list[tuple[int, ...]] | np.ndarray]) -> TargetSet:
     table, transposed = param_table(model), transposed_params(model)
-    entries = []
-    for name, coords in groups.items():
-        canon, param = resolve_param(table, name)
-        shape, flip = tuple(param.shape), canon in transposed
-        arr = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1)  # (N, ndim), (out, in) convention
-        flat = _to_storage(_flatten(name, _out_in_shape(shape, flip), arr), shape, flip)
-        entries.append((canon, torch.from_numpy(flat)))
-    return TargetSet(entries)
+    entries = [_storage_flat(table, transposed, name, coords) for name, coords in groups.items()]
+    return TargetSet([(canon, torch.from_numpy(flat)) for canon, flat in entries])
 
 
 # --- explicit coordinates -----------------------------------------------------------------------------------
@@ -253,12 +261,33 @@ def from_ranking(model: nn.Module, table: pd.DataFrame, k: int, bottom: bool = F
         raise EsaError(f"k={k!r} must be an integer in 1 … {len(table)} (the table's rows).")
     picked = table.sort_values("score", ascending=bottom, kind="stable", na_position="last").head(int(k))
     table_p = param_table(model)
-    groups = {}
-    for name, part in picked.groupby("param", sort=False):
-        ndim = resolve_param(table_p, name)[1].dim()
-        cols = ["row", "col"] if ndim == 2 else ["row"]
-        groups[name] = part[cols].to_numpy(dtype=np.int64)
+    groups = {name: part[_coordinate_columns(table_p, name)].to_numpy(dtype=np.int64)
+              for name, part in picked.groupby("param", sort=False)}
     return _build(model, groups)
+
+
+def lowest_of(model: nn.Module, floor: pd.DataFrame, like: Mapping[str, torch.Tensor]) -> TargetSet:
+    """The bottom-k control of ``like``: per tensor, as many of its lowest-scoring elements, none of ``like``'s.
+
+    ``floor`` is a ranking table (param, row, col, score) that holds, for each tensor, that tensor's
+    lowest-scoring elements under one scorer (:func:`esa.sensitivity.ranking.score_and_rank` writes it beside
+    the top table). The control is matched to the targets per tensor in count, as :func:`random_k` is, and
+    never borrows elements of another tensor. Example: targets with 3 elements in ``layers.2.mlp.down_proj``
+    and 1 in ``layers.5.self_attn.o_proj`` → the 3 lowest-scoring elements of the first tensor and the lowest
+    one of the second that are not targets themselves.
+    """
+    table_p, transposed = param_table(model), transposed_params(model)
+    entries = []
+    for name, idx in like.items():
+        rows = floor[floor["param"] == name].sort_values("score", kind="stable", na_position="last")
+        _, flat = _storage_flat(table_p, transposed, name, rows[_coordinate_columns(table_p, name)].to_numpy())
+        flat = flat[~np.isin(flat, idx.cpu().numpy())][: len(idx)]
+        if len(flat) < len(idx):
+            raise EsaError(f"bottom_k needs {len(idx)} lowest-scoring elements of {name} but the ranking's bottom "
+                           f"table holds {len(flat)} besides the targets; rank with a larger --k (the bottom table "
+                           "keeps per tensor as many as the tensor has in the top k) or use --controls random_k")
+        entries.append((name, torch.from_numpy(flat.astype(np.int64))))
+    return TargetSet(entries)
 
 
 # --- size-matched random controls ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from esa.errors import EsaError
 from esa.sensitivity.calibration import Batch
 from esa.sensitivity.scorers import ScoreOptions, is_conv1d, linear_consumers, score_parameters
 from esa.sensitivity.stability import TailStats
-from esa.sensitivity.topk import Candidates, TopK, check_k
+from esa.sensitivity.topk import Candidates, MatchedFloor, TopK, check_k
 
 COLUMNS = ["param", "layer", "role", "row", "col", "score", "weight", "rank"]
 
@@ -86,6 +86,7 @@ def ranking_table(model: nn.Module, params: dict[str, nn.Parameter], cand: Candi
 @dataclass
 class RankingResult:
     table: pd.DataFrame
+    floor: pd.DataFrame | None  # top rankings: per tensor of the table, its lowest-scoring non-zero weights
     tail: dict  # TailStats.result()
     sample: np.ndarray  # random sample of scores, for the histogram only
     score_seconds: float  # time inside the scorer (forward/backward passes and score tensors)
@@ -101,6 +102,7 @@ def score_and_rank(model: nn.Module, params: dict[str, nn.Parameter], batches: t
     options = options or ScoreOptions()
     check_k(k, mode, {n: p.numel() for n, p in params.items()})
     topk = TopK(k, mode, largest)
+    floor = MatchedFloor(topk) if largest else None  # what a bottom_k control of these top weights draws from
     tail = TailStats(sum(p.numel() for p in params.values()), sample_size, options.seed)
     index = {n: i for i, n in enumerate(params)}
     timer = {"score": 0.0, "topk": 0.0, "stats": 0.0}
@@ -121,11 +123,16 @@ def score_and_rank(model: nn.Module, params: dict[str, nn.Parameter], batches: t
             timer["topk"] += t2 - t1
             if tail_stats:
                 tail.add(score)
+            t3 = time.perf_counter()
+            timer["stats"] += t3 - t2
+            if floor is not None:
+                floor.add(index[name], score, params[name])  # masks the score in place: after the statistics
             del score, item  # at most one full-size score tensor alive at a time
-            timer["stats"] += time.perf_counter() - t2
+            timer["topk"] += time.perf_counter() - t3
             advance()
     table = ranking_table(model, params, topk.result())
-    return RankingResult(table, tail.result() if tail_stats else {}, tail.sample(), timer["score"],
+    floor_table = ranking_table(model, params, floor.result()) if floor is not None else None
+    return RankingResult(table, floor_table, tail.result() if tail_stats else {}, tail.sample(), timer["score"],
                          timer["topk"], timer["stats"])
 
 
@@ -145,23 +152,38 @@ def meta_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.meta.json")
 
 
-def write_ranking(table: pd.DataFrame, stem: Path, model: dict | None = None) -> list[Path]:
+def floor_path(path: str | Path) -> Path:
+    """The floor table of a ranking file: ``runs/s/ranking.csv`` → ``runs/s/ranking.floor.parquet``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.floor.parquet")
+
+
+def _write_parquet(table: pd.DataFrame, path: Path, model: dict | None) -> None:
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    if model is not None:
+        meta = {**(arrow.schema.metadata or {}), MODEL_KEY: json.dumps(model, sort_keys=True).encode()}
+        arrow = arrow.replace_schema_metadata(meta)
+    pq.write_table(arrow, path)
+
+
+def write_ranking(table: pd.DataFrame, stem: Path, model: dict | None = None,
+                  floor: pd.DataFrame | None = None) -> list[Path]:
     """Write ``<stem>.parquet`` and ``<stem>.csv`` (+ ``<stem>.meta.json`` when ``model`` is given).
 
     ``model`` is the scored model's ``Fingerprint.to_dict()``. It goes into the parquet key-value metadata
     (key ``esa.model``) and, since CSV has no metadata, into the sidecar ``<stem>.meta.json`` as
     ``{"model": {...}}``; :func:`read_ranking` reads it back so a ranking is never applied to another model.
+    ``floor`` (:attr:`RankingResult.floor`, the bottom_k control's source) goes to ``<stem>.floor.parquet``.
     Returns the written paths.
     """
     stem.parent.mkdir(parents=True, exist_ok=True)
     parquet, csv = stem.with_suffix(".parquet"), stem.with_suffix(".csv")
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    if model is not None:
-        meta = {**(arrow.schema.metadata or {}), MODEL_KEY: json.dumps(model, sort_keys=True).encode()}
-        arrow = arrow.replace_schema_metadata(meta)
-    pq.write_table(arrow, parquet)
+    _write_parquet(table, parquet, model)
     table.to_csv(csv, index=False)
     paths = [parquet, csv]
+    if floor is not None:
+        paths.append(floor_path(parquet))
+        _write_parquet(floor, paths[-1], model)
     if model is not None:
         paths.append(meta_path(csv))
         paths[-1].write_text(json.dumps({"model": model}, indent=1, sort_keys=True))
@@ -206,3 +228,17 @@ def read_ranking(path: str | Path) -> pd.DataFrame:
         raise EsaError(f"{str(path)!r} is not a ranking table: missing columns {', '.join(missing)}")
     table.attrs["model"] = ranking_model(path)
     return table
+
+
+def read_floor(path: str | Path) -> pd.DataFrame:
+    """The floor table written beside the ranking ``path`` (per tensor, its lowest-scoring non-zero weights).
+
+    Rankings written before floors existed (or bottom rankings, which have none) are refused with the fix, so a
+    bottom_k control is never taken from the tail of a top table.
+    """
+    floor = floor_path(path)
+    if not floor.is_file():
+        raise EsaError(f"ranking {path} has no floor table ({floor.name}), so no bottom_k control can be matched "
+                       "to its tensors: rerun `esa sensitivity` (it writes one beside every top ranking) or use "
+                       "--controls random_k")
+    return read_ranking(floor)

@@ -162,3 +162,46 @@ def check_k(k: int, mode: str, sizes: dict[str, int]) -> None:
         if k > smallest:
             raise EsaError(f"--k {k} is larger than {name} ({smallest} weights) in --mode per_layer; use "
                            f"--k ≤ {smallest} or narrow --params")
+
+
+class MatchedFloor:
+    """Per tensor, its lowest-scoring non-zero weights — as many as that tensor holds in a running :class:`TopK`.
+
+    This is what a bottom-k control needs (:func:`esa.perturb.targets.lowest_of`): for targets drawn from the
+    top k, the same number of the *least* important weights of each target tensor under the same scorer. Exact
+    zeros are skipped because zeroing, scaling or sign-flipping them changes nothing (the control would be a
+    no-op, not "the least important weights"). Memory stays O(k): after every tensor, each held floor is cut to
+    its tensor's current count in the top k, which can only shrink as later tensors arrive.
+    """
+
+    def __init__(self, top: TopK) -> None:
+        self.top = top
+        self._parts: dict[int, Candidates] = {}
+
+    def add(self, param_index: int, score: torch.Tensor, weight: torch.Tensor) -> None:
+        """Call after ``top.add`` for the same tensor; ``score`` is modified in place (zeros masked)."""
+        flat = score.detach().reshape(-1).masked_fill_(weight.detach().reshape(-1) == 0, torch.inf)
+        values, idx = tensor_topk(flat, self.top.k, largest=False)
+        finite = torch.isfinite(values)  # masked zeros and NaN scores are never a floor
+        values, idx = values[finite], idx[finite]
+        picked = weight.detach().reshape(-1)[idx].double().cpu().numpy()
+        self._parts[param_index] = Candidates(values.double().cpu().numpy(),
+                                              np.full(len(idx), param_index, dtype=np.int64),
+                                              idx.cpu().numpy().astype(np.int64), picked, np.arange(1, len(idx) + 1))
+        self._prune()
+
+    def _prune(self) -> None:
+        held = self.top.result().param
+        counts = dict(zip(*np.unique(held, return_counts=True)))
+        self._parts = {p: _head(c, int(counts[p])) for p, c in self._parts.items() if counts.get(p)}
+
+    def result(self) -> Candidates:
+        parts = [self._parts[p] for p in sorted(self._parts)]
+        if not parts:
+            return _empty()
+        return Candidates(*[np.concatenate([getattr(c, f) for c in parts])
+                            for f in ("score", "param", "flat", "weight", "rank")])
+
+
+def _head(c: Candidates, n: int) -> Candidates:
+    return Candidates(c.score[:n], c.param[:n], c.flat[:n], c.weight[:n], c.rank[:n])

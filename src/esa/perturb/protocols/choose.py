@@ -13,8 +13,8 @@ import torch
 
 from esa.errors import EsaError
 from esa.perturb.protocols.common import CONTROLS, Bench, PerturbConfig
-from esa.perturb.targets import (TargetSet, from_coordinates, from_ranking, param_table, parse_targets,
-                                 resolve_param)
+from esa.perturb.targets import (TargetSet, from_coordinates, from_ranking, lowest_of, param_table,
+                                 parse_targets, resolve_param)
 from esa.registry import suggest
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,17 @@ def _identity(model: dict) -> str:
             f"model_type {model.get('model_type')})")
 
 
-def load_ranking(bench: Bench, path: str) -> pd.DataFrame:
-    """Read a ranking file and check it was computed on the loaded model.
+def load_ranking(bench: Bench, path: str, floor: bool = False) -> pd.DataFrame:
+    """Read a ranking file (``floor=True``: the floor table beside it) and check it fits the loaded model.
 
     The ranking's stored fingerprint (:func:`esa.sensitivity.ranking.write_ranking`) must agree with the loaded
     model's on revision, parameter count and model_type (dtype and device may differ: the same weights loaded
     in bf16 keep their ranking). A ranking without a fingerprint (written before they were stored, or by hand)
     is used with a logged warning and a note in the run's JSON.
     """
-    from esa.sensitivity.ranking import MATCH_KEYS, read_ranking
+    from esa.sensitivity.ranking import MATCH_KEYS, read_floor, read_ranking
 
-    table = read_ranking(path)
+    table = read_ranking(path)  # the floor is written with the ranking and carries the same fingerprint
     stored, loaded = table.attrs.get("model"), bench.lm.fingerprint.to_dict()
     if stored is None:
         msg = (f"ranking {path} carries no model fingerprint, so it cannot be checked against "
@@ -82,7 +82,7 @@ def load_ranking(bench: Bench, path: str) -> pd.DataFrame:
         raise EsaError(f"ranking {path} was computed on {_identity(stored)}, not on the loaded model "
                        f"{_identity(loaded)}; rerun `esa sensitivity --model {loaded['model_id']}` or load the "
                        "model the ranking was made for")
-    return table
+    return read_floor(path) if floor else table
 
 
 def resolve_targets(bench: Bench, spec: str) -> Resolved:
@@ -129,20 +129,19 @@ def _bottom_magnitude(model, like: TargetSet) -> TargetSet:
 
 
 def bottom_k(bench: Bench, res: Resolved, ranking: str | None) -> tuple[TargetSet, str]:
-    """The bottom_k control and how it was chosen: the k lowest rows of ``ranking`` (or of the topk: spec's
-    table); without any ranking (super weights only) the k smallest non-zero |W| of the target tensors."""
-    table = load_ranking(bench, ranking) if ranking else res.ranking
-    k = res.targets.n_elements
-    if table is None:  # check_controls allows this only for super weights
+    """The bottom_k control and how it was chosen: per target tensor, as many of its lowest-scoring non-zero
+    weights as it holds targets, under the scorer of ``ranking`` (or of the topk: spec's file), read from that
+    ranking's floor table; without any ranking (super weights) the same under magnitude, |W|.
+
+    Never the tail of a top table: those are among the *most* sensitive weights (rows 81–100 of a top-100).
+    """
+    path = ranking or res.extra.get("ranking")
+    if path is None:  # check_controls allows this only for super weights
         return (_bottom_magnitude(bench.model, res.targets),
-                "no ranking given: the k smallest non-zero |W| of the same tensors (magnitude bottom-k)")
-    if k > len(table):
-        raise EsaError(f"bottom_k needs {k} rows but the ranking has {len(table)}; give a larger ranking")
-    ts = from_ranking(bench.model, table, k, bottom=True)
-    shared = sum(int(np.isin(idx.numpy(), res.targets[n].numpy()).sum()) for n, idx in ts.items() if n in res.targets)
-    if shared:
-        bench.notes.append(f"bottom_k shares {shared} element(s) with the targets (a small ranking table)")
-    return ts, f"the {k} lowest-scoring rows of the ranking {ranking or res.extra.get('ranking')}"
+                "per target tensor, as many of its smallest non-zero |W| as it holds targets (magnitude bottom-k)")
+    ts = lowest_of(bench.model, load_ranking(bench, path, floor=True), res.targets)
+    return ts, (f"per target tensor, as many of its lowest-scoring non-zero weights as it holds targets, under "
+                f"the scorer of the ranking {path} (its floor table)")
 
 
 def parse_controls(controls) -> tuple[str, ...]:
@@ -155,13 +154,23 @@ def parse_controls(controls) -> tuple[str, ...]:
     return names
 
 
+def ranking_known(cfg: PerturbConfig) -> bool:
+    """Whether a bottom_k control can be defined: a --ranking, a topk: target, or super weights (magnitude)."""
+    spec = cfg.targets.strip()
+    return bool(cfg.ranking) or spec == "superweights" or spec.startswith("topk:")
+
+
+def resolve_controls(cfg: PerturbConfig) -> tuple[str, ...]:
+    """The controls of ``cfg``; ``None`` (the default) means random_k, plus bottom_k when a ranking is known."""
+    if cfg.controls is None:
+        return ("random_k", "bottom_k") if ranking_known(cfg) else ("random_k",)
+    return parse_controls(cfg.controls)
+
+
 def check_controls(cfg: PerturbConfig) -> None:
-    controls = parse_controls(cfg.controls)
-    if "bottom_k" in controls and not cfg.ranking and cfg.targets.strip() != "superweights" \
-            and not cfg.targets.strip().startswith("topk:"):
+    controls = resolve_controls(cfg)
+    if "bottom_k" in controls and not ranking_known(cfg):
         raise EsaError("control bottom_k needs a ranking: pass --ranking ranking.parquet (from `esa sensitivity`),"
                        " use --targets topk:<ranking>:<k>, or drop it with --controls random_k")
     if "random_k" in controls and not cfg.control_seeds:
         raise EsaError("control random_k needs at least one --control-seeds value")
-
-

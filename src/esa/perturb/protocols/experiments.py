@@ -10,7 +10,7 @@ from esa.errors import EsaError
 from esa.models import LoadedModel
 from esa.perturb.bits import parse_bit
 from esa.perturb.ops import OPS, make_op, parse_op
-from esa.perturb.protocols.choose import bottom_k, check_controls, parse_controls, resolve_targets
+from esa.perturb.protocols.choose import bottom_k, check_controls, resolve_controls, resolve_targets
 from esa.perturb.protocols.common import (DOSE_PARAM, MAX_LISTED, Arm, DoseConfig, PerturbConfig, adjust,
                                           base_arrays, build_cache, compare, header, make_bench, ratio, repeats,
                                           seed_spread, split_arrays)
@@ -23,7 +23,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
     start = time.perf_counter()
     op = parse_op(cfg.op)
     check_controls(cfg)
-    controls = parse_controls(cfg.controls)
+    controls = resolve_controls(cfg)
     bench = make_bench(lm, cfg.data)
     res = resolve_targets(bench, cfg.targets)
     arms = [Arm("target", repeats(res.targets, op, cfg.control_seeds, cfg.data.seed), op, f"--targets {cfg.targets}")]
@@ -92,7 +92,7 @@ def dose_ops(spec: str, values) -> tuple[str, list]:
 
 
 def dose_experiment(lm: LoadedModel, cfg: DoseConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """Per value: target and random_k arms vs baseline (mean ΔNLL with bootstrap CI)."""
+    """Per value: target and random_k arms vs baseline (mean ΔNLL with bootstrap-t CI)."""
     start = time.perf_counter()
     param, ops = dose_ops(cfg.op, cfg.values)
     bench = make_bench(lm, cfg.data)
