@@ -19,7 +19,7 @@ They are the study forms of protocols 2 and 3 of :mod:`esa.perturb.protocols` (`
       top_n: 4                                      # the first 4 target weights, in ranking order
       bits: [sign, exponent_msb, 30]
       max_flips: 8                                  # greedy collapse search gives up after this many
-      greedy_pool: 8
+      greedy_pool: 64
 
 A ranking target reads the top-k of a scorer of the ``sensitivity:`` section (the scorer must be listed
 there, and k ≤ ``sensitivity.k``). Ops without a strength parameter (``zero``, ``sign_flip``) have no dose to
@@ -72,7 +72,7 @@ class BitscanSection:
     top_n: int = 4  # scanned weights: the first top_n target elements (ranking / super-weight order)
     bits: tuple[int | str, ...] = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")
     max_flips: int = 8  # greedy collapse search: give up after this many flips
-    greedy_pool: int = 8  # … choosing among this many of the most damaging single flips
+    greedy_pool: int = 64  # … choosing among this many of the most damaging single flips (64: all of 4 × 4)
     collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
     datasets: tuple[str, ...] = ()
     context_lens: tuple[int, ...] = ()

@@ -60,22 +60,29 @@ def greedy_collapse(bench: Bench, flips: list[Flip], max_flips: int, pool_size: 
     """Fewest flips that collapse the model, greedily: each step adds the flip that hurts most on top of
     those chosen (re-scored with them applied). Step 1 reuses the single-flip scan, so ``n_flips == 1`` is
     the exact minimum; larger counts are upper bounds. Only the ``pool_size`` most damaging single flips
-    compete (cost: Σ_k (pool - k) trials)."""
+    compete (cost: Σ_k (pool - k) trials).
+
+    Every step must raise the damage (total NLL, NaN = +inf) above the previous step's; when the best
+    remaining flip does not — e.g. the only candidates left are other bits of a weight already flipped, which
+    can undo part of the damage — the search stops and says it stalled, instead of reporting a step backwards.
+    """
     pool = sorted(flips, key=lambda f: -_severity(f.nll))[:pool_size]
     chosen: list[Flip] = []
-    steps, n_evals = [], 0
+    steps, n_evals, stalled = [], 0, None
+    damage = _severity(bench.cache.baseline.nll)
     base_collapsed = _collapsed(bench, bench.cache.baseline.nll)[1]
     if base_collapsed:  # 0 flips needed: the threshold is below the baseline PPL
         bench.notes.append("the unperturbed model already exceeds collapse_ppl; raise --collapse-ppl")
         pool = []
     while pool and len(chosen) < max_flips:
-        with ExitStack() as stack:
-            for f in chosen:
-                stack.enter_context(perturbed(bench.model, f.targets, f.op))
-            also = tuple(f.param for f in chosen)
-            scored = [(f, f.nll if not chosen else trial(bench, f.targets, f.op, 0, also)[0]) for f in pool]
+        best, nll = _best_next(bench, chosen, pool)
         n_evals += len(pool) if chosen else 0
-        best, nll = max(scored, key=lambda s: _severity(s[1]))
+        if not _severity(nll) > damage:
+            stalled = (f"stalled after {len(chosen)} flip(s): the most damaging remaining flip ({best.label}) "
+                       f"leaves the total NLL at {_severity(nll):.6g}, not above {damage:.6g}")
+            bench.notes.append(f"greedy collapse search {stalled}")
+            break
+        damage = _severity(nll)
         chosen.append(best)
         pool.remove(best)
         ppl, collapsed = _collapsed(bench, nll)
@@ -85,8 +92,19 @@ def greedy_collapse(bench: Bench, flips: list[Flip], max_flips: int, pool_size: 
     done = base_collapsed or bool(steps and steps[-1]["collapsed"])
     return {"collapse_ppl": bench.data.collapse_ppl, "collapsed": done, "n_flips": len(chosen) if done else None,
             "exact_minimum": done and len(chosen) == 1, "flips": [s["flip"] for s in steps] if done else [],
-            "steps": steps, "pool_size": min(pool_size, len(flips)), "extra_trials": n_evals,
-            "method": "greedy: add the most damaging flip given those already chosen; ranked by total NLL"}
+            "steps": steps, "stalled": stalled, "pool_size": min(pool_size, len(flips)), "extra_trials": n_evals,
+            "method": "greedy: add the most damaging flip given those already chosen; ranked by total NLL; "
+                      "stops when no remaining flip raises the damage"}
+
+
+def _best_next(bench: Bench, chosen: list[Flip], pool: list[Flip]) -> tuple[Flip, np.ndarray]:
+    """The pool's most damaging flip with ``chosen`` applied, and its (W,) NLLs (single flips: the scan's)."""
+    with ExitStack() as stack:
+        for f in chosen:
+            stack.enter_context(perturbed(bench.model, f.targets, f.op))
+        also = tuple(f.param for f in chosen)
+        scored = [(f, f.nll if not chosen else trial(bench, f.targets, f.op, 0, also)[0]) for f in pool]
+    return max(scored, key=lambda s: _severity(s[1]))
 
 
 def _weights(bench: Bench, res: Resolved, top_n: int) -> pd.DataFrame:
@@ -123,8 +141,9 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
         c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
         value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
         cells.append({"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),
-                      **{k: c[k] for k in ("mean_delta_nll", "ci_low", "ci_high", "delta_nll_per_token",
-                                           "ppl_perturbed", "collapsed", "n_nonfinite_perturbed")}})
+                      **{k: c[k] for k in ("mean_delta_nll", "ci_low", "ci_high", "ci_method", "n_windows",
+                                           "few_windows", "delta_nll_per_token", "ppl_perturbed", "collapsed",
+                                           "n_nonfinite_perturbed")}})
     grid = np.array([c["mean_delta_nll"] for c in cells]).reshape(len(weights), len(cfg.bits))  # (N, bits)
     greedy = greedy_collapse(bench, flips, cfg.max_flips, cfg.greedy_pool)
     doc = {**header(bench, "esa.bitscan/1", cfg),
