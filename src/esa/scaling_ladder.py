@@ -72,6 +72,7 @@ def ladder_study(cfg: ScalingConfig):
 def read_points(db: Path, study) -> tuple[list[str], list[dict]]:
     """(run ids, metrics) of the study's completed scaling points, in model order; the newest row of a model
     whose weights changed between invocations (same config, new fingerprint → new run id)."""
+    from esa.executors import resolved_config
     from esa.store import Store, canonical_json, sha256_json
     from esa.study import expand
 
@@ -83,7 +84,7 @@ def read_points(db: Path, study) -> tuple[list[str], list[dict]]:
     by_config = {canonical_json(json.loads(cfg)): (rid, json.loads(m)) for rid, cfg, m in stored}
     ids, rows = [], []
     for run in (r for r in expand(study) if r.kind == "scaling_point"):
-        hit = by_config.get(canonical_json(run.config()))
+        hit = by_config.get(canonical_json(resolved_config(run, {})))  # scaling points have no dependencies
         if hit is None:
             raise EsaError(f"{run.label()} has no completed row in {db}; rerun the command to measure it")
         ids.append(hit[0])

@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from esa.cli import main
 from esa.executors import run_study
+from esa.kind_versions import KIND_VERSIONS
 from esa.store import RunRecord, Store
 from esa.study import parse_study
 from helpers.report_parsing import html_parts, md_tables
@@ -52,16 +53,19 @@ def mixed_db(study_db, tmp_path_factory):
              _comparison("random_k vs baseline", 0.0011, -0.0021, 0.0042, 0.4),
              _comparison("target vs random_k", 0.0101, -0.0031, 0.0233, 0.2),
              _comparison("bottom_k vs baseline", float("nan"), float("nan"), float("nan"), float("nan"), True)]
-    cfg = {"kind": "perturbation", "model": {"name": "m"}, "target": "superweights", "op": "zero", "bottom": False}
+    cfg = {"kind": "perturbation", "model": {"name": "m"}, "target": "superweights", "op": "zero", "bottom": False,
+           "kind_version": KIND_VERSIONS["perturbation"]}
     metrics = {"perplexity": 30.0, "comparisons": {c.pop("name"): c for c in comps}}  # as esa.executors stores
     with Store(db) as store:
         store.commit_run(RunRecord("f1", "baseline", {"kind": "baseline", "model": {"name": "m"}, "dataset": "d",
-                                                      "context_len": 4096, "seed": 0}, {}, {}, {}, "failed", "t0",
-                                   "t1", error="context 4096 exceeds the model's 512 positions"))
+                                                      "context_len": 4096, "seed": 0,
+                                                      "kind_version": KIND_VERSIONS["baseline"]}, {}, {}, {},
+                                   "failed", "t0", "t1", error="context 4096 exceeds the model's 512 positions"))
         store.commit_run(RunRecord("p1", "perturbation", cfg, {}, {}, metrics, "completed",
                                    "t2", "t3"))
         store.commit_run(RunRecord("s1", "sensitivity", {"kind": "sensitivity", "model": {"name": "m"},
-                                                         "scorer": "magnitude"},
+                                                         "scorer": "magnitude",
+                                                         "kind_version": KIND_VERSIONS["sensitivity"]},
                                    {}, {}, {"tail": {"top_0.1pct_share": 0.0421}, "k": 100}, "completed", "t4", "t5"))
     return db
 
@@ -72,8 +76,16 @@ def _pm(cell: str) -> tuple[float, float]:
     return float(mean), float(half)
 
 
+def _log_t_interval(x: np.ndarray) -> tuple[float, float]:
+    """exp of the t-interval of log(x): the perplexity CI across seeds, computed here with scipy."""
+    logs = np.log(x)
+    return tuple(np.exp(sps.t.interval(0.95, len(x) - 1, loc=logs.mean(), scale=sps.sem(logs))))
+
+
 def _expected_cells(db) -> dict[tuple, dict]:
-    """Mean and t-based CI half-width per (ctx) straight from the `results` view (independent of the report)."""
+    """Mean and t-based CI half-width per (ctx) straight from the `results` view (independent of the report).
+
+    Perplexity: (geometric mean, (low, high) of the log-scale interval), or (value, None) for one seed."""
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT context_len, seed, perplexity, token_accuracy, bits_per_byte, scored_tokens, "
                            "seed_invariant FROM results WHERE kind = 'baseline' AND status = 'completed'").fetchall()
@@ -86,6 +98,8 @@ def _expected_cells(db) -> dict[tuple, dict]:
             x = np.array([r[i] for r in cell], dtype=float)
             half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else None
             exp[key] = (x.mean(), half)
+            if key == "perplexity":
+                exp[key] = (sps.gmean(x), _log_t_interval(x) if len(x) > 1 else None)
         out[ctx] = exp
     return out
 
@@ -107,7 +121,9 @@ def _check_baseline_table(table: list[list[str]], expected: dict) -> None:
         assert int(r[col["scored tokens"]].replace(",", "")) == exp["tokens"]
         assert [int(s) for s in re.findall(r"^\d+|(?<=, )\d+", r[col["seeds"]])] == exp["seeds"]
         assert ("seed-invariant" in r[col["seeds"]]) == bool(exp["invariant"])
-        for key, digits in (("perplexity", 3), ("token accuracy", 4), ("bits/byte", 4)):
+        gmean, bounds = exp["perplexity"]
+        assert float(r[col["perplexity (geometric mean)"]]) == pytest.approx(gmean, abs=6e-4)
+        for key, digits in (("token accuracy", 4), ("bits/byte", 4)):
             mean, half = exp[key.replace(" ", "_").replace("/", "_per_")]
             if half is None:
                 assert float(r[col[key]]) == pytest.approx(mean, abs=0.6 * 10 ** -digits)
@@ -115,10 +131,9 @@ def _check_baseline_table(table: list[list[str]], expected: dict) -> None:
                 got_mean, got_half = _pm(r[col[key]])
                 assert got_mean == pytest.approx(mean, abs=0.6 * 10 ** -digits)
                 assert got_half == pytest.approx(half, abs=0.6 * 10 ** -digits)
-        if half_ppl := exp["perplexity"][1]:
+        if bounds:
             lo, hi = map(float, re.findall(r"[-\d.]+", r[col["perplexity 95% CI"]]))
-            assert lo == pytest.approx(exp["perplexity"][0] - half_ppl, abs=6e-4)
-            assert hi == pytest.approx(exp["perplexity"][0] + half_ppl, abs=6e-4)
+            assert (lo, hi) == (pytest.approx(bounds[0], abs=6e-4), pytest.approx(bounds[1], abs=6e-4))
 
 
 def test_report_numbers_equal_the_database(clean_report, study_db):
@@ -136,9 +151,9 @@ def test_report_numbers_equal_the_database(clean_report, study_db):
     p128 = expected[128]["perplexity"][0]
     trend = "falls" if p128 < p32 else "rises"
     assert f"(chunks), mean perplexity {trend} from {p32:.3f} at context 32 to {p128:.3f} at context 128" in md
-    half = expected[64]["perplexity"][1]
-    assert f"ctx 64: 3 seeds resample the windows; the 95 % CI half-width of perplexity is {half:.3f} " \
-           f"({half / p64:.2%} of the mean)" in md
+    lo, hi = expected[64]["perplexity"][1]
+    assert f"ctx 64: 3 seeds resample the windows; the 95 % CI of perplexity is [{lo:.3f}, {hi:.3f}], " \
+           f"the geometric mean ×/÷ {hi / p64:.4g}." in md.replace("\\[", "[").replace("\\]", "]")
 
 
 def test_html_is_self_contained(clean_report):
@@ -201,3 +216,51 @@ def test_run_directories_still_get_the_baseline_report(tiny_dir, tmp_path):
     (run_dir,) = run_baseline(cfg, [str(tiny_dir / "model")], tmp_path / "runs")
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "baseline_report.md").is_file() and not (tmp_path / "rep" / "report.html").exists()
+
+
+# ------------------------------------------------------------- audit issue 10: intervals that can be trusted
+def _baseline_record(seed: int, ppl: float) -> RunRecord:
+    cfg = {"kind": "baseline", "model": {"name": "m", "dtype": "float32"}, "dataset": "d", "context_len": 64,
+           "method": "chunks", "seed": seed}
+    metrics = {"perplexity": ppl, "token_accuracy": 0.3, "bits_per_byte": 1.1, "seed_invariant": False,
+               "scored_tokens": 512, "n_nonfinite_windows": 0}
+    return RunRecord(f"b{seed}", "baseline", cfg, {}, {}, metrics, "completed", "t0", "t1")
+
+
+@pytest.fixture(scope="module")
+def spread_report(tmp_path_factory):
+    """Two baseline seeds with PPL 3 and 80 (linear t-interval ≈ [-448, 531]) and a 5-window perturbation run."""
+    out = tmp_path_factory.mktemp("spread")
+    comps = {"target vs baseline": {**_comparison("target vs baseline", 0.8, 0.5, 1.1, 0.03), "n_windows": 5,
+                                    "few_windows": True, "ci_method": "bootstrap-t"}}
+    comps["target vs baseline"].pop("name")
+    pert = RunRecord("p5", "perturbation", {"kind": "perturbation", "model": {"name": "m"}, "target": "superweights"},
+                     {}, {}, {"perplexity": 30.0, "comparisons": comps}, "completed", "t2", "t3")
+    with Store(out / "spread.db") as store:
+        for rec in (_baseline_record(0, 3.0), _baseline_record(1, 80.0), pert):
+            store.commit_run(rec)
+    assert main(["report", str(out / "spread.db"), "--out", str(out)]) == 0
+    return (out / "report.md").read_text()
+
+
+def test_perplexity_bounds_are_positive_log_scale_intervals(spread_report):
+    """Regression (defect 3): the report showed 41.500 ± 489.189 and CI [-447.689, 530.689] for these seeds."""
+    (row,) = md_tables(spread_report)[0][1:]
+    header = md_tables(spread_report)[0][0]
+    col = {h: i for i, h in enumerate(header)}
+    logs = np.log([3.0, 80.0])
+    want = np.exp(sps.t.interval(0.95, 1, loc=logs.mean(), scale=sps.sem(logs)))
+    lo, hi = map(float, re.fullmatch(r"\[(\S+), (\S+)\]", row[col["perplexity 95% CI"]]).groups())
+    assert (lo, hi) == (pytest.approx(want[0], rel=1e-3), pytest.approx(want[1], rel=1e-3)) and lo > 0
+    assert float(row[col["perplexity (geometric mean)"]]) == pytest.approx(np.sqrt(240), abs=6e-4)
+    summary = spread_report.split("## Executive summary")[1].split("\n## ")[0]
+    assert not re.search(r"(?<!e)-\d", summary), "a perplexity bound or value below zero"  # e-08 is no sign
+
+
+def test_few_windows_are_warned_and_the_method_named(spread_report):
+    warn = spread_report.split("## Warnings")[1].split("\n## ")[0]
+    assert "1 of 1 comparison(s) have fewer than 8 windows (5 windows)" in warn
+    causal = spread_report.split("## Causal validation")[1].split("\n## ")[0]
+    assert "studentized bootstrap (bootstrap-t) 95 % CI" in causal
+    (table,) = md_tables(causal)
+    assert table[1][3] == "[+0.5000, +1.1000] †"

@@ -10,7 +10,9 @@ Every executor follows the same protocol (see :mod:`esa.executors.local`, :mod:`
 4. only the driver process writes to the :class:`esa.store.Store`, one transaction per finished run.
 
 ``run_id = sha256(canonical JSON {"config": resolved run config, "model": fingerprint without its
-machine-local path})`` — the same run on another machine, or in another study, gets the same id. A run that
+machine-local path})`` — the same run on another machine, or in another study, gets the same id. The resolved
+config carries the kind's semantic version (:mod:`esa.kind_versions`), so rows made before a change to what a
+kind's numbers mean are never reused. A run that
 depends on others (a perturbation of a sensitivity ranking) has their run ids in its resolved config
 (``depends_on``, :func:`resolved_config`), so a changed ranking changes the id of every run that used it.
 Runs are ordered so dependencies come first within a model group (:mod:`esa.study_sections`); a run whose
@@ -39,8 +41,9 @@ from esa.data.corpora import Corpus, load_corpus
 from esa.errors import EsaError
 from esa.executors.causal import causal_cost, causal_summary, execute_bitscan, execute_dose_response
 from esa.executors.sections import (RANKING_FILE, RunContext, cost, execute_perturbation, execute_sensitivity,
-                                    write_ranking_artifact)
+                                    floor_key, split_floor, write_ranking_artifact)
 from esa.executors.scaling_points import execute_scaling_point
+from esa.kind_versions import kind_version
 from esa.models import SUITE, LoadedModel, ModelSpec, resolve_source
 from esa.registry import Registry
 from esa.store import RunRecord, Store, sha256_json, utc_now
@@ -66,8 +69,9 @@ def run_id(config: dict, fingerprint: dict) -> str:
 
 
 def resolved_config(run, fingerprint: dict) -> dict:
-    """``run.config()`` plus ``depends_on: {role: run id}`` for runs that use other runs' results."""
-    config = run.config()
+    """``run.config()`` plus ``kind_version`` (:mod:`esa.kind_versions`) and ``depends_on: {role: run id}`` for
+    runs that use other runs' results."""
+    config = {**run.config(), "kind_version": kind_version(run.kind)}
     deps = run.dependencies() if hasattr(run, "dependencies") else {}
     if deps:
         config["depends_on"] = {role: run_key(dep, fingerprint) for role, dep in deps.items()}
@@ -193,21 +197,26 @@ def commit(store: Store, record: RunRecord) -> None:
 
 
 def load_dependencies(store: Store, runs: list, fingerprint: dict, have: dict) -> dict:
-    """Rankings (by run id) of completed sensitivity runs that ``runs`` depend on and ``have`` lacks."""
-    from esa.sensitivity.ranking import read_ranking
-
+    """Rankings (by run id, floors by ``floor_key(run id)``) of completed sensitivity runs that ``runs`` depend
+    on and ``have`` lacks."""
     wanted = {d for r in runs for d in resolved_config(r, fingerprint).get("depends_on", {}).values()} - set(have)
     out = {}
     for rid in sorted(store.completed(wanted)):
-        path = store.artifact_dir(rid) / RANKING_FILE
-        out[rid] = read_ranking(path) if path.is_file() else _table_from_store(store, rid)
+        table, floor = _tables_from_store(store, rid)
+        out[rid] = table
+        if floor is not None:
+            out[floor_key(rid)] = floor
     return out
 
 
-def _table_from_store(store: Store, rid: str):
-    from esa.executors.sections import ranking_table
+def _tables_from_store(store: Store, rid: str):
+    """(ranking, floor or None) of a stored sensitivity run: its ranking files, else its arrays."""
+    from esa.sensitivity.ranking import floor_path, read_ranking
 
-    return ranking_table(store.load_arrays(rid))
+    path = store.artifact_dir(rid) / RANKING_FILE
+    if not path.is_file():
+        return split_floor(store.load_arrays(rid))
+    return read_ranking(path), read_ranking(floor_path(path)) if floor_path(path).is_file() else None
 
 
 def release() -> None:

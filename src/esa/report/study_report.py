@@ -9,7 +9,8 @@ render. Order:
    :data:`ALPHA`, or undefined).
 2. **Executive summary of baselines**: per model × dataset × context × method, mean ± 95 % CI across seeds
    (t-based, :func:`esa.stats.aggregate_seeds`; no CI from one seed; "seed-invariant" when the whole split was
-   scored, so seeds cannot change the number).
+   scored, so seeds cannot change the number). Perplexity is aggregated on the log scale: the geometric mean
+   across seeds, with the t-interval of log perplexity exponentiated (asymmetric, always positive).
 3. One section per other run kind present, chosen in :data:`SECTIONS` (run kind → section renderer):
    sensitivity (:mod:`esa.report.study_sensitivity`, which also reads the runs' ranking artifacts), causal
    validation (kind ``perturbation``, :mod:`esa.report.study_perturbation`; dose-response and bit scans,
@@ -25,16 +26,18 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from esa.errors import EsaError
+from esa.kind_versions import KIND_VERSIONS, stored_version
 from esa.registry import Registry
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from esa.report.study_plots import baseline_perplexity_plot
 from esa.runs import as_float
-from esa.stats import SeedAggregate, aggregate_seeds
+from esa.stats import SeedAggregate, aggregate_seeds, few_windows_caveat
 from esa.store import SQLITE_MAGIC, _inspect
 
 ALPHA = 0.05  # significance level of the "not significant" warnings (Holm-adjusted p-values)
@@ -110,9 +113,19 @@ def fnum(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
 
 
+def fbound(x: float, digits: int = 3) -> str:
+    """A bound of a positive quantity: fixed-point, or ``digits + 1`` significant digits where fixed-point
+    would round it to 0 or run long (a CI of perplexity from few, scattered seeds spans decades)."""
+    return fnum(x, digits) if not math.isfinite(x) or 10**-digits <= abs(x) < 1e9 else f"{x:.{digits + 1}g}"
+
+
 def fmt_agg(agg: SeedAggregate, digits: int = 3) -> str:
-    """``mean ± half-width`` of the 95 % CI; the bare mean when no CI exists (one seed, non-finite seeds)."""
-    if math.isnan(agg.ci_low):
+    """``mean ± half-width`` of the 95 % CI; the bare mean when no CI exists (one seed, non-finite seeds).
+
+    A log-scale aggregate (perplexity) shows its geometric mean alone: its CI is asymmetric, so a half-width
+    would misstate it — give it as ``[low, high]``.
+    """
+    if math.isnan(agg.ci_low) or agg.scale == "log":
         return fnum(agg.mean, digits)
     return f"{fnum(agg.mean, digits)} ± {fnum((agg.ci_high - agg.ci_low) / 2, digits)}"
 
@@ -155,6 +168,8 @@ def run_warnings(run: Run) -> list[str]:
     n_bad = int(m.get("n_nonfinite_windows") or 0)
     if n_bad or (run.kind == "baseline" and not math.isfinite(as_float(m.get("perplexity")))):
         out.append(f"{label}: {n_bad} window(s) with non-finite loss; perplexity {fnum(as_float(m.get('perplexity')))}")
+    if caveat := few_windows_caveat(_comparisons(run)):
+        out.append(f"{label}: {caveat}")
     for c in _comparisons(run):
         if c.get("collapsed"):
             out.append(f"{label}: '{c.get('name')}' collapsed the model (perturbed perplexity "
@@ -165,8 +180,22 @@ def run_warnings(run: Run) -> list[str]:
     return out
 
 
+def version_warnings(runs: list[Run]) -> list[str]:
+    """One warning per kind whose rows were made by more than one kind version, or by an older one."""
+    out = []
+    for kind in sorted({r.kind for r in runs}):
+        versions = Counter(stored_version(r.config) for r in runs if r.kind == kind)
+        current = KIND_VERSIONS.get(kind)
+        stale = {v: n for v, n in versions.items() if v != current}
+        if stale:
+            made = ", ".join(f"{n} by version {v}" for v, n in sorted(versions.items()))
+            out.append(f"{kind} runs: {made}, but this ESA makes version {current} — rows of another version may "
+                       "mean something else (see esa/kind_versions.py); rerun the study into a new database")
+    return out
+
+
 def warnings_section(runs: list[Run]) -> list[Block]:
-    found = [w for run in runs for w in run_warnings(run)]
+    found = version_warnings(runs) + [w for run in runs for w in run_warnings(run)]
     if found:
         return [Heading(2, f"Warnings ({len(found)})"), Bullets(tuple(found), callout=True)]
     return [Heading(2, "Warnings (0)"),
@@ -187,8 +216,8 @@ def baseline_cells(runs: list[Run]) -> list[dict]:
     cells = []
     for (model, dtype, dataset, ctx, method), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.config.get("seed"))
-        agg = {k: aggregate_seeds([as_float(r.metrics.get(k)) for r in rs])
-               for k in ("perplexity", "token_accuracy", "bits_per_byte")}
+        agg = {k: aggregate_seeds([as_float(r.metrics.get(k)) for r in rs], scale=scale)
+               for k, scale in (("perplexity", "log"), ("token_accuracy", "linear"), ("bits_per_byte", "linear"))}
         cells.append({"model": model, "dtype": dtype, "dataset": dataset, "context_len": ctx, "method": method,
                       "seeds": [r.config.get("seed") for r in rs], **agg,
                       "seed_invariant": all(bool(r.metrics.get("seed_invariant")) for r in rs),
@@ -197,8 +226,9 @@ def baseline_cells(runs: list[Run]) -> list[dict]:
     return sorted(cells, key=lambda c: (c["model"], str(c["dataset"]), c["context_len"] or 0, str(c["method"])))
 
 
-BASELINE_HEADER = ("model", "dtype", "dataset", "ctx", "method", "seeds", "scored tokens", "perplexity",
-                   "perplexity 95% CI", "token accuracy", "bits/byte", "non-finite windows")
+BASELINE_HEADER = ("model", "dtype", "dataset", "ctx", "method", "seeds", "scored tokens",
+                   "perplexity (geometric mean)", "perplexity 95% CI", "token accuracy", "bits/byte",
+                   "non-finite windows")
 
 
 def _seeds_cell(c: dict) -> str:
@@ -212,7 +242,7 @@ def _ci_cell(c: dict) -> str:
         return "none needed (seed-invariant)"
     if math.isnan(p.ci_low):
         return f"undefined ({p.n} seed{'s' if p.n != 1 else ''}, {p.n_nonfinite} non-finite)"
-    return f"[{fnum(p.ci_low)}, {fnum(p.ci_high)}]"
+    return f"[{fbound(p.ci_low)}, {fbound(p.ci_high)}]"
 
 
 def baseline_table(cells: list[dict]) -> Table:
@@ -263,9 +293,9 @@ def _reliability(cells: list[dict]) -> list[str]:
             out.append(f"{where}: {p.n} seed(s) ({p.n_nonfinite} non-finite), so no confidence interval exists; "
                        "add seeds to get one.")
         else:
-            half = (p.ci_high - p.ci_low) / 2
-            out.append(f"{where}: {p.n} seeds resample the windows; the 95 % CI half-width of perplexity is "
-                       f"{fnum(half)} ({half / p.mean:.2%} of the mean).")
+            out.append(f"{where}: {p.n} seeds resample the windows; the 95 % CI of perplexity is "
+                       f"[{fbound(p.ci_low)}, {fbound(p.ci_high)}], the geometric mean ×/÷ "
+                       f"{p.ci_high / p.mean:.4g}.")
     return out
 
 
@@ -278,11 +308,14 @@ def baseline_section(runs: list[Run]) -> list[Block]:
     intro = (f"{sum(len(c['seeds']) for c in cells)} completed baseline run(s): {len(models)} model(s) × "
              f"{len(datasets)} dataset(s) × {len({c['context_len'] for c in cells})} context length(s), "
              f"{sum(c['scored_tokens'] for c in cells):,} scored tokens. Values are mean ± half-width of the "
-             "t-based 95 % CI across seeds (a seed picks which windows are scored).")
+             "t-based 95 % CI across seeds (a seed picks which windows are scored); perplexity is the geometric "
+             "mean across seeds, its CI the t-interval of log perplexity (NLL per token) exponentiated — "
+             "asymmetric and always positive.")
     return [Heading(2, "Executive summary: baselines"), Paragraph(intro), baseline_table(cells),
             Bullets(tuple(_comparisons_across_models(cells) + _trend(cells) + _reliability(cells))),
             Figure("baseline_perplexity.png", baseline_perplexity_plot(cells),
-                   "Mean perplexity vs context length per model and dataset (95 % CI across seeds)")]
+                   "Geometric-mean perplexity vs context length per model and dataset (95 % CI across seeds, "
+                   "from log perplexity)")]
 
 
 # ------------------------------------------------------------------------------ any other kind of run
