@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from esa.baseline import BaselineConfig, run_baseline
 from esa.cli import main
@@ -44,9 +45,11 @@ def test_seeds_resample_and_aggregate(run_dir):
     assert not np.array_equal(w0, w1)
     agg = next(a for a in results["aggregates"] if a["context_len"] == 64)
     ppls = [by_seed[s]["metrics"]["perplexity"] for s in (0, 1)]
-    assert agg["perplexity"]["mean"] == pytest.approx(np.mean(ppls))
+    logs = np.log(ppls)  # perplexity aggregates on the log scale: geometric mean, exp of the log t-interval
+    assert agg["perplexity"]["mean"] == pytest.approx(np.exp(logs.mean())) and agg["perplexity"]["scale"] == "log"
     lo, hi = agg["perplexity"]["ci95"]
-    assert lo < agg["perplexity"]["mean"] < hi
+    ref = np.exp(sps.t.interval(0.95, 1, loc=logs.mean(), scale=sps.sem(logs)))
+    assert (lo, hi) == (pytest.approx(ref[0]), pytest.approx(ref[1])) and 0 < lo < agg["perplexity"]["mean"] < hi
 
 
 def test_report_numbers_match_results(run_dir, tmp_path):

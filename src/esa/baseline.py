@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from scipy import stats as sps
 
-from esa.data.corpora import Corpus, load_corpus
-from esa.data.windows import make_windows, scored_text_counts, select_windows
+from esa.data.corpora import Corpus, for_method, load_corpus
+from esa.data.windows import corpus_windows, scored_text_counts, select_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
 from esa.evals.resources import mfu, peak_memory, reset_peak_memory
@@ -33,6 +32,7 @@ from esa.models import LoadedModel, ModelSpec, load_model
 from esa.provenance import provenance
 from esa.runs import staged_run_dir, write_arrays, write_json
 from esa.sanity import repetition_rate, sanity_warnings
+from esa.stats import aggregate_seeds
 
 log = logging.getLogger(__name__)
 SCHEMA = "esa.baseline.v1"
@@ -72,7 +72,7 @@ class BaselineConfig:
     datasets: tuple[str, ...] = ()  # empty → the profile's
     context_lens: tuple[int, ...] = ()  # empty → the profile's
     seeds: tuple[int, ...] = ()  # empty → the profile's
-    method: str = "chunks"  # chunks | rolling | sliding
+    method: str = "chunks"  # chunks | gptq | rolling | sliding (esa.data.windows)
     stride: int | None = None  # sliding only
     bos: str = "auto"  # auto | always | never
     max_eval_tokens: int | None = -1  # -1 → the profile's; None → whole split
@@ -132,15 +132,16 @@ def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int
                   run_dir: Path, long_context: bool = False) -> _Entry:
     """Evaluate one (dataset, ctx, seed) cell and save its per-window arrays."""
     tok = lm.tokenizer
-    ws = make_windows(tok, corpus.documents, cfg.method, ctx, stride=cfg.stride, bos=cfg.bos)
+    corpus = for_method(corpus, cfg.method)  # gptq / lm-eval rolling read their own rows
+    ws = corpus_windows(tok, corpus, cfg.method, ctx, stride=cfg.stride, bos=cfg.bos)
     sel = select_windows(ws, cfg.max_eval_tokens, seed)
     windows = sel.windows.windows
-    counts = np.array([scored_text_counts(tok, w) for w in windows])  # (W, 2) bytes, words
+    n_bytes, n_words = scored_text_counts(windows)  # on the source text the scored tokens cover
     reset_peak_memory(lm.device)
     budget = ctx if long_context else cfg.batch_tokens
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     scores = evaluate_windows(lm.model, windows, pad, budget, f"{corpus.name} ctx={ctx} seed={seed}")
-    metrics = perplexity_metrics(scores, int(counts[:, 0].sum()), int(counts[:, 1].sum()))
+    metrics = perplexity_metrics(scores, n_bytes, n_words)
     rep = repetition_rate([w.input_ids[w.scored] for w in windows])
     warnings = sanity_warnings(rep, metrics["perplexity"], metrics["token_accuracy"])
     if scores.n_nonfinite:
@@ -154,17 +155,21 @@ def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int
                   {"repetition_rate": rep, "warnings": warnings}, rel, warnings)
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean and t-based 95 % CI across seeds (no CI from one value)."""
-    arr = np.asarray(values, dtype=float)
-    if len(arr) < 2:
-        return float(arr.mean()), None, None
-    half = sps.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / np.sqrt(len(arr))
-    return float(arr.mean()), float(arr.mean() - half), float(arr.mean() + half)
+AGGREGATE_SCALES = {"perplexity": "log", "token_accuracy": "linear", "bits_per_byte": "linear"}  # aggregate_seeds
+
+
+def _mean_ci(values: list[float], scale: str) -> dict:
+    """{"mean", "ci95", "scale"}: :func:`esa.stats.aggregate_seeds` across seeds; ci95 None without a CI
+    (one seed, or a non-finite seed)."""
+    agg = aggregate_seeds(values, scale=scale)
+    ci = None if math.isnan(agg.ci_low) else [agg.ci_low, agg.ci_high]
+    return {"mean": agg.mean, "ci95": ci, "scale": scale}
 
 
 def aggregate(entries: list[_Entry]) -> list[dict]:
-    """Per (dataset, ctx): mean ± 95 % CI across seeds for perplexity, token accuracy and bits per byte."""
+    """Per (dataset, ctx): centre and t-based 95 % CI across seeds for perplexity, token accuracy and bits per
+    byte. Perplexity is aggregated on the log scale (``scale: "log"``): its ``mean`` is the geometric mean across
+    seeds and its CI the exponentiated t-interval of log perplexity, so both bounds are positive."""
     groups: dict[tuple, list[_Entry]] = {}
     for e in entries:
         groups.setdefault((e.dataset, e.context_len, e.method, e.long_context), []).append(e)
@@ -173,9 +178,8 @@ def aggregate(entries: list[_Entry]) -> list[dict]:
         row = {"dataset": dataset, "context_len": ctx, "method": method, "long_context": long_ctx,
                "seeds": [e.seed for e in cell], "seed_invariant": all(e.seed_invariant for e in cell),
                "scored_tokens": [e.metrics["scored_tokens"] for e in cell]}
-        for key in ("perplexity", "token_accuracy", "bits_per_byte"):
-            mean, lo, hi = _mean_ci([e.metrics[key] for e in cell])
-            row[key] = {"mean": mean, "ci95": None if lo is None else [lo, hi]}
+        for key, scale in AGGREGATE_SCALES.items():
+            row[key] = _mean_ci([e.metrics[key] for e in cell], scale)
         out.append(row)
     return out
 
@@ -187,7 +191,7 @@ def run_model(spec: ModelSpec, cfg: BaselineConfig, out_dir: Path, overwrite: bo
         lm = load_model(spec)
         for ctx in cfg.context_lens + cfg.long_context:
             check_context(lm, ctx)
-        corpora = [load_corpus(name) for name in cfg.datasets]
+        corpora = [load_corpus(name, cfg.method) for name in cfg.datasets]
         tasks = _load_tasks(cfg)  # before any scoring, so missing task data fails fast
         entries = _evaluate_grid(lm, corpora, cfg, run_dir)
         zeroshot = _evaluate_tasks(lm, tasks, cfg, run_dir)

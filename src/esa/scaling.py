@@ -15,7 +15,7 @@ Every model of the ladder is loaded once, in order, and measured on the same cor
   Gemma-2/3 a post-feed-forward norm rescales that output before the residual add, so a Gemma spike can be
   massive in the residual stream while no down_proj output clears the detector's floor (0 candidates).
 * **perturbation** — :func:`~esa.perturb.protocols.perturb_experiment` with ``targets=superweights`` against the
-  size-matched ``random_k`` control: mean ΔNLL per token (each window weighs the same, bootstrap 95 % CI) and
+  size-matched ``random_k`` control: mean ΔNLL per token (each window weighs the same, bootstrap-t 95 % CI) and
   the PPL ratio of each arm vs the unperturbed model, and their quotient. A model without candidates has no
   perturbation numbers (null, with a note) rather than zeros.
 * **heavy tail** — the share of Σ|W| held by the largest ``tail_fraction`` (default 0.1 %) of |W|, over the
@@ -294,10 +294,9 @@ def _baseline(bench) -> tuple[dict, dict[str, np.ndarray]]:
     tok = bench.lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     scores = evaluate_windows(bench.model, bench.windows, pad, bench.data.batch_tokens, "baseline")
-    counts = np.array([scored_text_counts(tok, w) for w in bench.windows])  # (W, 2) bytes, words
     arrays = {"window_index": np.asarray(bench.info["window_indices"]), "n_scored": scores.n_scored,
               "baseline_nll": scores.nll}  # (W,) each: the keys perturb.npz uses for the same numbers
-    return perplexity_metrics(scores, int(counts[:, 0].sum()), int(counts[:, 1].sum())), arrays
+    return perplexity_metrics(scores, *scored_text_counts(bench.windows)), arrays
 
 
 def _non_embedding(model: torch.nn.Module) -> int:

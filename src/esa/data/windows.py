@@ -1,13 +1,20 @@
-"""Evaluation windows: how a token stream is cut into model inputs and which tokens are scored.
+"""Evaluation windows: how a token stream is cut into model inputs, which tokens are scored, what text they cover.
 
 A :class:`Window` is ``input_ids`` (T,) plus ``scored`` (T,) bool, where ``scored[t]`` means token ``t`` is
 predicted from tokens ``< t`` and counted. ``scored[0]`` is always False (nothing predicts the first input).
 
 Methods (named in every result):
 
-* ``chunks`` (default; GPTQ / SparseGPT / Wanda / super-weight papers): tokenize the joined corpus once and cut
-  non-overlapping windows of ``ctx`` tokens; every token but the first of each window is scored. Example with
-  ctx=4 and tokens a b c d e f g h i: windows [a b c d], [e f g h]; scored b c d, f g h; ``i`` is dropped.
+* ``chunks`` (default; ESA's own protocol): drop whitespace-only documents, join the rest with a blank line
+  (``"\\n\\n"``), tokenize once without special tokens and cut non-overlapping windows of ``ctx`` tokens; every
+  token but the first of each window is scored and the tail remainder is dropped. Example with ctx=4 and tokens
+  a b c d e f g h i: windows [a b c d], [e f g h]; scored b c d, f g h; ``i`` is dropped. With BOS (``--bos``
+  below) each window is [BOS] + ctx-1 corpus tokens, all of them scored.
+* ``gptq`` (GPTQ / SparseGPT / Wanda ``datautils``, token for token): the reference loader's stream — every row
+  of the split, empty rows included, joined by the dataset's joiner (see ``esa.data.corpora.PROTOCOL_SOURCES``),
+  tokenized in *one* call with the tokenizer's default special tokens (so at most one BOS, at the very start),
+  cut to ``stream_windows`` · ctx tokens where the loader cuts (c4: 256), then ``numel // ctx`` windows of ctx
+  tokens; every token but the first of each window is scored (their loss is on shifted logits).
 * ``rolling`` (lm-evaluation-harness ``loglikelihood_rolling``): per document, a prefix token (BOS, else EOS)
   then disjoint windows that each predict up to ``ctx`` tokens; the last window is shifted left to keep a full
   context and scores only its new tokens. Every document token is scored exactly once.
@@ -15,20 +22,30 @@ Methods (named in every result):
   scores only the tokens not scored by the previous window.
 
 BOS: ``always`` prepends the tokenizer's BOS to every ``chunks``/``sliding`` window (the window then holds
-ctx-1 corpus tokens, all scored); ``never`` does not; ``auto`` follows the tokenizer's own default.
+ctx-1 corpus tokens, all scored); ``never`` does not; ``auto`` follows the tokenizer's own default. ``gptq`` takes
+the tokenizer's default for one call (recorded as ``start`` or ``never``); ``rolling`` records ``prefix``.
+
+Word and byte counts (word perplexity, bits per byte) are counted on the *source text* the scored tokens cover,
+never on decoded tokens, so a word cut by a window edge is counted once: token i covers the characters from its
+offset-mapping start to the next token's start (:class:`SourceText`), a window covers what its scored tokens
+cover, and a word belongs to the window that holds its first character. Summed over windows that score every
+token, bytes = ``len(text.encode())`` and words = ``len(text.split())``. ``rolling`` uses lm-eval's definitions
+per document instead: words = ``len(re.split(r"\\s+", doc))`` and bytes = ``len(doc.encode())`` on the raw
+document (before any detokenizer); the difference to the covered-text counts sits on the document's first
+window, so every whole document sums to lm-eval's numbers.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from esa.errors import EsaError
 
-METHODS = ("chunks", "rolling", "sliding")
+METHODS = ("chunks", "gptq", "rolling", "sliding")
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,9 @@ class Window:
     scored: torch.Tensor  # (T,) bool — token t is predicted from tokens < t and counted
     doc: int  # document index (rolling) or 0
     start: int  # offset of the window's first corpus token in its token stream
+    span: tuple[int, int] = (0, 0)  # [a, b): stream (rolling: document) indices of the scored tokens
+    n_bytes: int = 0  # UTF-8 bytes of the source text the scored tokens cover (module docstring)
+    n_words: int = 0  # words whose first character lies in that text (rolling: lm-eval's count, see above)
 
     @property
     def n_scored(self) -> int:
@@ -49,7 +69,7 @@ class WindowSet:
     method: str
     ctx: int
     stride: int | None
-    bos: str  # resolved: "always" | "never" | "prefix" (rolling's prefix token)
+    bos: str  # resolved: "always" | "never" | "prefix" (rolling's prefix token) | "start" (gptq: one, at the start)
     corpus_tokens: int  # tokens in the tokenized corpus
     dropped_tokens: int  # corpus tokens no window scores (chunks' tail remainder, first token, …)
 
@@ -76,10 +96,48 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
-def _window(ids: torch.Tensor, n_unscored: int, doc: int, start: int) -> Window:
+class SourceText:
+    """A source text with its tokens' character coverage and prefix sums of bytes and word starts.
+
+    Token i covers characters ``[bounds[i], bounds[i+1])``: from its offset-mapping start to the next token's
+    start, so whitespace a tokenizer folds into no token (SentencePiece/Metaspace, stripped spaces) belongs to the
+    token before it and the tokens tile the text: ``bounds[0] = 0``, ``bounds[N] = len(text)``. Byte-level tokens
+    that split one multi-byte character share its start; the character belongs to the last of them. Special
+    tokens (offsets (0, 0)) cover nothing. Example: "ab cd" as "ab", " c", "d" (offsets (0,2) (2,4) (4,5)) →
+    bounds [0, 2, 4, 5]; a word starts at a non-space character at the text start or after whitespace.
+    """
+
+    def __init__(self, tokenizer, text: str, special: bool = False):
+        if not getattr(tokenizer, "is_fast", False):
+            raise EsaError(f"{type(tokenizer).__name__} is a slow tokenizer without offset mappings; word and byte "
+                           "counts need a fast one (load the model's tokenizer.json / use_fast=True)")
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        starts = np.array([0] + [o[0] for o in enc["offset_mapping"]][1:] + [len(text)], dtype=np.int64)
+        self.ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (N,)
+        self.bounds = np.maximum.accumulate(starts)  # (N+1,) nondecreasing
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        width = 1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000)  # UTF-8 bytes per character
+        self.byte_cum = np.concatenate([[0], np.cumsum(width)])  # (len+1,)
+        self.word_starts = np.array([m.start() for m in re.finditer(r"\S+", text)], dtype=np.int64)
+
+    def counts(self, a: int, b: int) -> tuple[int, int]:
+        """(UTF-8 bytes, words starting) in the text covered by tokens ``a .. b-1``."""
+        x, y = int(self.bounds[a]), int(self.bounds[b])
+        words = np.searchsorted(self.word_starts, y) - np.searchsorted(self.word_starts, x)
+        return int(self.byte_cum[y] - self.byte_cum[x]), int(words)
+
+
+def lm_eval_counts(doc: str) -> tuple[int, int]:
+    r"""lm-eval's (bytes, words) of a document: ``len(doc.encode("utf-8"))``, ``len(re.split(r"\s+", doc))``."""
+    return len(doc.encode("utf-8")), len(re.split(r"\s+", doc))
+
+
+def _window(ids: torch.Tensor, n_unscored: int, doc: int, start: int, lead: int = 0) -> Window:
+    """Score ``ids`` after its first ``max(1, n_unscored)`` tokens; ``lead`` ids precede the stream (BOS/prefix)."""
+    first = max(1, n_unscored)
     scored = torch.ones(len(ids), dtype=torch.bool)
-    scored[: max(1, n_unscored)] = False
-    return Window(ids, scored, doc, start)
+    scored[:first] = False
+    return Window(ids, scored, doc, start, (start - lead + first, start - lead + len(ids)))
 
 
 def chunk_windows(tokens: torch.Tensor, ctx: int, bos_id: int | None) -> list[Window]:
@@ -90,7 +148,7 @@ def chunk_windows(tokens: torch.Tensor, ctx: int, bos_id: int | None) -> list[Wi
         ids = tokens[i * body:(i + 1) * body]
         if bos_id is not None:
             ids = torch.cat([torch.tensor([bos_id]), ids])
-        out.append(_window(ids, 1, 0, i * body))
+        out.append(_window(ids, 1, 0, i * body, int(bos_id is not None)))
     return out
 
 
@@ -104,7 +162,7 @@ def sliding_windows(tokens: torch.Tensor, ctx: int, stride: int, bos_id: int | N
         n_new = end - prev_end
         if bos_id is not None:
             ids = torch.cat([torch.tensor([bos_id]), ids])
-        out.append(_window(ids, len(ids) - n_new, 0, begin))
+        out.append(_window(ids, len(ids) - n_new, 0, begin, int(bos_id is not None)))
         prev_end = end
         if end == len(tokens):
             break
@@ -125,7 +183,7 @@ def rolling_windows(doc_tokens: list[torch.Tensor], ctx: int, prefix_id: int) ->
             continue
         first = min(ctx, n)
         ids = torch.cat([torch.tensor([prefix_id]), toks[:first]])
-        out.append(_window(ids, 1, d, 0))
+        out.append(_window(ids, 1, d, 0, lead=1))
         predicted = first
         while predicted < n:
             pred_len = min(n - predicted, ctx)
@@ -137,29 +195,82 @@ def rolling_windows(doc_tokens: list[torch.Tensor], ctx: int, prefix_id: int) ->
     return out
 
 
+def gptq_windows(tokens: torch.Tensor, ctx: int) -> list[Window]:
+    """GPTQ ``eval``: ``numel // ctx`` windows ``tokens[i*ctx:(i+1)*ctx]``, all but each window's first scored.
+
+    ``tokens`` is the whole stream as one tokenizer call returns it (its BOS, if any, is token 0 and is
+    never scored). Example, ctx=4, stream B a b c d e f g h: windows [B a b c], [d e f g]; scored a b c, e f g.
+    """
+    return [_window(tokens[i * ctx:(i + 1) * ctx], 1, 0, i * ctx) for i in range(len(tokens) // ctx)]
+
+
+def _counted(windows: list[Window], src: SourceText) -> list[Window]:
+    return [replace(w, n_bytes=c[0], n_words=c[1]) for w in windows for c in [src.counts(*w.span)]]
+
+
+def _rolling_set(tokenizer, documents, ctx, raw) -> WindowSet:
+    """Rolling windows with per-window covered-text counts, topped up on each document's first window to
+    lm-eval's counts on the raw document (``raw``: the documents before detokenization, default themselves)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    sources = [SourceText(tokenizer, d) for d in documents]
+    windows: list[Window] = []
+    for d, src in enumerate(sources):
+        own = [replace(w, doc=d) for w in rolling_windows([src.ids], ctx, prefix)]
+        own = _counted(own, src)
+        if own:
+            want = lm_eval_counts((raw or documents)[d])
+            have = (sum(w.n_bytes for w in own), sum(w.n_words for w in own))
+            own[0] = replace(own[0], n_bytes=own[0].n_bytes + want[0] - have[0],
+                             n_words=own[0].n_words + want[1] - have[1])
+        windows += own
+    return _finish(windows, "rolling", ctx, None, "prefix", sum(len(s.ids) for s in sources))
+
+
+def _gptq_set(tokenizer, text: str, ctx: int, stream_windows: int | None) -> WindowSet:
+    """The GPTQ stream (one tokenizer call, default special tokens), cut to ``stream_windows`` · ctx tokens."""
+    src = SourceText(tokenizer, text, special=True)
+    tokens = src.ids if stream_windows is None else src.ids[: stream_windows * ctx]
+    bos_id = tokenizer.bos_token_id
+    bos = "start" if bos_id is not None and len(src.ids) and int(src.ids[0]) == bos_id else "never"
+    return _finish(_counted(gptq_windows(tokens, ctx), src), "gptq", ctx, None, bos, len(src.ids))
+
+
 def make_windows(tokenizer, documents: tuple[str, ...], method: str, ctx: int, *, stride: int | None = None,
-                 bos: str = "auto") -> WindowSet:
-    """Tokenize a corpus and cut it into windows by ``method`` (see module docstring)."""
+                 bos: str = "auto", raw: tuple[str, ...] | None = None, joiner: str = "\n\n",
+                 stream_windows: int | None = None) -> WindowSet:
+    """Tokenize a corpus and cut it into windows by ``method`` (see module docstring).
+
+    ``raw`` (rolling): the documents before detokenization, on which lm-eval counts words and bytes. ``joiner``
+    and ``stream_windows`` (gptq): how the rows are joined and where the stream is cut (``Corpus`` fields).
+    """
     if method not in METHODS:
         raise EsaError(f"unknown window method {method!r}; choose one of {', '.join(METHODS)}")
     if ctx < 2:
         raise EsaError(f"context length {ctx} is too short; use at least 2 tokens")
     if method == "rolling":
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        docs = [tokenize(tokenizer, d) for d in documents]
-        windows = rolling_windows(docs, ctx, prefix)
-        total = sum(len(d) for d in docs)
-        return _finish(windows, method, ctx, None, "prefix", total)
+        return _rolling_set(tokenizer, documents, ctx, raw)
+    if method == "gptq":
+        if bos != "auto":
+            raise EsaError(f"--bos {bos} does not apply to the gptq method: its BOS is the tokenizer's default, "
+                           "once at the start of the stream; drop --bos")
+        return _gptq_set(tokenizer, joiner.join(documents), ctx, stream_windows)
     resolved = resolve_bos(tokenizer, bos)
     bos_id = tokenizer.bos_token_id if resolved == "always" else None
-    tokens = tokenize(tokenizer, "\n\n".join(documents))
+    src = SourceText(tokenizer, joiner.join(documents))
     if method == "chunks":
-        windows = chunk_windows(tokens, ctx, bos_id)
+        windows = chunk_windows(src.ids, ctx, bos_id)
     else:
         if stride is None or not 1 <= stride <= ctx - (bos_id is not None):
             raise EsaError(f"--stride must be between 1 and the context length {ctx} for the sliding method")
-        windows = sliding_windows(tokens, ctx, stride, bos_id)
-    return _finish(windows, method, ctx, stride, resolved, len(tokens))
+        windows = sliding_windows(src.ids, ctx, stride, bos_id)
+    return _finish(_counted(windows, src), method, ctx, stride, resolved, len(src.ids))
+
+
+def corpus_windows(tokenizer, corpus, method: str, ctx: int, *, stride: int | None = None,
+                   bos: str = "auto") -> WindowSet:
+    """:func:`make_windows` on an ``esa.data.corpora.Corpus`` read for ``method`` (its joiner, raw texts, cut)."""
+    return make_windows(tokenizer, corpus.documents, method, ctx, stride=stride, bos=bos, raw=corpus.raw,
+                        joiner=corpus.joiner, stream_windows=corpus.stream_windows)
 
 
 def _finish(windows, method, ctx, stride, bos, total) -> WindowSet:
@@ -198,11 +309,11 @@ def select_windows(ws: WindowSet, max_tokens: int | None, seed: int) -> Selectio
     return Selection(sub, idx, seed, False, n)
 
 
-def scored_text_counts(tokenizer, window: Window) -> tuple[int, int]:
-    """(UTF-8 bytes, whitespace-separated words) of the decoded scored tokens of one window.
+def scored_text_counts(windows) -> tuple[int, int]:
+    """(UTF-8 bytes, words) of the source text the windows' scored tokens cover, summed (module docstring).
 
-    Scored tokens of a window are contiguous, so decoding them recovers the scored text (up to tokenizer
-    normalisation at the span's edges). Used for byte perplexity, bits per byte and word perplexity.
+    Counted on the source text when the windows were made, so a word cut by a window edge counts once and a
+    multi-byte character split across tokens counts its bytes once. Used for byte perplexity, bits per byte and
+    word perplexity.
     """
-    text = tokenizer.decode(window.input_ids[window.scored].tolist())
-    return len(text.encode("utf-8")), len([w for w in re.split(r"\s+", text) if w])
+    return sum(w.n_bytes for w in windows), sum(w.n_words for w in windows)

@@ -38,7 +38,7 @@ class EvalConfig:
     seed: int = 0  # picks the evaluation windows and the super-weight calibration windows
     batch_tokens: int = 4096  # micro-batch token budget
     calib_samples: int = 4  # windows for super-weight detection, drawn from those not evaluated
-    n_boot: int = 10_000  # bootstrap resamples per CI
+    n_boot: int = 10_000  # bootstrap-t resamples per mean-ΔNLL CI (esa.stats.paired_compare)
     collapse_ppl: float = DEFAULT_COLLAPSE_PPL  # collapsed: PPL above this, or a non-finite loss
 
 
@@ -46,7 +46,7 @@ class EvalConfig:
 class PerturbConfig:
     targets: str = "superweights"  # see resolve_targets
     op: str = "zero"  # an esa.perturb.parse_op spec, e.g. scale:factor=-1
-    controls: tuple[str, ...] = CONTROLS
+    controls: tuple[str, ...] | None = None  # None: random_k, plus bottom_k when a ranking is known
     ranking: str | None = None  # ranking file for bottom_k (default: the one in a topk: target)
     control_seeds: tuple[int, ...] = (0, 1, 2)  # random_k draws (and noise seeds of a stochastic op)
     data: EvalConfig = EvalConfig()
@@ -67,7 +67,8 @@ class BitscanConfig:
     top_n: int = 4  # first N target elements, in the spec's order (super-weight / ranking order)
     bits: tuple[str, ...] = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")
     max_flips: int = 8  # greedy collapse search: give up after this many flips
-    greedy_pool: int = 8  # … choosing among the flips with the largest single-flip damage
+    greedy_pool: int = 64  # … choosing among this many flips with the largest single-flip damage (default: all
+    #                        16 of top_n × bits, so every step searches every remaining flip)
     data: EvalConfig = EvalConfig()
 
 
@@ -151,8 +152,7 @@ def trial(bench: Bench, ts: TargetSet, op, seed: int, also: tuple[str, ...] = ()
 
 
 def baseline_metrics(bench: Bench) -> dict:
-    counts = np.array([scored_text_counts(bench.lm.tokenizer, w) for w in bench.windows])  # (W, 2)
-    return perplexity_metrics(bench.cache.baseline, int(counts[:, 0].sum()), int(counts[:, 1].sum()))
+    return perplexity_metrics(bench.cache.baseline, *scored_text_counts(bench.windows))
 
 
 # ---- arms and comparisons ----------------------------------------------------------------------------------
