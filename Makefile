@@ -40,9 +40,11 @@ test-lmeval: venv
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 
+# Offline: the embedded model on the embedded corpus (the smoke profile's token budget).
 smoke: venv
-	$(ESA) baseline --model smollm2-135m --baseline smoke --out-dir $(OUT)/smoke --overwrite
+	$(ESA) baseline --model smollm2-135m --baseline smoke --datasets python-docs --out-dir $(OUT)/smoke --overwrite
 
+# Needs the hub and a GPU (hub models and wikitext-2/c4): standard-core, standard-pythia, extended-*.
 standard-core: venv
 	$(ESA) baseline --model llama-3.1-8b mistral-7b phi-3-mini pythia-1.4b --baseline standard \
 	  --datasets wikitext-2 c4 --context-lens 512 2048 4096 --seeds 0 1 2 --dtype bf16 --out-dir $(OUT)/standard-core
@@ -65,7 +67,7 @@ extended-core: venv
 report: venv
 	$(ESA) report $(OUT)/*/ --out $(OUT)/report
 
-# Studies from the research plan: each is an experiment file under studies/, results in runs/<study>.db
+# Studies from the research plan (need the hub and a GPU: hub models, wikitext-2/c4); results in runs/<study>.db
 phase1 phase2 scaling full-research: venv
 	$(ESA) plan studies/$@.yaml
 	$(ESA) run studies/$@.yaml --db $(OUT)/$@.db
@@ -82,6 +84,7 @@ scaling-offline: venv
 	$(ESA) scaling --models smollm2-135m gemma3-270m --max-eval-tokens 4096 --out-dir $(OUT)/scaling-offline \
 	  --overwrite
 
+# Needs the hub and a GPU (the Pythia suite).
 scaling-pythia: venv
 	$(ESA) scaling --models pythia-70m pythia-160m pythia-410m pythia-1b pythia-1.4b pythia-2.8b pythia-6.9b \
 	  pythia-12b --dtype bf16 --max-eval-tokens 65536 --out-dir $(OUT)/scaling-pythia --overwrite
