@@ -6,6 +6,7 @@ from pathlib import Path
 
 from esa.commands.baseline import add_model_args
 from esa.models import ModelSpec
+from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.perturb.protocols import (
     CONTROLS,
     DOSE_PARAM,
@@ -191,8 +192,8 @@ def run_bitscan_cmd(args) -> int:
     g = doc["greedy"]
     if g["collapsed"]:
         exact = " (exact minimum)" if g["exact_minimum"] else " (greedy upper bound)"
-        console.print(f"collapse after {g['n_flips']} flip(s){exact}: " + "; ".join(g["flips"]))
+        console.print(f"{greedy_verdict(g)}{exact}: " + "; ".join(g["flips"]))
     else:
-        console.print(f"no collapse within {len(g['steps'])} greedy flip(s) (PPL threshold {g['collapse_ppl']:g})")
+        console.print(f"{greedy_verdict(g)} (PPL threshold {g['collapse_ppl']:g})")
     _finish(console, out, "bitscan", doc)
     return 0

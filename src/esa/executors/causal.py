@@ -32,6 +32,7 @@ import numpy as np
 
 from esa.executors.sections import write_dependency_ranking
 from esa.models import LoadedModel
+from esa.perturb.protocols.bitscan import greedy_verdict
 
 
 def _targets(run, ranking_file: str | None) -> str:
@@ -154,8 +155,7 @@ def causal_summary(record) -> str:
     g = m["greedy"]
     worst = max(m["comparisons"].values(), key=severity)
     head = f"worst single flip ΔNLL {as_float(worst['mean_delta_nll']):.4g} ({worst['name']}); "
-    return head + (f"collapse after {g['n_flips']} flip(s)" if g["collapsed"]
-                   else f"no collapse within {len(g['steps'])} flip(s)")
+    return head + greedy_verdict(g)
 
 
 # ------------------------------------------------------------------------------------------- cost estimate

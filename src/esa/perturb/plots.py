@@ -18,6 +18,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.stats import few_windows_caveat, interval_phrase
 
 LINTHRESH = 1e-4  # nats/token: |ΔNLL| below this is drawn linearly
@@ -170,8 +171,6 @@ def plot_bitscan(doc: dict, path: Path) -> Path:
     ax.set_yticks(range(len(weights)), [w["label"] for w in weights], fontsize=7)
     fig.colorbar(im, ax=ax, label="ΔNLL (nats/token)")
     g = doc["greedy"]
-    verdict = (f"collapse after {g['n_flips']} flip(s)" if g["collapsed"]
-               else f"no collapse within {len(g['steps'])} flip(s)")
-    ax.set_title(f"{doc['model']['model_id']}: single bit flips — {verdict} (PPL > {g['collapse_ppl']:g})",
+    ax.set_title(f"{doc['model']['model_id']}: single bit flips — {greedy_verdict(g)} (PPL > {g['collapse_ppl']:g})",
                  fontsize=9)
     return _save(fig, path)

@@ -27,6 +27,7 @@ import math
 from esa.report.html import Block, Bullets, Figure, Paragraph, Table
 from esa.report.study_causal_plots import dose_plot, dose_vs_k_plot, greedy_plot
 from esa.report.study_report import ALPHA, Run, fnum, generic_section
+from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.runs import as_float
 from esa.stats import few_windows, few_windows_caveat, interval_phrase
 
@@ -187,8 +188,8 @@ def _bitscan_sentences(run: Run, flips: list[dict]) -> list[str]:
         out.append(f"{title}: {g['n_flips']} flip(s) collapse the model ({how}): {'; '.join(g.get('flips', []))}.")
     else:
         last = g["steps"][-1]["ppl"] if g.get("steps") else math.nan
-        out.append(f"{title}: no collapse within {len(g.get('steps', []))} greedy flip(s); PPL reached "
-                   f"{fnum(as_float(last))} (threshold {fnum(as_float(g.get('collapse_ppl')), 0)}).")
+        out.append(f"{title}: {greedy_verdict(g)}; PPL reached {fnum(as_float(last))} (threshold "
+                   f"{fnum(as_float(g.get('collapse_ppl')), 0)})" + (f"; {g['stalled']}." if g.get("stalled") else "."))
     return out
 
 

@@ -97,6 +97,14 @@ def greedy_collapse(bench: Bench, flips: list[Flip], max_flips: int, pool_size: 
                       "stops when no remaining flip raises the damage"}
 
 
+def greedy_verdict(greedy: dict) -> str:
+    """One phrase for a greedy search's outcome: collapse after n flips, or none within n — and why it stopped."""
+    if greedy.get("collapsed"):
+        return f"collapse after {greedy['n_flips']} flip(s)"
+    verdict = f"no collapse within {len(greedy.get('steps', []))} flip(s)"
+    return verdict + (" (search stalled: no remaining flip raised the damage)" if greedy.get("stalled") else "")
+
+
 def _best_next(bench: Bench, chosen: list[Flip], pool: list[Flip]) -> tuple[Flip, np.ndarray]:
     """The pool's most damaging flip with ``chosen`` applied, and its (W,) NLLs (single flips: the scan's)."""
     with ExitStack() as stack:
