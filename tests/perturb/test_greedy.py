@@ -47,7 +47,8 @@ def test_search_stops_when_the_best_next_flip_lowers_the_damage(scripted):
     ppls = [s["ppl"] for s in out["steps"]]
     assert ppls == [pytest.approx(np.exp(80 / 20))]  # one step: the second would lower PPL e^4 → e^2.5
     assert out["stalled"] and "stalled after 1 flip(s)" in out["stalled"] and not out["collapsed"]
-    assert bs.greedy_verdict(out) == "no collapse within 1 flip(s) (search stalled: no remaining flip raised the damage)"
+    assert bs.greedy_verdict(out) == ("no collapse within 1 flip(s) (search stalled: no remaining flip raised "
+                                      "the damage)")
 
 
 def test_each_step_raises_the_damage_when_it_can(scripted):
