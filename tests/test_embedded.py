@@ -9,7 +9,8 @@ import pytest
 
 from esa.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, smollm2_gguf
 from esa.errors import EsaError
-from esa.models import resolve_source, sha256_file
+from esa.hashing import sha256_file
+from esa.models import resolve_source
 
 
 def _parts(tmp_path, blobs: list[bytes]):

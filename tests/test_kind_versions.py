@@ -7,9 +7,13 @@ fresh rows, and the report flags a kind whose rows come from another version.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sqlite3
 
-from esa import kind_versions
+import pytest
+
+from esa import kinds
 from esa.executors import resolved_config, run_key, run_study
 from esa.report.study_report import load_runs, version_warnings
 from esa.study import expand, parse_study
@@ -18,29 +22,41 @@ from esa.store import sha256_json
 FP = {"model_id": "m", "revision": "sha256:1", "source": "/here"}
 
 
+@pytest.fixture
+def bump(monkeypatch):
+    """bump(kind, version): this ESA makes ``version`` of ``kind`` for the rest of the test."""
+    def set_version(name: str, version: int) -> None:
+        module = importlib.import_module(kinds.KIND_MODULES[name])
+        monkeypatch.setattr(module, "KIND", dataclasses.replace(module.KIND, version=version))
+        kinds.get.cache_clear()
+    yield set_version
+    monkeypatch.undo()
+    kinds.get.cache_clear()
+
+
 def _study(d):
     return parse_study({"name": "v", "models": [str(d / "model")], "datasets": [str(d / "corpus.txt")],
                         "context_lens": [32], "seeds": [0], "max_eval_tokens": 62, "batch_tokens": 512})
 
 
-def test_every_kind_has_a_version_and_it_is_in_the_run_id(tiny_study_dir, monkeypatch):
+def test_every_kind_has_a_version_and_it_is_in_the_run_id(tiny_study_dir, bump):
     run = expand(_study(tiny_study_dir))[0]
     config = resolved_config(run, FP)
-    assert config["kind_version"] == kind_versions.KIND_VERSIONS["baseline"]
+    assert config["kind_version"] == kinds.get("baseline").version
     before = run_key(run, FP)
     assert before == sha256_json({"config": config, "model": {k: v for k, v in FP.items() if k != "source"}})
-    monkeypatch.setitem(kind_versions.KIND_VERSIONS, "baseline", 99)
+    bump("baseline", 99)
     assert run_key(run, FP) != before
 
 
-def test_a_version_bump_recomputes_and_the_report_flags_old_rows(make_study_dir, monkeypatch):
+def test_a_version_bump_recomputes_and_the_report_flags_old_rows(make_study_dir, bump):
     d = make_study_dir("versions")
     db = d / "v.db"
     first = run_study(_study(d), db)
     assert first.ok and first.completed == first.total == 1
     runs, _ = load_runs(db)
     assert version_warnings(runs) == []
-    monkeypatch.setitem(kind_versions.KIND_VERSIONS, "baseline", 99)
+    bump("baseline", 99)
     second = run_study(_study(d), db)
     assert second.completed == 1 and second.skipped == 0  # the old row is not reused
     runs, _ = load_runs(db)
@@ -55,6 +71,6 @@ def test_rows_stored_before_versions_count_as_version_one(make_study_dir):
     with sqlite3.connect(db) as con:  # what an older ESA stored: no kind_version in the config
         con.execute("UPDATE runs SET config = json_remove(config, '$.kind_version')")
     runs, _ = load_runs(db)
-    assert kind_versions.stored_version(runs[0].config) == 1
+    assert "kind_version" not in runs[0].config
     (warning,) = version_warnings(runs)
     assert "1 by version 1" in warning

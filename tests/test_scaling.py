@@ -16,7 +16,8 @@ from esa.cli import main
 from esa.errors import EsaError
 from esa.perturb.protocols import EvalConfig
 from esa.runs import read_json
-from esa.scaling import STATISTICS, ScalingConfig, fit_power_law, fit_trends, run_scaling
+from esa.scaling import STATISTICS, ScalingConfig, fit_power_law, fit_trends
+from esa.scaling_ladder import run_scaling
 
 TINY_DATA = dict(max_eval_tokens=254, calib_samples=2, n_boot=200)  # 2 windows of 128 tokens
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import yaml
 from esa.cli import main
 from esa.errors import EsaError
 from esa.executors import plan
-from esa.study import deferred_sections, expand, load_study, parse_study
+from esa.study import expand, load_study, parse_study
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
 BASE = {"name": "t", "models": ["smollm2-135m"], "datasets": ["python-docs"], "context_lens": [64, 128],
@@ -30,7 +30,6 @@ def test_every_shipped_study_validates_and_plans_offline(path):
 def test_the_shipped_studies_exist():
     assert {p.stem for p in STUDIES} >= {"demo", "phase1", "phase2", "scaling", "full-research"}
     phase2 = load_study(STUDIES[[p.stem for p in STUDIES].index("phase2")])
-    assert not deferred_sections(phase2)  # both sections execute now
     assert {r.kind for r in expand(phase2)} == {"baseline", "sensitivity", "perturbation"}
 
 
@@ -115,7 +114,6 @@ def test_perturbation_grid_expands_into_runs():
         perturbation={"targets": [{"name": "top", "ranking": "magnitude", "k": 10}],
                       "ops": [{"op": "gauss_noise", "grid": {"sigma": [0.1, 1.0], "relative_to": "weight"}}],
                       "controls": ["random_k"], "trials": 2}))
-    assert not deferred_sections(study)
     kinds = [r.kind for r in expand(study)]
     # 6 baselines; magnitude needs no data → one sensitivity run; 2 ctx × 3 seeds × 2 sigmas perturbations
     assert kinds == ["baseline"] * 6 + ["sensitivity"] + ["perturbation"] * 12

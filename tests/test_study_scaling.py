@@ -7,7 +7,7 @@ from esa.errors import EsaError
 from esa.executors import plan, run_key
 from esa.scaling import STATISTIC_KEYS
 from esa.study import expand, load_study, parse_study
-from esa.study_scaling import ScalingPointRun
+from esa.kinds.scaling_point import ScalingPointRun
 
 FP = {"model_id": "m", "revision": "sha256:1", "source": "/here"}
 

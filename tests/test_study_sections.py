@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from esa.errors import EsaError
-from esa.executors import RUNNERS, plan, resolved_config, run_key, run_study
+from esa import kinds
+from esa.executors import plan, resolved_config, run_key, run_study
 from esa.perturb.ops import make_op, parse_op
 from esa.sensitivity.ranking import floor_path, read_ranking
 from esa.store import Store
 from esa.study import expand, parse_study
-from esa.study_sections import op_spec
+from esa.kinds.perturbation import op_spec
 from helpers.models import forbid_model_loading
 
 SECTIONS = {
@@ -55,10 +56,10 @@ def test_expansion_order_seeds_directions_and_controls():
     kinds = [r.kind for r in runs]
     assert kinds == sorted(kinds, key=["baseline", "sensitivity", "perturbation"].index)  # dependencies first
     sens = [(r.scorer, r.bottom, r.seed) for r in runs if r.kind == "sensitivity"]
-    # every scorer's top ranking; magnitude needs no data: one seed; a bottom ranking only where a bottom
-    # target needs it (a bottom_k control comes from the top ranking's floor table)
-    assert sens == [("magnitude", False, 0), ("magnitude", True, 0), ("grad_x_weight", False, 0),
-                    ("grad_x_weight", False, 1)]
+    # every scorer's top ranking; magnitude needs no data: one seed; a bottom ranking only because a bottom
+    # target depends on it (added by the engine after the section's own runs; bottom_k uses the floor table)
+    assert sens == [("magnitude", False, 0), ("grad_x_weight", False, 0), ("grad_x_weight", False, 1),
+                    ("magnitude", True, 0)]
     pert = {(r.target, r.seed): r for r in runs if r.kind == "perturbation"}
     assert len(pert) == 6
     top1 = pert[("top", 1)]
@@ -160,7 +161,7 @@ def test_rerun_skips_everything_without_loading(sections_db, tiny_dir, monkeypat
 
 
 def test_perturbation_equals_perturb_experiment(sections_db, tiny_dir):
-    from esa.executors.sections import perturb_config
+    from esa.kinds.perturbation import perturb_config
     from esa.models import ModelSpec, load_model
     from esa.perturb.protocols import perturb_experiment
 
@@ -202,7 +203,7 @@ def test_dependency_from_an_earlier_invocation_and_failed_dependency(tiny_dir, t
 
 
 def test_runner_registry_covers_every_run_kind():
-    assert {r.kind for r in expand(_pure())} <= set(RUNNERS.names())
+    assert {r.kind for r in expand(_pure())} <= set(kinds.names())
 
 
 def test_cli_plan_and_run_show_section_runs(tiny_dir, tmp_path, capsys):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from esa.errors import EsaError
+from esa.hashing import sha256_file
 from esa.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,6 @@ def embedded_gguf_path(source: str = "embedded:smollm2") -> Path:
     from esa.embedded import gemma3_gguf, smollm2_gguf
 
     return smollm2_gguf() if source == "embedded:smollm2" else gemma3_gguf(cache_dir())
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_device(device: str) -> torch.device:

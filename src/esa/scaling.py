@@ -30,7 +30,7 @@ N = 10⁸ and PPL 10 at N = 10⁹ give slope = log10(10/20) / 1 = -0.301 and int
 Fewer than two usable points: no fit, and the reason is stored.
 
 **Where the numbers live.** :func:`measure_model` is the one per-model measurement. ``esa scaling`` runs it
-through a results database — a generated study with a ``scaling:`` section (:mod:`esa.study_scaling`),
+through a results database — a generated study with a ``scaling:`` section (:mod:`esa.kinds.scaling_point`),
 executed by :func:`esa.executors.run_study`, one ``scaling_point`` run per model — and then writes its files
 *from the database rows* (:mod:`esa.scaling_ladder`), so a killed ladder resumes where it stopped and
 ``esa report`` shows the same numbers. ``statistics`` picks what is measured: perplexity and bits per byte
@@ -53,7 +53,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -323,7 +322,7 @@ def measure_model(lm: LoadedModel, cfg: ScalingConfig) -> tuple[dict, dict | Non
     """Run the scaling protocol on one loaded model: ``(row, perturb document, per-window arrays)``.
 
     This is the one per-model measurement of ESA: ``esa scaling`` and a study's ``scaling:`` section
-    (:mod:`esa.executors.scaling_points`) both call it. Only what ``cfg.statistics`` needs is measured
+    (:mod:`esa.kinds.scaling_point`) both call it. Only what ``cfg.statistics`` needs is measured
     (:func:`measurements`); the row keys of statistics not measured are null, with a note. The perturbation
     document is None when no perturbation ran (not requested, or no super-weight candidates); the row's
     baseline and the arrays (window_index, n_scored, baseline_nll) then come from an unperturbed pass over the
@@ -383,11 +382,3 @@ def ladder_notes(rows: list[dict]) -> list[str]:
         notes.append(f"mixed families ({', '.join(sorted(map(str, families)))}): tokenizers differ, compare "
                      "bits_per_byte, not perplexity")
     return notes
-
-
-def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False, db=None, on_event=None) -> tuple[Path, dict]:
-    """Measure the ladder through a results database and write scaling.json and the plots from its rows;
-    returns ``(out_dir, document)``. See :func:`esa.scaling_ladder.run_scaling` (the database side)."""
-    from esa.scaling_ladder import run_scaling as run_through_db
-
-    return run_through_db(cfg, out_dir, overwrite, db, on_event)

@@ -1,4 +1,4 @@
-"""Results database: SQLite (WAL mode, one writer — the driver) plus per-run artifact files.
+"""Results database: SQLite (WAL mode; drivers that share it claim runs) plus per-run artifact files.
 
 Layout, next to the database file ``<dir>/<name>.db``::
 
@@ -12,7 +12,16 @@ Tables (schema version :data:`SCHEMA_VERSION`, marked with SQLite's ``applicatio
 * ``studies`` (a study's resolved spec) and ``study_runs`` (which runs belong to which study): a run is
   identified by content, so two studies sharing a cell share its row.
 * ``models`` — fingerprints seen before, so a rerun of a finished study skips without loading weights.
+* ``claims`` — which driver is computing which run, under a lease (schema 2; see below).
 * view ``results`` — the headline numbers as plain columns, for ``pd.read_sql("select * from results", con)``.
+
+Drivers sharing a database never compute a run twice (issue 11, item 7): a driver takes a run with
+:meth:`Store.claim` (one ``BEGIN IMMEDIATE`` transaction, so of two racers exactly one wins), keeps the lease
+alive with :meth:`Store.holding` or a :class:`LeaseKeeper` while it computes, and :meth:`Store.commit_run`
+drops the claim in the transaction that inserts the row. A claim dies with its holder: at once when the
+holder's process on this host has exited (``os.kill(pid, 0)``), after ``expires_at`` otherwise. WAL needs
+shared memory, so every driver of one database runs on one host; the lease covers a hung holder, a reused
+pid is bounded by it, and a holder in another PID namespace (a container) is never probed.
 
 Crash safety: a run's artifact files are written (temp file + fsync + rename) *before* its row is inserted,
 in one transaction; a crash at any point leaves either no row (the run is redone) or a complete row. JSON
@@ -26,10 +35,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import sqlite3
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,8 +55,21 @@ from esa.errors import EsaError
 from esa.runs import _jsonable
 
 APPLICATION_ID = 0x45534131  # "ESA1" — PRAGMA application_id of every ESA results database
-SCHEMA_VERSION = 1  # PRAGMA user_version; bump with a migration when the tables change
+SCHEMA_VERSION = 2  # PRAGMA user_version; bump with an entry in MIGRATIONS when the tables change
 SQLITE_MAGIC = b"SQLite format 3\x00"
+LEASE_SECONDS = 120.0  # default claim lease; a LeaseKeeper renews it every third of that
+
+log = logging.getLogger(__name__)
+
+CLAIMS_TABLE = """
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT PRIMARY KEY,        -- no foreign key: a run is claimed before its row exists
+    holder TEXT NOT NULL,           -- new_holder() of the driver: "<hostname>:<pid>:<8 hex>"
+    pid INTEGER NOT NULL,           -- the claiming process, probed with os.kill(pid, 0) from the same host
+    host TEXT NOT NULL,             -- _host_id(): hostname and PID namespace, where that pid names a process
+    expires_at REAL NOT NULL,       -- Unix seconds, after which the claim lapses unless renewed
+    claimed_at TEXT NOT NULL        -- UTC ISO-8601
+)"""
 
 SCHEMA = """
 CREATE TABLE studies (
@@ -88,7 +115,12 @@ CREATE VIEW results AS SELECT
     json_extract(metrics, '$.tokens_per_second') AS tokens_per_second,
     json_extract(model, '$.revision') AS model_revision, started_at, finished_at
 FROM runs;
-"""
+""" + CLAIMS_TABLE
+
+# user_version N -> N + 1, applied in order in one transaction on open. Version 2 (claims) is additive, but
+# it is a version all the same: an ESA that knows only version 1 ignores claims and would recompute what a
+# newer driver holds, so it is told to upgrade (the "newer ESA" refusal) instead of running beside one.
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: (CLAIMS_TABLE,)}
 
 
 def canonical_json(obj) -> str:
@@ -167,8 +199,141 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT on an autocommit connection; rolled back on any exception."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _batches(ids: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Slices of ``ids`` that stay under SQLite's bound-parameter limit."""
+    for i in range(0, len(ids), size):
+        yield ids[i:i + size]
+
+
+# ------------------------------------------------------------------------------------------ claims
+def new_holder() -> str:
+    """A driver's claim identity, ``"<hostname>:<pid>:<8 hex>"``; the hex tells two drivers of one process apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _host_id() -> str:
+    """Where a pid names one process: the hostname and, on Linux, the PID namespace (containers share hostnames)."""
+    try:
+        return f"{socket.gethostname()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill(pid, 0) sends CTRL_C_EVENT instead of probing; rely on the lease
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _live(host: str, pid: int, expires_at: float, now: float, here: str) -> bool:
+    """A claim is live until its lease expires, and no longer than its process when that runs on this host."""
+    return expires_at > now and (host != here or _pid_alive(pid))
+
+
+def _check_lease(lease_seconds: float) -> None:
+    if not lease_seconds > 0:
+        raise EsaError(f"lease_seconds must be a positive number of seconds, not {lease_seconds!r}; "
+                       f"the default is {LEASE_SECONDS}")
+
+
+def _renew(con: sqlite3.Connection, run_ids: list[str], holder: str, lease_seconds: float) -> set[str]:
+    """Extend ``holder``'s claims on ``run_ids`` to now + lease; returns the ids it still holds."""
+    expires_at = time.time() + lease_seconds
+    with _transaction(con):
+        return {rid for rid in run_ids if con.execute("UPDATE claims SET expires_at = ? WHERE run_id = ? AND "
+                                                      "holder = ?", (expires_at, rid, holder)).rowcount}
+
+
+class LeaseKeeper:
+    """Renews a driver's claims every ``lease_seconds / 3`` from a daemon thread while their runs execute.
+
+    The thread opens its own connection (an SQLite connection belongs to the thread that made it). A claim
+    that is no longer ours — our lease lapsed (a suspended machine, a database locked for longer than the
+    lease) and another driver took the run — is dropped and listed in :attr:`lost`; the executor may abandon
+    that run (committing it anyway is safe: a completed row is never replaced). Use as a context manager::
+
+        with LeaseKeeper(db, holder) as keeper:
+            keeper.add(rid)   # after store.claim(rid, holder) returned True
+            ...               # compute, commit_run(rec, holder)
+            keeper.discard(rid)
+    """
+
+    def __init__(self, db: str | Path, holder: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        _check_lease(lease_seconds)
+        self.db, self.holder, self.lease_seconds = Path(db), holder, lease_seconds
+        self.lost: set[str] = set()
+        self._held: set[str] = set()
+        self._lock = threading.Lock()  # guards _held and lost, shared with the renewing thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, run_id: str) -> None:
+        with self._lock:
+            self._held.add(run_id)
+
+    def discard(self, run_id: str) -> None:
+        with self._lock:
+            self._held.discard(run_id)
+
+    def held(self) -> set[str]:
+        """The run ids whose claims this keeper is renewing now."""
+        with self._lock:
+            return set(self._held)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread = threading.Thread(target=self._renew_until_stopped, name=f"esa-lease-{self.holder}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _renew_until_stopped(self) -> None:
+        every = self.lease_seconds / 3
+        con = sqlite3.connect(self.db, isolation_level=None, timeout=every)
+        try:
+            while not self._stop.wait(every):
+                with self._lock:
+                    ids = sorted(self._held)
+                if not ids:
+                    continue
+                try:
+                    kept = _renew(con, ids, self.holder, self.lease_seconds)
+                except sqlite3.OperationalError as exc:  # locked past the timeout: two ticks of slack remain
+                    log.warning("could not renew %d claim(s) of %s in %s (%s); retrying", len(ids), self.holder,
+                                self.db, exc)
+                    continue
+                with self._lock:
+                    gone = (set(ids) - kept) & self._held  # not what was discarded meanwhile
+                    self._held -= gone
+                    self.lost |= gone
+        finally:
+            con.close()
+
+
 class Store:
-    """An open results database. Use as a context manager; only one process should write (the driver)."""
+    """An open results database. Use as a context manager; drivers sharing one coordinate through claims."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -182,13 +347,21 @@ class Store:
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=FULL")
         self.con.execute("PRAGMA foreign_keys=ON")
-        if state == "new":
-            with self.transaction():
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        self.con.execute(statement)
-                self.con.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                self.con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if state == "new" or self.con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self._create_or_migrate()
+
+    def _create_or_migrate(self) -> None:
+        """Create the tables of a new database or apply MIGRATIONS to an older one, in one transaction."""
+        with self.transaction() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]  # again: another driver may have been first
+            if version == 0:
+                statements = [st for st in SCHEMA.split(";") if st.strip()]
+                con.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            else:
+                statements = [st for step in range(version, SCHEMA_VERSION) for st in MIGRATIONS[step]]
+            for statement in statements:
+                con.execute(statement)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # context manager -------------------------------------------------------------------------------
     def __enter__(self) -> Store:
@@ -200,16 +373,9 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
-        self.con.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.con
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        self.con.execute("COMMIT")
+        return _transaction(self.con)
 
     # studies and models ----------------------------------------------------------------------------
     def record_study(self, name: str, spec: dict, source_path: str | None = None) -> str:
@@ -234,20 +400,82 @@ class Store:
 
     # runs ------------------------------------------------------------------------------------------
     def completed(self, run_ids: Iterable[str]) -> set[str]:
-        ids = list(run_ids)
         done: set[str] = set()
-        for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
-            part = ids[i:i + 500]
+        for part in _batches(list(run_ids)):
             rows = self.con.execute(f"SELECT run_id FROM runs WHERE status = 'completed' AND run_id IN "
                                     f"({','.join('?' * len(part))})", part)
             done.update(r[0] for r in rows)
         return done
 
+    # claims: drivers sharing the database never compute a run twice --------------------------------
+    def claim(self, run_id: str, holder: str, lease_seconds: float = LEASE_SECONDS) -> bool:
+        """Take ``run_id`` for ``holder`` for ``lease_seconds``; False when it is completed or held by another.
+
+        One BEGIN IMMEDIATE transaction, so of drivers racing for a run exactly one gets True. A stale claim
+        (lease expired, or its process on this host exited) is taken over; claiming one's own claim renews it.
+        """
+        _check_lease(lease_seconds)
+        with self.transaction() as con:
+            if con.execute("SELECT 1 FROM runs WHERE run_id = ? AND status = 'completed'", (run_id,)).fetchone():
+                return False
+            row = con.execute("SELECT holder, host, pid, expires_at FROM claims WHERE run_id = ?",
+                              (run_id,)).fetchone()
+            if row and row[0] != holder and _live(*row[1:], time.time(), _host_id()):
+                return False
+            con.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                        (run_id, holder, os.getpid(), _host_id(), time.time() + lease_seconds, utc_now()))
+        return True
+
+    def renew(self, run_id: str, holder: str, lease_seconds: float = LEASE_SECONDS) -> bool:
+        """Extend ``holder``'s claim to now + ``lease_seconds``; False when the claim is no longer its own."""
+        _check_lease(lease_seconds)
+        return bool(_renew(self.con, [run_id], holder, lease_seconds))
+
+    def release(self, run_id: str, holder: str) -> None:
+        """Drop ``holder``'s claim on ``run_id`` (no-op when it holds none), e.g. when a run is abandoned."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM claims WHERE run_id = ? AND holder = ?", (run_id, holder))
+
+    def claimed_by_others(self, run_ids: Iterable[str], holder: str) -> set[str]:
+        """The ``run_ids`` another driver holds a live claim on: for "n runs are computed by another driver"."""
+        now, here, taken = time.time(), _host_id(), set()
+        for part in _batches(list(run_ids)):
+            rows = self.con.execute(f"SELECT run_id, host, pid, expires_at FROM claims WHERE holder <> ? AND "
+                                    f"run_id IN ({','.join('?' * len(part))})", [holder, *part])
+            taken.update(rid for rid, *claim in rows if _live(*claim, now, here))
+        return taken
+
+    @contextmanager
+    def holding(self, run_id: str, holder: str, lease_seconds: float = LEASE_SECONDS) -> Iterator[LeaseKeeper]:
+        """Keep ``holder``'s claim on ``run_id`` alive while the block runs, and release it when the block exits.
+
+        The run must be claimed first::
+
+            if store.claim(rid, holder):
+                with store.holding(rid, holder) as lease:
+                    rec = compute(rid)
+                    if rid not in lease.lost:
+                        store.commit_run(rec, holder)
+        """
+        if not self.renew(run_id, holder, lease_seconds):
+            raise EsaError(f"{holder} holds no claim on run {run_id}; take it with Store.claim first")
+        keeper = LeaseKeeper(self.path, holder, lease_seconds)
+        keeper.add(run_id)
+        try:
+            with keeper:
+                yield keeper
+        finally:
+            self.release(run_id, holder)
+
     def artifact_dir(self, run_id: str) -> Path:
         return self.path.parent / "artifacts" / run_id
 
-    def commit_run(self, rec: RunRecord) -> None:
-        """Write the run's artifacts, then its row in one transaction. A completed row is never replaced."""
+    def commit_run(self, rec: RunRecord, holder: str | None = None) -> None:
+        """Write the run's artifacts, then its row in one transaction. A completed row is never replaced.
+
+        The same transaction drops the run's claim: every claim once the run is completed (it cannot be
+        claimed again), else only ``holder``'s (all when None), so a failed run is free to be retried.
+        """
         artifacts = {}
         if rec.arrays:
             path = self.artifact_dir(rec.run_id) / "per_window.npz"
@@ -262,6 +490,10 @@ class Store:
                         "provenance=excluded.provenance, metrics=excluded.metrics, status=excluded.status, "
                         "error=excluded.error, started_at=excluded.started_at, finished_at=excluded.finished_at, "
                         "artifacts=excluded.artifacts WHERE runs.status <> 'completed'", row)
+            if holder is None or rec.status == "completed":
+                con.execute("DELETE FROM claims WHERE run_id = ?", (rec.run_id,))
+            else:
+                con.execute("DELETE FROM claims WHERE run_id = ? AND holder = ?", (rec.run_id, holder))
 
     def load_arrays(self, run_id: str) -> dict[str, np.ndarray]:
         """The per-window arrays of a completed run."""

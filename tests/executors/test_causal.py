@@ -69,7 +69,8 @@ def test_rerun_skips_everything_without_loading(causal_db, tiny_dir, monkeypatch
 
 
 def test_rows_equal_a_direct_protocol_call_and_weights_are_restored(causal_db, tiny_dir):
-    from esa.executors.causal import bitscan_config, dose_config
+    from esa.kinds.bitscan import bitscan_config
+    from esa.kinds.dose_response import dose_config
     from esa.models import ModelSpec, load_model
     from esa.perturb.protocols import bitscan_experiment, dose_experiment
     from esa.runs import as_float
@@ -111,7 +112,8 @@ def test_rows_equal_a_direct_protocol_call_and_weights_are_restored(causal_db, t
 
 def test_runners_restore_weights_and_summaries(causal_db, tiny_dir):
     """The study runners themselves (with rankings read back from the store) leave every weight unchanged."""
-    from esa.executors import RUNNERS, RunContext
+    from esa import kinds
+    from esa.executors import RunContext
     from esa.models import ModelSpec, load_model
 
     lm = load_model(ModelSpec(str(tiny_dir / "model")))
@@ -122,7 +124,8 @@ def test_runners_restore_weights_and_summaries(causal_db, tiny_dir):
     with Store(causal_db) as store:
         ctx.rankings.update(load_dependencies(store, runs, fp, {}))
     for run in runs:
-        metrics, _ = RUNNERS.get(run.kind)(lm, run, ctx)
+        ctx.depends_on = resolved_config(run, fp).get("depends_on", {})  # what the executor sets before a run
+        metrics, _ = kinds.get(run.kind).execute(lm, run, ctx)
         line = summary_line(RunRecord("r", run.kind, {}, {}, {}, metrics, "completed", "a", "b"))
         assert ("largest target ΔNLL" in line) if run.kind == "dose_response" else ("worst single flip" in line)
     for name, p in lm.model.named_parameters():

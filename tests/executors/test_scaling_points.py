@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from esa.executors import RUNNERS, run_study
+from esa import kinds
+from esa.executors import run_study
 from esa.store import Store, canonical_json
 from esa.study import expand, parse_study
 
@@ -39,9 +40,9 @@ def _without(d: dict, *keys) -> dict:
 
 
 def test_the_runner_is_registered():
-    from esa.executors.scaling_points import execute_scaling_point
+    from esa.kinds.scaling_point import execute as execute_scaling_point
 
-    assert RUNNERS.get("scaling_point") is execute_scaling_point
+    assert kinds.get("scaling_point").execute is execute_scaling_point
 
 
 def test_stored_rows_equal_the_direct_per_model_measurement(ladder, smol):

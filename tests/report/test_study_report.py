@@ -13,7 +13,7 @@ from scipy import stats as sps
 
 from esa.cli import main
 from esa.executors import run_study
-from esa.kind_versions import KIND_VERSIONS
+from esa import kinds
 from esa.store import RunRecord, Store
 from esa.study import parse_study
 from helpers.report_parsing import html_parts, md_tables
@@ -54,18 +54,18 @@ def mixed_db(study_db, tmp_path_factory):
              _comparison("target vs random_k", 0.0101, -0.0031, 0.0233, 0.2),
              _comparison("bottom_k vs baseline", float("nan"), float("nan"), float("nan"), float("nan"), True)]
     cfg = {"kind": "perturbation", "model": {"name": "m"}, "target": "superweights", "op": "zero", "bottom": False,
-           "kind_version": KIND_VERSIONS["perturbation"]}
+           "kind_version": kinds.get("perturbation").version}
     metrics = {"perplexity": 30.0, "comparisons": {c.pop("name"): c for c in comps}}  # as esa.executors stores
     with Store(db) as store:
         store.commit_run(RunRecord("f1", "baseline", {"kind": "baseline", "model": {"name": "m"}, "dataset": "d",
                                                       "context_len": 4096, "seed": 0,
-                                                      "kind_version": KIND_VERSIONS["baseline"]}, {}, {}, {},
+                                                      "kind_version": kinds.get("baseline").version}, {}, {}, {},
                                    "failed", "t0", "t1", error="context 4096 exceeds the model's 512 positions"))
         store.commit_run(RunRecord("p1", "perturbation", cfg, {}, {}, metrics, "completed",
                                    "t2", "t3"))
         store.commit_run(RunRecord("s1", "sensitivity", {"kind": "sensitivity", "model": {"name": "m"},
                                                          "scorer": "magnitude",
-                                                         "kind_version": KIND_VERSIONS["sensitivity"]},
+                                                         "kind_version": kinds.get("sensitivity").version},
                                    {}, {}, {"tail": {"top_0.1pct_share": 0.0421}, "k": 100}, "completed", "t4", "t5"))
     return db
 

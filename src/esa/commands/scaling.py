@@ -102,7 +102,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from esa.commands.study import progress_printer  # the same progress lines as `esa run`
-    from esa.scaling import run_scaling
+    from esa.scaling_ladder import run_scaling
 
     out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, progress_printer(Console()))
     _print(doc, out_dir)

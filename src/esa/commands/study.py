@@ -43,7 +43,7 @@ def plan(args) -> int:
     from rich.table import Table
 
     from esa.executors import plan as make_plan
-    from esa.study import deferred_sections, load_study
+    from esa.study import load_study
 
     study = load_study(args.study)
     rows = make_plan(study, measure=not args.no_measure)
@@ -52,7 +52,8 @@ def plan(args) -> int:
         table.add_column(col)
     for i, row in enumerate(rows, 1):
         r = row.run
-        table.add_row(str(i), r.kind, r.model.name, r.model.dtype, r.dataset, str(r.context_len), str(r.seed),
+        table.add_row(str(i), r.kind, r.model.name, r.model.dtype, *(str(getattr(r, f, "—")) for f in
+                                                                     ("dataset", "context_len", "seed")),
                       "whole split" if row.tokens is None else f"{row.tokens:,}", _fmt_seconds(row.seconds))
     console = Console(width=160)
     console.print(table)
@@ -63,10 +64,9 @@ def plan(args) -> int:
     console.print(f"estimated forward time: {_fmt_seconds(sum(timed))}" +
                   (f" (+{len(rows) - len(timed)} run(s) not estimated)" if len(timed) < len(rows) else "")
                   + "; model loading and tokenization not included")
-    for basis in dict.fromkeys(f"{r.run.model.name} ctx {r.run.context_len}: {r.basis}" for r in rows):
+    for basis in dict.fromkeys(f"{r.run.model.name} ctx {getattr(r.run, 'context_len', '—')}: {r.basis}"
+                               for r in rows):
         console.print(f"  throughput {basis}")
-    for section in deferred_sections(study):
-        console.print(f"not executed by this version of ESA (validated only): {section}")
     return 0
 
 
@@ -78,6 +78,8 @@ def progress_printer(console):
         elif kind == "group":
             console.print(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed",
                           soft_wrap=True)
+        elif kind == "elsewhere":
+            console.print(f"{info['label']}: being computed by another driver — left to it", soft_wrap=True)
         elif kind == "load_error":
             console.print(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
         elif kind == "run":
@@ -92,13 +94,11 @@ def run(args) -> int:
     from rich.console import Console
 
     from esa.executors import run_study
-    from esa.study import deferred_sections, load_study
+    from esa.study import load_study
 
     study = load_study(args.study)
     db = args.db or Path("runs") / f"{study.name}.db"
     console = Console()
-    for section in deferred_sections(study):
-        console.print(f"note: not executed by this version of ESA (validated only): {section}")
     options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
     summary = run_study(study, db, args.executor, str(args.study.resolve()), progress_printer(console),
                         **(options if args.executor == "ray" else {}))
@@ -108,6 +108,9 @@ def run(args) -> int:
         console.print(f"[red]failed: {label}: {error}[/red]")
     for model, error in summary.load_errors:
         console.print(f"[red]not loaded: {model}: {error}[/red]")
+    if summary.elsewhere:
+        console.print(f"{len(summary.elsewhere)} run(s) were being computed by another driver on {db} and were "
+                      "left to it; run again once it finishes to include them in your reports")
     return 0 if summary.ok else 1
 
 

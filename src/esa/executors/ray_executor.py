@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 
 from esa.errors import EsaError
-from esa.executors import EventFn, Summary, commit, group_by_model, known_complete, load_dependencies, run_key
-from esa.store import Store
+from esa.executors.core import (EventFn, Summary, commit, group_by_model, known_complete, load_dependencies,
+                                model_key, run_key)
+from esa.store import LeaseKeeper, Store, new_holder
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ModelWorker:
 
         self.lm = load_model(spec)
         self.prov = provenance(self.lm.device)
-        from esa.executors import RunContext
+        from esa.kinds.base import RunContext
 
         self.ctx = RunContext()  # rankings made here stay here for the perturbation runs that follow
 
@@ -54,7 +55,7 @@ class ModelWorker:
         self.ctx.rankings.update(rankings)
 
     def run(self, run, rid: str):
-        from esa.executors import execute_run
+        from esa.executors.core import execute_run
 
         return execute_run(self.lm, run, rid, self.ctx, self.prov)
 
@@ -82,9 +83,8 @@ class _Group:
 
 
 def _on_fingerprint(ray, ref, grp: _Group, store: Store, study_id: str, summary: Summary,
-                    on_event: EventFn) -> dict:
+                    on_event: EventFn, keeper: LeaseKeeper) -> dict:
     """The group's model is loaded: skip its completed runs and submit the rest; returns {ref: (run, group)}."""
-    from esa.executors import model_key
 
     try:
         fingerprint = ray.get(ref)
@@ -103,19 +103,30 @@ def _on_fingerprint(ray, ref, grp: _Group, store: Store, study_id: str, summary:
     on_event("group", model=grp.spec.name, pending=len(ids) - len(done), completed=len(done))
     pending = [r for r, rid in zip(grp.runs, ids) if rid not in done]
     grp.actor.add_rankings.remote(load_dependencies(store, pending, fingerprint, {}))  # actor calls run in order
-    submitted = {grp.actor.run.remote(run, rid): (run, grp) for run, rid in zip(grp.runs, ids) if rid not in done}
+    submitted = {}
+    for run, rid in ((r, i) for r, i in zip(grp.runs, ids) if i not in done):
+        if not store.claim(rid, keeper.holder):  # another driver is computing it
+            summary.elsewhere.append(run.label())
+            on_event("elsewhere", label=run.label(), run_id=rid)
+            continue
+        keeper.add(rid)
+        submitted[grp.actor.run.remote(run, rid)] = (run, grp, rid)
     grp.in_flight = len(submitted)
     return submitted
 
 
-def _collect(ray, ref, run, store: Store, summary: Summary, on_event: EventFn) -> None:
-    """Commit one finished run (artifacts, then its row); a lost worker is reported, not recorded."""
+def _collect(ray, ref, run, rid: str, store: Store, summary: Summary, on_event: EventFn,
+             keeper: LeaseKeeper) -> None:
+    """Commit one finished run (artifacts, then its row, dropping our claim); a lost worker is reported, not
+    recorded, and its claim released so a rerun (or another driver) redoes it."""
+    keeper.discard(rid)
     try:
         record = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 — the worker died (OOM kill, node lost): no row, rerun redoes it
+        store.release(rid, keeper.holder)
         summary.failed.append((run.label(), f"worker lost: {exc}"))
         return
-    commit(store, record)
+    commit(store, record, keeper.holder)
     summary.add(record, run.label())
     on_event("run", record=record, label=run.label(),
              done=summary.skipped + summary.completed + len(summary.failed), total=summary.total)
@@ -141,19 +152,29 @@ def run_ray(runs: list, store: Store, study_id: str, on_event: EventFn, address:
     loading = _start_groups(ray, runs, store, study_id, summary, on_event, num_gpus, num_cpus)
     groups = list(loading.values())
     in_flight: dict = {}
+    keeper = LeaseKeeper(store.path, new_holder())  # renews the claims of every run in flight
     try:
-        while loading or in_flight:
-            (ref,), _ = ray.wait(list(loading) + list(in_flight), num_returns=1)
-            if ref in loading:
-                grp = loading.pop(ref)
-                in_flight.update(_on_fingerprint(ray, ref, grp, store, study_id, summary, on_event))
-            else:
-                run, grp = in_flight.pop(ref)
-                grp.in_flight -= 1
-                _collect(ray, ref, run, store, summary, on_event)
-            if grp.in_flight == 0:
-                _kill(ray, grp.actor)
+        with keeper:
+            _drive(ray, loading, in_flight, store, study_id, summary, on_event, keeper)
     finally:
+        for rid in keeper.held():
+            store.release(rid, keeper.holder)
         for grp in groups:
             _kill(ray, grp.actor)
     return summary
+
+
+def _drive(ray, loading: dict, in_flight: dict, store: Store, study_id: str, summary: Summary, on_event: EventFn,
+           keeper: LeaseKeeper) -> None:
+    """Until every group is loaded and every submitted run collected: handle whichever finishes next."""
+    while loading or in_flight:
+        (ref,), _ = ray.wait(list(loading) + list(in_flight), num_returns=1)
+        if ref in loading:
+            grp = loading.pop(ref)
+            in_flight.update(_on_fingerprint(ray, ref, grp, store, study_id, summary, on_event, keeper))
+        else:
+            run, grp, rid = in_flight.pop(ref)
+            grp.in_flight -= 1
+            _collect(ray, ref, run, rid, store, summary, on_event, keeper)
+        if grp.in_flight == 0:
+            _kill(ray, grp.actor)

@@ -1,6 +1,6 @@
 """The study report's dose-response and bit-scan sections, computed only from the ``runs`` rows.
 
-A **dose-response** run (:func:`esa.executors.causal.execute_dose_response`) stores, per swept value, the
+A **dose-response** run (:mod:`esa.kinds.dose_response`) stores, per swept value, the
 names of its ``target`` and ``random_k`` comparisons, and the comparisons themselves (paired ΔNLL vs the
 unperturbed model on the same windows, 95 % CI by the stored ``ci_method`` — bootstrap-t —, Wilcoxon p
 Holm-adjusted across the run). CIs of comparisons with fewer than :data:`esa.stats.MIN_WINDOWS` windows are
@@ -27,6 +27,7 @@ import math
 from esa.report.html import Block, Bullets, Figure, Paragraph, Table
 from esa.report.study_causal_plots import dose_plot, dose_vs_k_plot, greedy_plot
 from esa.report.study_report import ALPHA, Run, fnum, generic_section
+from esa.kinds.causal import severity
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.runs import as_float
 from esa.stats import few_windows, few_windows_caveat, interval_phrase
@@ -173,8 +174,6 @@ def _greedy_cells(run: Run) -> tuple[str, ...]:
 
 
 def _bitscan_sentences(run: Run, flips: list[dict]) -> list[str]:
-    from esa.executors.causal import severity
-
     g, title = run.metrics["greedy"], _title(run)
     worst = max(flips, key=lambda f: severity({"mean_delta_nll": f["mean"]}))
     out = [f"{title}: the most damaging single flip is {worst['name']} (mean ΔNLL {fdelta(worst['mean'])} "

@@ -11,11 +11,11 @@ render. Order:
    (t-based, :func:`esa.stats.aggregate_seeds`; no CI from one seed; "seed-invariant" when the whole split was
    scored, so seeds cannot change the number). Perplexity is aggregated on the log scale: the geometric mean
    across seeds, with the t-interval of log perplexity exponentiated (asymmetric, always positive).
-3. One section per other run kind present, chosen in :data:`SECTIONS` (run kind → section renderer):
-   sensitivity (:mod:`esa.report.study_sensitivity`, which also reads the runs' ranking artifacts), causal
-   validation (kind ``perturbation``, :mod:`esa.report.study_perturbation`; dose-response and bit scans,
-   :mod:`esa.report.study_causal`), scaling (:mod:`esa.report.study_scaling`); a kind without a renderer
-   still gets a generic table of its scalar metrics, so no stored run is ever hidden.
+3. One section per other run kind present, as the kind declares it (``RunKind.report``, :mod:`esa.kinds`):
+   e.g. sensitivity (:mod:`esa.report.study_sensitivity`, which also reads the runs' ranking artifacts), causal
+   validation (:mod:`esa.report.study_perturbation`, :mod:`esa.report.study_causal`), scaling
+   (:mod:`esa.report.study_scaling`); a kind this ESA does not know still gets a generic table of its scalar
+   metrics, so no stored run is ever hidden. This module never imports a kind: kinds import it.
 
 Every sentence is formatted from stored numbers. A run's metrics are JSON with non-finite numbers stored as
 "nan"/"inf" strings (decoded with :func:`esa.runs.as_float`).
@@ -27,17 +27,14 @@ import json
 import math
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from esa.errors import EsaError
-from esa.kind_versions import KIND_VERSIONS, stored_version
-from esa.registry import Registry
+from esa import kinds
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from esa.report.study_plots import baseline_perplexity_plot
 from esa.runs import as_float
-from esa.stats import SeedAggregate, aggregate_seeds, few_windows_caveat
+from esa.stats import SeedAggregate, few_windows_caveat
 from esa.store import SQLITE_MAGIC, _inspect
 
 ALPHA = 0.05  # significance level of the "not significant" warnings (Holm-adjusted p-values)
@@ -130,8 +127,8 @@ def fmt_agg(agg: SeedAggregate, digits: int = 3) -> str:
     return f"{fnum(agg.mean, digits)} ± {fnum((agg.ci_high - agg.ci_low) / 2, digits)}"
 
 
-# config keys that tell runs of one kind apart, most telling first (esa.study_sections run configs)
-LABEL_KEYS = ("target", "scorer", "op", "k", "bottom", "mode", "context_len", "seed")
+# config keys that tell runs of one kind apart, most telling first (the kinds' run configs)
+LABEL_KEYS = ("target", "task", "scorer", "op", "k", "bottom", "mode", "context_len", "seed")
 
 
 def run_label(run: Run) -> str:
@@ -166,8 +163,10 @@ def run_warnings(run: Run) -> list[str]:
         return [f"{label}: run failed — {run.error or 'no error message stored'}"]
     out = [f"{label}: {w}" for w in (m.get("sanity") or {}).get("warnings", []) if "non-finite" not in w]
     n_bad = int(m.get("n_nonfinite_windows") or 0)
-    if n_bad or (run.kind == "baseline" and not math.isfinite(as_float(m.get("perplexity")))):
+    hook = kinds.get(run.kind).warnings if run.kind in kinds.names() else None
+    if n_bad:
         out.append(f"{label}: {n_bad} window(s) with non-finite loss; perplexity {fnum(as_float(m.get('perplexity')))}")
+    out += [f"{label}: {w}" for w in (hook(run) if hook else [])]
     if caveat := few_windows_caveat(_comparisons(run)):
         out.append(f"{label}: {caveat}")
     for c in _comparisons(run):
@@ -181,16 +180,16 @@ def run_warnings(run: Run) -> list[str]:
 
 
 def version_warnings(runs: list[Run]) -> list[str]:
-    """One warning per kind whose rows were made by more than one kind version, or by an older one."""
+    """One warning per kind whose rows were made by another kind version than this ESA makes (rows stored
+    before versions were recorded count as version 1)."""
     out = []
-    for kind in sorted({r.kind for r in runs}):
-        versions = Counter(stored_version(r.config) for r in runs if r.kind == kind)
-        current = KIND_VERSIONS.get(kind)
-        stale = {v: n for v, n in versions.items() if v != current}
-        if stale:
+    for name in sorted({r.kind for r in runs} & set(kinds.names())):
+        versions = Counter(int(r.config.get("kind_version", 1)) for r in runs if r.kind == name)
+        current = kinds.get(name).version
+        if set(versions) != {current}:
             made = ", ".join(f"{n} by version {v}" for v, n in sorted(versions.items()))
-            out.append(f"{kind} runs: {made}, but this ESA makes version {current} — rows of another version may "
-                       "mean something else (see esa/kind_versions.py); rerun the study into a new database")
+            out.append(f"{name} runs: {made}, but this ESA makes version {current} — rows of another version may "
+                       f"mean something else (see esa/kinds/{name}.py); rerun the study into a new database")
     return out
 
 
@@ -204,118 +203,6 @@ def warnings_section(runs: list[Run]) -> list[Block]:
 
 
 # --------------------------------------------------------------------------------------------- baselines
-def baseline_cells(runs: list[Run]) -> list[dict]:
-    """Completed baseline runs grouped per (model, dtype, dataset, ctx, method), aggregated across seeds."""
-    groups: dict[tuple, list[Run]] = {}
-    for r in runs:
-        if r.status == "completed":
-            c = r.config
-            key = (r.model_name, (c.get("model") or {}).get("dtype"), c.get("dataset"), c.get("context_len"),
-                   c.get("method"))
-            groups.setdefault(key, []).append(r)
-    cells = []
-    for (model, dtype, dataset, ctx, method), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.config.get("seed"))
-        agg = {k: aggregate_seeds([as_float(r.metrics.get(k)) for r in rs], scale=scale)
-               for k, scale in (("perplexity", "log"), ("token_accuracy", "linear"), ("bits_per_byte", "linear"))}
-        cells.append({"model": model, "dtype": dtype, "dataset": dataset, "context_len": ctx, "method": method,
-                      "seeds": [r.config.get("seed") for r in rs], **agg,
-                      "seed_invariant": all(bool(r.metrics.get("seed_invariant")) for r in rs),
-                      "scored_tokens": sum(int(r.metrics.get("scored_tokens") or 0) for r in rs),
-                      "n_nonfinite": sum(int(r.metrics.get("n_nonfinite_windows") or 0) for r in rs)})
-    return sorted(cells, key=lambda c: (c["model"], str(c["dataset"]), c["context_len"] or 0, str(c["method"])))
-
-
-BASELINE_HEADER = ("model", "dtype", "dataset", "ctx", "method", "seeds", "scored tokens",
-                   "perplexity (geometric mean)", "perplexity 95% CI", "token accuracy", "bits/byte",
-                   "non-finite windows")
-
-
-def _seeds_cell(c: dict) -> str:
-    seeds = ", ".join(map(str, c["seeds"]))
-    return f"{seeds} (seed-invariant: whole split)" if c["seed_invariant"] else seeds
-
-
-def _ci_cell(c: dict) -> str:
-    p = c["perplexity"]
-    if c["seed_invariant"]:
-        return "none needed (seed-invariant)"
-    if math.isnan(p.ci_low):
-        return f"undefined ({p.n} seed{'s' if p.n != 1 else ''}, {p.n_nonfinite} non-finite)"
-    return f"[{fbound(p.ci_low)}, {fbound(p.ci_high)}]"
-
-
-def baseline_table(cells: list[dict]) -> Table:
-    rows = tuple((c["model"], str(c["dtype"]), str(c["dataset"]), str(c["context_len"]), str(c["method"]),
-                  _seeds_cell(c), f"{c['scored_tokens']:,}", fmt_agg(c["perplexity"]), _ci_cell(c),
-                  fmt_agg(c["token_accuracy"], 4), fmt_agg(c["bits_per_byte"], 4), str(c["n_nonfinite"]))
-                 for c in cells)
-    return Table(BASELINE_HEADER, rows)
-
-
-def _comparisons_across_models(cells: list[dict]) -> list[str]:
-    by: dict[tuple, list[dict]] = {}
-    for c in cells:
-        by.setdefault((c["dataset"], c["context_len"], c["method"]), []).append(c)
-    out = []
-    for (dataset, ctx, method), cs in sorted(by.items(), key=lambda kv: (str(kv[0][0]), kv[0][1] or 0)):
-        best = min(cs, key=lambda c: c["perplexity"].mean)
-        if len(cs) > 1:
-            worst = max(cs, key=lambda c: c["perplexity"].mean)
-            out.append(f"On {dataset} at context {ctx} ({method}), {best['model']} has the lowest mean perplexity "
-                       f"({fnum(best['perplexity'].mean)}) of {len(cs)} models; {worst['model']} the highest "
-                       f"({fnum(worst['perplexity'].mean)}).")
-    return out
-
-
-def _trend(cells: list[dict]) -> list[str]:
-    by: dict[tuple, list[dict]] = {}
-    for c in cells:
-        by.setdefault((c["model"], c["dataset"], c["method"]), []).append(c)
-    out = []
-    for (model, dataset, method), cs in sorted(by.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        cs = sorted(cs, key=lambda c: c["context_len"])
-        if len(cs) > 1:
-            p0, p1 = cs[0]["perplexity"].mean, cs[-1]["perplexity"].mean
-            out.append(f"For {model} on {dataset} ({method}), mean perplexity {'falls' if p1 < p0 else 'rises'} from "
-                       f"{fnum(p0)} at context {cs[0]['context_len']} to {fnum(p1)} at context "
-                       f"{cs[-1]['context_len']} ({(p1 / p0 - 1) * 100:+.1f} %).")
-    return out
-
-
-def _reliability(cells: list[dict]) -> list[str]:
-    out = []
-    for c in cells:
-        where, p = f"{c['model']} / {c['dataset']} / ctx {c['context_len']}", c["perplexity"]
-        if c["seed_invariant"]:
-            out.append(f"{where}: the whole split was scored, so the result is seed-invariant.")
-        elif math.isnan(p.ci_low):
-            out.append(f"{where}: {p.n} seed(s) ({p.n_nonfinite} non-finite), so no confidence interval exists; "
-                       "add seeds to get one.")
-        else:
-            out.append(f"{where}: {p.n} seeds resample the windows; the 95 % CI of perplexity is "
-                       f"[{fbound(p.ci_low)}, {fbound(p.ci_high)}], the geometric mean ×/÷ "
-                       f"{p.ci_high / p.mean:.4g}.")
-    return out
-
-
-def baseline_section(runs: list[Run]) -> list[Block]:
-    cells = baseline_cells(runs)
-    if not cells:
-        return [Heading(2, "Executive summary: baselines"),
-                Paragraph(f"All {len(runs)} baseline run(s) failed; see the warnings above.")]
-    models, datasets = {c["model"] for c in cells}, {c["dataset"] for c in cells}
-    intro = (f"{sum(len(c['seeds']) for c in cells)} completed baseline run(s): {len(models)} model(s) × "
-             f"{len(datasets)} dataset(s) × {len({c['context_len'] for c in cells})} context length(s), "
-             f"{sum(c['scored_tokens'] for c in cells):,} scored tokens. Values are mean ± half-width of the "
-             "t-based 95 % CI across seeds (a seed picks which windows are scored); perplexity is the geometric "
-             "mean across seeds, its CI the t-interval of log perplexity (NLL per token) exponentiated — "
-             "asymmetric and always positive.")
-    return [Heading(2, "Executive summary: baselines"), Paragraph(intro), baseline_table(cells),
-            Bullets(tuple(_comparisons_across_models(cells) + _trend(cells) + _reliability(cells))),
-            Figure("baseline_perplexity.png", baseline_perplexity_plot(cells),
-                   "Geometric-mean perplexity vs context length per model and dataset (95 % CI across seeds, "
-                   "from log perplexity)")]
 
 
 # ------------------------------------------------------------------------------ any other kind of run
@@ -343,62 +230,20 @@ def generic_section(runs: list[Run]) -> list[Block]:
     return [Paragraph(text), Table(("run", "metric", "value"), rows)] if rows else [Paragraph(text + " none.")]
 
 
-# -------------------------------------------------------------------------------------- section registry
-@dataclass(frozen=True)
-class Section:
-    title: str
-    render: Callable[[list[Run]], list[Block]]  # the runs of this section's kind → blocks (no heading)
-    order: int  # position in the report
-
-
-def _perturbation(runs: list[Run]) -> list[Block]:
-    from esa.report.study_perturbation import causal_section  # imported late: that module imports this one
-
-    return causal_section(runs)
-
-
-def _sensitivity(runs: list[Run]) -> list[Block]:
-    from esa.report.study_sensitivity import sensitivity_section  # imported late: that module imports this one
-
-    return sensitivity_section(runs)
-
-
-def _dose_response(runs: list[Run]) -> list[Block]:
-    from esa.report.study_causal import dose_section  # imported late: that module imports this one
-
-    return dose_section(runs)
-
-
-def _bitscan(runs: list[Run]) -> list[Block]:
-    from esa.report.study_causal import bitscan_section
-
-    return bitscan_section(runs)
-
-
-def _scaling(runs: list[Run]) -> list[Block]:
-    from esa.report.study_scaling import scaling_section  # imported late: that module imports this one
-
-    return scaling_section(runs)
-
-
-SECTIONS: Registry[Section] = Registry("report section")  # run kind → how its runs are reported
-SECTIONS.register("baseline", Section("", baseline_section, 0))  # renders its own heading
-SECTIONS.register("sensitivity", Section("Sensitivity", _sensitivity, 1))
-SECTIONS.register("perturbation", Section("Causal validation", _perturbation, 2))
-SECTIONS.register("dose_response", Section("Causal validation: dose-response", _dose_response, 2))
-SECTIONS.register("bitscan", Section("Causal validation: bit scans", _bitscan, 2))
-SECTIONS.register("scaling_point", Section("Scaling", _scaling, 3))  # esa.report.study_scaling
-
-
+# ------------------------------------------------------------------------------------- sections per kind
 def kind_sections(runs: list[Run]) -> list[Block]:
-    """One section per run kind present, in registry order; unknown kinds last, reported generically."""
-    kinds = list(dict.fromkeys(r.kind for r in runs))
-    known = sorted((k for k in kinds if k in SECTIONS), key=lambda k: SECTIONS.get(k).order)
+    """One section per run kind present, as its kind declares it (:attr:`esa.kinds.base.RunKind.report`), in
+    report order; a kind this ESA does not know still gets a generic table of its scalar metrics, so no stored
+    run is ever hidden."""
+    present = list(dict.fromkeys(r.kind for r in runs))
+    known = [k for k in kinds.ordered() if k.name in present]
     blocks: list[Block] = []
-    for kind in known + [k for k in kinds if k not in SECTIONS]:
-        of_kind = [r for r in runs if r.kind == kind]
-        section = SECTIONS.get(kind) if kind in SECTIONS else Section(f"Runs of kind {kind!r}", generic_section, 99)
-        blocks += ([Heading(2, section.title)] if section.title else []) + section.render(of_kind)
+    for kind in sorted(known, key=lambda k: k.report.order):
+        section = kind.report
+        blocks += ([Heading(2, section.title)] if section.title else []) + section.render(
+            [r for r in runs if r.kind == kind.name])
+    for name in (k for k in present if k not in kinds.names()):
+        blocks += [Heading(2, f"Runs of kind {name!r}"), *generic_section([r for r in runs if r.kind == name])]
     return blocks
 
 

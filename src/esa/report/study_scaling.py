@@ -1,5 +1,5 @@
 """The study report's **Scaling** section: a size ladder's per-model numbers and log–log trends, from the
-``scaling_point`` rows of a results database (:mod:`esa.executors.scaling_points`).
+``scaling_point`` rows of a results database (:mod:`esa.kinds.scaling_point`).
 
 Completed points are grouped into ladders by protocol — their run config without the model (dataset, context,
 seed, token budget, op, control seeds, tail fraction, statistics, x axis) — because only models measured the

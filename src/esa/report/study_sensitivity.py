@@ -1,6 +1,6 @@
 """The study report's Sensitivity section, computed from the ``sensitivity`` rows and their ranking artifacts.
 
-A sensitivity run (:func:`esa.executors.sections.execute_sensitivity`) scores every selected weight of one
+A sensitivity run (:mod:`esa.kinds.sensitivity`) scores every selected weight of one
 model with one scorer on one calibration seed and keeps the top (or bottom, ``config["bottom"]``) k. Its row
 holds the heavy-tail statistics of *all* scores (``metrics["tail"]``, :class:`esa.sensitivity.stability.TailStats`)
 and the path of its ranking table, ``metrics["ranking_file"]``, relative to the database's folder

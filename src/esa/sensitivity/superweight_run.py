@@ -29,16 +29,15 @@ class SuperWeightRun:
     thresholds: Thresholds = Thresholds()
 
 
-def _batch(loaded, run: SuperWeightRun):
+def window_batch(loaded, run: SuperWeightRun):
     """(ids (B, T), selection) of ``max_samples`` seeded chunks windows."""
     from esa.data.corpora import load_corpus
     from esa.data.windows import make_windows, select_windows
+    from esa.models import check_context
 
     if run.max_samples < 1 or run.iterations < 1:
         raise EsaError("--max-samples and the number of search rounds must be ≥ 1")
-    limit = loaded.fingerprint.max_positions
-    if limit is not None and run.context_len > limit:
-        raise EsaError(f"--context-len {run.context_len} exceeds the model's {limit} positions; use ≤ {limit}")
+    check_context(loaded, run.context_len, "--context-len")
     corpus = load_corpus(run.dataset)
     ws = make_windows(loaded.tokenizer, corpus.documents, "chunks", run.context_len)
     sel = select_windows(ws, run.max_samples * (run.context_len - 1), run.seed)
@@ -62,7 +61,7 @@ def run_superweights(spec, run: SuperWeightRun, out_dir: Path, overwrite: bool =
     check_out_dir(out_dir, overwrite, ("superweights.json",), "esa superweights")
     start = time.perf_counter()
     loaded = load_model(spec)
-    ids, sel, corpus = _batch(loaded, run)
+    ids, sel, corpus = window_batch(loaded, run)
     report = find_super_weights(loaded.model, ids, thresholds=run.thresholds, iterate=run.iterations > 1,
                                 max_iterations=run.iterations)
     decode = loaded.tokenizer.decode

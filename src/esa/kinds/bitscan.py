@@ -1,0 +1,152 @@
+"""Run kind ``bitscan``: protocol 3 of :mod:`esa.perturb.protocols` — each listed bit of each of the first
+``top_n`` target weights flipped alone, then a greedy search for the fewest flips that collapse the model.
+
+Study section ``bitscan:`` (:class:`BitscanSection`). Runs — one per model × eval dataset × context × seed ×
+target. A ranking target without ``k`` takes ``k = top_n``. Example::
+
+    bitscan:
+      targets: [{name: top_gxw, ranking: grad_x_weight, k: 4}]
+      top_n: 4                                      # the first 4 target weights, in ranking order
+      bits: [sign, exponent_msb, 30]
+      max_flips: 8                                  # greedy collapse search gives up after this many
+      greedy_pool: 64
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.causal import (CausalTarget, _cells, _check_bits, _check_places, _check_targets, _common, _eval,
+                              _execute, _ranking_run, _targets, model_dtypes, severity)
+from esa.kinds.sensitivity import SensitivityRun
+from esa.models import LoadedModel, ModelSpec
+from esa.perturb.protocols.bitscan import greedy_verdict
+from esa.report.study_causal import bitscan_section
+from esa.runs import as_float
+from esa.study import Study, require
+
+
+@dataclass(frozen=True)
+class BitscanSection:
+    targets: tuple[CausalTarget, ...]
+    top_n: int = 4  # scanned weights: the first top_n target elements (ranking / super-weight order)
+    bits: tuple[int | str, ...] = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")
+    max_flips: int = 8  # greedy collapse search: give up after this many flips
+    greedy_pool: int = 64  # … choosing among this many of the most damaging single flips (64: all of 4 × 4)
+    collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
+    datasets: tuple[str, ...] = ()
+    context_lens: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
+
+
+def check(b: BitscanSection, study: Study, where: str) -> None:
+    """Semantic checks of a bitscan section."""
+    sens, dtypes, seeds = study.section("sensitivity"), model_dtypes(study), study.seeds
+    _check_targets(b.targets, sens, where, "top_n")
+    for i, t in enumerate(b.targets):
+        require(t.ranking is None or t.k is not None or b.top_n <= sens.k,
+                 f"{where}.targets[{i}]: without k the target is the top top_n={b.top_n} weights, more than "
+                 f"sensitivity.k ({sens.k if sens else None}) keeps; give k or lower top_n")
+    require(b.top_n >= 1 and b.max_flips >= 1 and b.greedy_pool >= 1,
+             f"{where}: top_n, max_flips and greedy_pool must be ≥ 1")
+    require(bool(b.bits), f"{where}.bits: give at least one bit, e.g. [sign, exponent_msb]")
+    _check_bits(b.bits, dtypes, f"{where}.bits")
+    require(b.collapse_ppl is None or b.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
+    _check_places(b, seeds, where)
+
+
+@dataclass(frozen=True)
+class BitscanRun:
+    """Protocol 3 for one target set: single bit flips of its first ``top_n`` weights, then greedy collapse."""
+
+    kind: ClassVar[str] = "bitscan"
+    model: ModelSpec
+    target: str
+    spec: str | None
+    ranking: str | None
+    k: int | None
+    top_n: int
+    bits: tuple[str, ...]  # positions or names, as written in the study (as strings)
+    max_flips: int
+    greedy_pool: int
+    collapse_ppl: float | None  # None → esa.stats.DEFAULT_COLLAPSE_PPL
+    dataset: str
+    context_len: int
+    seed: int
+    max_eval_tokens: int | None
+    batch_tokens: int
+    ranking_run: SensitivityRun | None = None
+
+    def config(self) -> dict:
+        cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
+        del cfg["ranking_run"]
+        return cfg
+
+    def label(self) -> str:
+        return f"{self.model.name} bitscan {self.target} top-{self.top_n} bits={list(self.bits)} {self.dataset} " \
+               f"ctx={self.context_len} seed={self.seed}"
+
+    def dependencies(self) -> dict:
+        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
+
+
+def expand(study: Study) -> list[BitscanRun]:
+    """model × dataset × ctx × seed × target, model-major (after the sensitivity runs)."""
+    b = study.section("bitscan")
+    if b is None:
+        return []
+    bits = tuple(str(x) for x in b.bits)
+    return [BitscanRun(spec, t.name, t.spec, t.ranking, (t.k or b.top_n) if t.ranking else None, b.top_n, bits,
+                       b.max_flips, b.greedy_pool, b.collapse_ppl, dataset, ctx, seed, study.max_eval_tokens,
+                       study.batch_tokens, _ranking_run(study, spec, t, seed))
+            for spec, dataset, ctx, seed in _cells(study, b) for t in b.targets]
+
+
+def bitscan_config(run, ranking_file: str | None = None):
+    """The :class:`BitscanConfig` of a bit-scan run, given its ranking file (ranking targets)."""
+    from esa.perturb.protocols import BitscanConfig
+
+    return BitscanConfig(_targets(run, ranking_file), run.top_n, tuple(run.bits), run.max_flips, run.greedy_pool,
+                         _eval(run, run.collapse_ppl))
+
+
+def _bitscan_metrics(doc: dict) -> dict:
+    comps = {c["label"]: {**{k: v for k, v in c.items() if k != "label"}, "name": c["label"]} for c in doc["cells"]}
+    weights = [{k: w[k] for k in ("param", "row", "col", "flat", "value", "label") if k in w}
+               for w in doc["weights"]]
+    return {"weights": weights, "bits": doc["bits"], "comparisons": comps, "greedy": doc["greedy"],
+            **_common(doc)}
+
+
+def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
+    """Protocol 3 (single bit flips of the top weights, then the greedy collapse search) for one target."""
+    from esa.perturb.protocols import bitscan_experiment
+
+    return _execute(lm, run, ctx, bitscan_experiment, bitscan_config, _bitscan_metrics)
+
+
+
+def cost(run: BitscanRun) -> tuple[int | None, float]:
+    """(tokens, passes): the baseline, every single flip, and the greedy steps after the first (upper bound)."""
+    singles = run.top_n * len(run.bits)
+    pool = min(run.greedy_pool, singles)
+    greedy = sum(pool - step for step in range(1, min(run.max_flips, pool)))
+    return run.max_eval_tokens, 1.0 + singles + greedy
+
+
+def summary(record) -> str:
+    m = record.metrics
+    worst = max(m["comparisons"].values(), key=severity)
+    return f"worst single flip ΔNLL {as_float(worst['mean_delta_nll']):.4g} ({worst['name']}); " \
+        + greedy_verdict(m["greedy"])
+
+
+KIND = RunKind(
+    name="bitscan", version=2, about="ΔNLL of single bit flips of the top target weights; fewest flips to collapse",
+    section="bitscan", schema=BitscanSection, check=check, expand=expand, depends_on=("sensitivity",),
+    execute=execute, cost=cost, summary=summary, report=ReportSection("Causal validation: bit scans", 2,
+                                                                      bitscan_section))

@@ -1,0 +1,253 @@
+"""Run kind ``perturbation``: protocol 1 of :mod:`esa.perturb.protocols` — a target set against size-matched
+controls, paired on the same fixed windows — for one target and one op setting.
+
+Study section ``perturbation:`` (:class:`PerturbationSection`). Runs — one per model × eval dataset × context ×
+seed × target × op grid point, with control seeds ``0 … trials-1``. A ranking target depends on the sensitivity
+run of its scorer with the *same seed* (seed 0's run for a data-free scorer): the run's config then names that
+run's id (``depends_on``), so a new ranking means a new perturbation run. Controls actually applied:
+
+* ranking target (top k): ``random_k``; ``bottom_k`` = per target tensor, as many of its lowest-scoring
+  non-zero weights under the same scorer (the ranking's floor table, :func:`esa.perturb.targets.lowest_of`);
+* ranking target with ``bottom: true``: ``random_k`` only (the target *is* the bottom);
+* ``spec: superweights``: ``random_k``; ``bottom_k`` = the k smallest non-zero |W| of the same tensors;
+* any other spec: ``random_k`` only (a glob or coordinate set has no ranking to take a floor from).
+
+Metrics: every paired comparison (mean ΔNLL, bootstrap-t CI, Wilcoxon/t-test p-values with Holm and BH, PPL
+ratio, collapsed), separation ratios, per-arm sizes and seeds, the baseline, notes; ``perplexity`` is the target
+arm's perturbed PPL. Arrays: perturb.npz's (window_index, n_scored, baseline_nll, ``<arm>_nll``,
+``<arm>_nll_per_seed``, ``delta__<comparison>``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from esa.errors import EsaError
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.sensitivity import SensitivityRun, dependency_ranking_file, sensitivity_run
+from esa.models import LoadedModel, ModelSpec
+from esa.registry import suggest
+from esa.report.study_perturbation import causal_section
+from esa.runs import as_float
+from esa.study import Study, check_dataset, model_specs, require
+
+CONTROLS = ("random_k", "bottom_k")  # size-matched random weights; the least-sensitive k of the same tensors
+
+
+# ------------------------------------------------------------------------------------------------- section
+@dataclass(frozen=True)
+class TargetEntry:
+    """A named set of weights to perturb: a target string, or the top/bottom k of a scorer's ranking."""
+
+    name: str
+    spec: str | None = None  # esa.perturb.targets.parse_targets string (rows:/cols:/tensor: glob, coords, file)
+    ranking: str | None = None  # scorer whose ranking gives the targets
+    k: int | None = None  # with ranking: how many
+    bottom: bool = False  # with ranking: the least sensitive k instead of the top k
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """A perturbation op and a grid over its parameters (a scalar is a one-point axis)."""
+
+    op: str  # name in esa.perturb.ops.OPS
+    grid: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PerturbationSection:
+    targets: tuple[TargetEntry, ...]
+    ops: tuple[OpEntry, ...]
+    controls: tuple[str, ...] = ()  # see CONTROLS
+    trials: int = 1  # control seeds 0…trials-1: random_k draws, and op seeds of random ops
+    datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
+    context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
+
+
+def grid_points(entry: OpEntry) -> list[dict]:
+    """Every parameter combination of an op's grid (a scalar value is a one-point axis)."""
+    axes = {k: v if isinstance(v, list) else [v] for k, v in entry.grid.items()}
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def check(p: PerturbationSection, study: Study, where: str) -> None:
+    from esa.perturb.ops import OPS, make_op
+    from esa.sensitivity.scorers import SCORERS
+
+    sens = study.section("sensitivity")
+    require(bool(p.targets) and bool(p.ops), f"{where}: give at least one target and one op")
+    require(p.trials >= 1, f"{where}.trials must be ≥ 1")
+    scorers = sens.scorers if sens else tuple(SCORERS.names())
+    names = [t.name for t in p.targets]
+    require(len(set(names)) == len(names), f"{where}.targets: duplicate target names in {names}")
+    for i, t in enumerate(p.targets):
+        at = f"{where}.targets[{i}]"
+        require((t.spec is None) != (t.ranking is None), f"{at}: give exactly one of 'spec' or 'ranking'")
+        if t.ranking is not None:
+            require(t.ranking in scorers, f"{at}.ranking: " + suggest(t.ranking, list(scorers), "scorer")
+                     + (" (list it under sensitivity.scorers)" if sens else ""))
+            require(sens is not None, f"{at}.ranking: a ranking target needs a sensitivity: section that "
+                     f"scores {t.ranking!r}; add one, or give a spec: instead")
+            require(t.k is not None and 1 <= t.k <= sens.k,
+                     f"{at}: a ranking target needs 1 ≤ k ≤ sensitivity.k ({sens.k}), got {t.k}")
+    for i, op in enumerate(p.ops):
+        if op.op not in OPS:
+            raise EsaError(f"{where}.ops[{i}].op: " + suggest(op.op, OPS.names(), "perturbation op"))
+        for point in grid_points(op):
+            try:
+                make_op(op.op, **point)
+            except (EsaError, TypeError, ValueError) as exc:
+                raise EsaError(f"{where}.ops[{i}] {op.op} {point}: {exc}") from exc
+    for i, c in enumerate(p.controls):
+        require(c in CONTROLS, f"{where}.controls[{i}]: " + suggest(c, list(CONTROLS), "control"))
+    for i, d in enumerate(p.datasets):
+        check_dataset(d, f"{where}.datasets[{i}]")
+    require(all(c >= 2 for c in p.context_lens), f"{where}.context_lens: each must be ≥ 2")
+
+
+# ----------------------------------------------------------------------------------------------- expansion
+@dataclass(frozen=True)
+class PerturbationRun:
+    """Protocol 1 for one target set and one op setting, on one model's fixed evaluation windows."""
+
+    kind: ClassVar[str] = "perturbation"
+    model: ModelSpec
+    target: str  # the target's name in the study
+    spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
+    ranking: str | None  # scorer whose ranking gives the targets
+    k: int | None
+    bottom: bool
+    op: str  # parse_op spec of one grid point, e.g. "scale:factor=0.5"
+    controls: tuple[str, ...]  # the controls applied (see the module docstring)
+    control_seeds: tuple[int, ...]
+    dataset: str
+    context_len: int
+    seed: int  # picks the evaluation windows
+    max_eval_tokens: int | None
+    batch_tokens: int
+    ranking_run: SensitivityRun | None = None  # gives the targets and, for top targets, the bottom_k floor
+
+    def config(self) -> dict:
+        """Without the dependency runs: executors add their run ids as ``depends_on``."""
+        cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
+        del cfg["ranking_run"]
+        return cfg
+
+    def label(self) -> str:
+        return f"{self.model.name} perturb {self.target} {self.op} {self.dataset} ctx={self.context_len} " \
+               f"seed={self.seed}"
+
+    def dependencies(self) -> dict:
+        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
+
+
+def op_spec(name: str, point: dict) -> str:
+    """``name:key=value,…`` that :func:`esa.perturb.ops.parse_op` reads back into the same op."""
+    def fmt(v) -> str:
+        return "[" + ",".join(fmt(x) for x in v) + "]" if isinstance(v, list) else str(v)
+
+    return name + (":" + ",".join(f"{k}={fmt(v)}" for k, v in sorted(point.items())) if point else "")
+
+
+def _controls_for(study: Study, t: TargetEntry) -> tuple[str, ...]:
+    keep_bottom = (t.ranking is not None and not t.bottom) or (t.spec or "").strip() == "superweights"
+    return tuple(c for c in study.section("perturbation").controls if c != "bottom_k" or keep_bottom)
+
+
+def _perturbation_runs(study: Study, spec: ModelSpec, t: TargetEntry, dataset: str, ctx: int,
+                       seed: int) -> list[PerturbationRun]:
+    p = study.section("perturbation")
+    controls = _controls_for(study, t)
+    ranking_run = sensitivity_run(study, spec, t.ranking, seed, t.bottom) if t.ranking is not None else None
+    return [PerturbationRun(spec, t.name, t.spec, t.ranking, t.k, t.bottom, op_spec(entry.op, point), controls,
+                            tuple(range(p.trials)), dataset, ctx, seed, study.max_eval_tokens, study.batch_tokens,
+                            ranking_run)
+            for entry in p.ops for point in grid_points(entry)]
+
+
+def expand(study: Study) -> list[PerturbationRun]:
+    """model × dataset × ctx × seed × target × op setting, model-major.
+
+    With ``max_eval_tokens: null`` every window is scored, so only the first seed is expanded (as for
+    baselines).
+    """
+    p = study.section("perturbation")
+    if p is None:
+        return []
+    seeds = study.seeds if study.max_eval_tokens is not None else study.seeds[:1]
+    return [run for spec in model_specs(study) for d in (p.datasets or study.datasets)
+            for ctx in (p.context_lens or study.context_lens) for seed in seeds for t in p.targets
+            for run in _perturbation_runs(study, spec, t, d, ctx, seed)]
+
+
+# ----------------------------------------------------------------------------------------------- execution
+def perturb_config(run, ranking_file: str | None = None):
+    """The :class:`PerturbConfig` of a perturbation run, given its ranking file (for ranking targets).
+
+    A top-ranking target's bottom_k control comes from the floor table written beside that file."""
+    from esa.perturb.protocols import EvalConfig, PerturbConfig
+
+    targets = run.spec if run.spec is not None else f"topk:{ranking_file}:{run.k}"
+    data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens)
+    return PerturbConfig(targets, run.op, run.controls, None, run.control_seeds, data)
+
+
+def _metrics(doc: dict, files: dict[str, str]) -> dict:
+    """The stored metrics: perturb.json without provenance/model/config (in the row already) and element lists;
+    temporary ranking file names are replaced by the sensitivity run ids they came from."""
+    def source(text: str) -> str:
+        for path, rid in files.items():
+            text = text.replace(path, f"<ranking of run {rid}>")
+        return text
+
+    comps = {c["name"]: c for c in doc["comparisons"]}
+    target = comps.get("target vs baseline", {})
+    arms = [{k: a[k] for k in ("name", "op", "n_elements", "seeds", "tensors")} | {
+            "source": source(a["source"]), "seed_spread": a["seed_spread"]} for a in doc["arms"]]
+    data = {k: v for k, v in doc["data"].items() if k not in ("window_indices", "calibration_indices")}
+    return {"perplexity": target.get("ppl_perturbed"), "baseline_perplexity": doc["baseline"]["perplexity"],
+            "mean_delta_nll": target.get("mean_delta_nll"), "collapsed": target.get("collapsed"),
+            "comparisons": comps, "separation": doc["separation"], "arms": arms, "baseline": doc["baseline"],
+            "data": data, "targets": {k: v for k, v in doc["targets"].items() if k not in ("spec", "ranking")},
+            "notes": [source(n) for n in doc["notes"]], "wall_seconds": doc["wall_seconds"]}
+
+
+def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
+    """Protocol 1 (targets vs controls, paired on the same windows) for one target and one op setting."""
+    from esa.perturb.protocols import perturb_experiment
+
+    with tempfile.TemporaryDirectory(prefix="esa-perturb-") as tmp:
+        ranking_file = dependency_ranking_file(run, ctx, Path(tmp), lm.fingerprint.to_dict())
+        doc, arrays = perturb_experiment(lm, perturb_config(run, ranking_file))
+    return _metrics(doc, {ranking_file: ctx.depends_on["ranking"]} if ranking_file else {}), arrays
+
+
+# ------------------------------------------------------------------------------------------ cost, summary
+def cost(run: PerturbationRun) -> tuple[int | None, float]:
+    """(scored tokens, passes): the baseline pass + every trial (upper bound: the prefix cache saves some)."""
+    from esa.perturb.protocols import STOCHASTIC_OPS
+
+    repeats = len(run.control_seeds) if run.op.partition(":")[0] in STOCHASTIC_OPS else 1
+    arms = repeats + (len(run.control_seeds) if "random_k" in run.controls else 0) \
+        + (repeats if "bottom_k" in run.controls else 0)
+    return run.max_eval_tokens, 1.0 + arms
+
+
+def summary(record) -> str:
+    m = record.metrics
+    vs = m["comparisons"].get("target vs random_k")
+    return f"ΔNLL {as_float(m['mean_delta_nll']):.4g} (ppl {as_float(m['baseline_perplexity']):.4g} → " \
+        f"{as_float(m['perplexity']):.4g})" + (f"; target − random_k {as_float(vs['mean_delta_nll']):+.4g} "
+                                               "nats/token" if vs else "")
+
+
+KIND = RunKind(
+    name="perturbation", version=2, about="a target set vs size-matched controls, paired on the same windows",
+    section="perturbation", schema=PerturbationSection, check=check, expand=expand, depends_on=("sensitivity",),
+    execute=execute, cost=cost, summary=summary, report=ReportSection("Causal validation", 2, causal_section))

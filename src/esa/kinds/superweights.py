@@ -1,0 +1,115 @@
+"""Run kind ``superweights``: one super-weight search (Yu et al. 2024) of one model on seeded windows — the
+scalar weights of the MLP output projections whose products create massive activations.
+
+Study section ``superweights:`` (:class:`SuperWeightsSection`); one run per model × seed of ``seeds`` (default:
+the study's first seed — the seed picks the ``max_samples`` chunks windows of the single forward pass).
+Execution: exactly what ``esa superweights`` does (:func:`esa.sensitivity.superweight_run.window_batch` then
+:func:`esa.sensitivity.superweights.find_super_weights`), restoring every weight it zeroes between rounds.
+Metrics: the detector's report (candidates with layer, row, col, weight, output activation, share and round;
+massive activations; thresholds), the windows and the decoded tokens. No arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.models import LoadedModel, ModelSpec
+from esa.report.html import Block, Paragraph, Table
+from esa.report.study_report import Run, fnum, run_label
+from esa.runs import as_float
+from esa.study import Study, check_dataset, model_specs, require
+
+
+@dataclass(frozen=True)
+class SuperWeightsSection:
+    dataset: str | None = None  # calibration corpus; None → the study's first dataset
+    context_len: int = 128  # tokens per window (chunks, the super-weight paper's convention)
+    max_samples: int = 4  # windows in the single forward pass
+    iterations: int = 1  # search rounds; > 1 zeroes what was found and searches again
+    seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → its first seed
+
+
+def check(s: SuperWeightsSection, study: Study, where: str) -> None:
+    require(s.context_len >= 2 and s.max_samples >= 1 and s.iterations >= 1,
+            f"{where}: context_len ≥ 2, max_samples ≥ 1 and iterations ≥ 1")
+    if s.dataset is not None:
+        check_dataset(s.dataset, f"{where}.dataset")
+    extra = [x for x in s.seeds if x not in study.seeds]
+    require(not extra, f"{where}.seeds: {extra} not among the study's seeds {list(study.seeds)}")
+
+
+@dataclass(frozen=True)
+class SuperWeightsRun:
+    kind: ClassVar[str] = "superweights"
+    model: ModelSpec
+    dataset: str
+    context_len: int
+    max_samples: int
+    iterations: int
+    seed: int  # picks the windows
+
+    def config(self) -> dict:
+        return {"kind": self.kind, **asdict(self), "method": "chunks"}
+
+    def label(self) -> str:
+        return f"{self.model.name} superweights {self.dataset} ctx={self.context_len} seed={self.seed}"
+
+    def dependencies(self) -> dict:
+        return {}
+
+
+def expand(study: Study) -> list[SuperWeightsRun]:
+    s = study.section("superweights")
+    if s is None:
+        return []
+    return [SuperWeightsRun(spec, s.dataset or study.datasets[0], s.context_len, s.max_samples, s.iterations, seed)
+            for spec in model_specs(study) for seed in (s.seeds or study.seeds[:1])]
+
+
+def execute(lm: LoadedModel, run: SuperWeightsRun, ctx: RunContext) -> tuple[dict, dict]:
+    """The search of ``esa superweights`` on ``run``'s windows; (metrics, no arrays)."""
+    from esa.sensitivity.superweight_run import SuperWeightRun, window_batch
+    from esa.sensitivity.superweights import find_super_weights
+
+    start = time.perf_counter()
+    cfg = SuperWeightRun(run.dataset, run.context_len, run.max_samples, run.seed, run.iterations)
+    ids, sel, corpus = window_batch(lm, cfg)
+    report = find_super_weights(lm.model, ids, thresholds=cfg.thresholds, iterate=run.iterations > 1,
+                                max_iterations=run.iterations)
+    tokens = sorted({w.token_id for w in report.candidates})
+    return {**report.to_dict(), "n_candidates": len(report.candidates),
+            "data": {"dataset": corpus.name, "source": corpus.source, "bos": sel.windows.bos,
+                     "seed_invariant": bool(sel.seed_invariant), "window_indices": sel.indices[: len(ids)].tolist()},
+            "tokens": {str(t): lm.tokenizer.decode([t]) for t in tokens},
+            "wall_seconds": time.perf_counter() - start}, {}
+
+
+def summary(record) -> str:
+    cands = record.metrics.get("candidates", [])
+    shown = ", ".join(f"L{c['layer']}[{c['row']},{c['col']}]" for c in cands[:4])
+    return f"{len(cands)} candidate(s)" + (f": {shown}" + (" …" if len(cands) > 4 else "") if cands else "")
+
+
+HEADER = ("run", "round", "weight", "value", "|output activation|", "share of the spike", "token")
+
+
+def report(runs: list[Run]) -> list[Block]:
+    done = [r for r in runs if r.status == "completed"]
+    rows = tuple((run_label(r), str(c["iteration"]), f"L{c['layer']} {c['param_name']}[{c['row']},{c['col']}]",
+                  fnum(as_float(c["weight"]), 4), fnum(as_float(c["output_activation"]), 1),
+                  fnum(as_float(c["share"]), 3), repr(r.metrics.get("tokens", {}).get(str(c.get("token_id")), "")))
+                 for r in done for c in r.metrics.get("candidates", []))
+    text = (f"{len(done)} search(es) of super weights — single weights of an MLP output projection whose product "
+            "with one input channel creates a massive activation (Yu et al. 2024); one forward pass over the "
+            "run's windows per round.")
+    return [Paragraph(text), Table(HEADER, rows)] if rows else [Paragraph(text + " No candidates were found.")]
+
+
+KIND = RunKind(
+    name="superweights", version=1, about="locate super weights from massive activations (one forward pass)",
+    section="superweights", schema=SuperWeightsSection, check=check, expand=expand, depends_on=(),
+    execute=execute, cost=lambda run: (run.max_samples * (run.context_len - 1), float(run.iterations)),
+    summary=summary, report=ReportSection("Super weights", 1, report))
