@@ -9,6 +9,8 @@ import pytest
 from esa.commands.demo import run_demo_study
 from esa.errors import EsaError
 
+pytestmark = pytest.mark.model  # the demo study runs the embedded SmolLM2
+
 STUDY = """name: tiny-demo
 models: [smollm2-135m]
 dtype: fp32
@@ -31,10 +33,10 @@ def test_demo_study_writes_database_and_report_and_overwrite_replaces_it(tmp_pat
     run_demo_study(path, tmp_path, overwrite=True)
     first = _rows(tmp_path / "study.db")
     assert len(first) == 1 and first[0][1] == "completed"
-    report = (tmp_path / "study_report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
     ppl = sqlite3.connect(tmp_path / "study.db").execute("SELECT perplexity FROM results").fetchone()[0]
     assert f"{ppl:.3f}"[:5] in report  # the report shows the database's perplexity
-    assert "study report (HTML)" in capsys.readouterr().out
+    assert "report (HTML)" in capsys.readouterr().out
 
     run_demo_study(path, tmp_path, overwrite=False)  # resumes: the completed run is reused, not redone
     assert _rows(tmp_path / "study.db") == first
@@ -49,3 +51,15 @@ def test_a_failed_demo_run_is_one_clear_error(tmp_path):
     with pytest.raises(EsaError, match=r"tiny-demo|smollm2-135m.*kept in"):
         run_demo_study(path, tmp_path, overwrite=True)
     assert (tmp_path / "study.db").is_file()
+
+
+def test_the_demo_is_one_study_with_every_kind_it_promises():
+    """make demo: baseline, zero-shot, super weights, a ranking, perturbation vs random_k and bottom_k,
+    dose-response and a bit scan — all in the one study file that esa demo runs."""
+    from esa.commands.demo import DEMO_STUDY
+    from esa.study import expand, load_study
+
+    study = load_study(DEMO_STUDY)
+    assert {r.kind for r in expand(study)} == {"baseline", "zeroshot", "superweights", "sensitivity",
+                                               "perturbation", "dose_response", "bitscan"}
+    assert set(study.section("perturbation").controls) == {"random_k", "bottom_k"}

@@ -1,8 +1,8 @@
-"""The demo's perturbation (esa demo, step "perturbation") separates SmolLM2's super weights from the controls.
+"""The demo's perturbation (studies/demo.yaml, target ``superweights``) separates SmolLM2's super weights from
+the controls.
 
-Run on the embedded SmolLM2 with the demo's own :data:`~esa.commands.demo.DEMO_PERTURB` — super weights zeroed
-vs size-matched random_k (seeds 0, 1, 2) and bottom_k — on 16 windows as in the demo, but of 64 instead of 128
-tokens (half the CPU time, ~20 s on one core).
+Run on the embedded SmolLM2 with the demo study's settings — super weights zeroed vs size-matched random_k
+(seeds 0, 1, 2) and bottom_k — on 16 windows of 64 tokens (~20 s on one core).
 
 Which test: the Wilcoxon signed-rank test, exact for n = 16 (scipy's default for n ≤ 50 without ties), is
 distribution-free; the per-window ΔNLL of a collapse is far from normal, which the paired t-test assumes. With
@@ -17,13 +17,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from esa.commands.demo import DEMO_PERTURB
-from esa.perturb.protocols import perturb_experiment
+from esa.commands.demo import DEMO_STUDY
+from esa.perturb.protocols import EvalConfig, PerturbConfig, perturb_experiment
+from esa.study import load_study
 
 
 def test_demo_super_weights_significant_and_random_control_not(smol):
-    data = replace(DEMO_PERTURB.data, context_len=64, max_eval_tokens=63 * 16, n_boot=2000)
-    doc, arrays = perturb_experiment(smol, replace(DEMO_PERTURB, data=data))
+    section = load_study(DEMO_STUDY).section("perturbation")
+    assert section.controls == ("random_k", "bottom_k") and section.trials == 3  # what the demo runs
+    data = EvalConfig("python-docs", context_len=64, max_eval_tokens=63 * 16, seed=0, n_boot=2000)
+    cfg = PerturbConfig("superweights", "zero", section.controls, control_seeds=tuple(range(section.trials)))
+    doc, arrays = perturb_experiment(smol, replace(cfg, data=data))
     comps = {c["name"]: c for c in doc["comparisons"]}
     assert doc["data"]["n_windows"] == 16 and len(comps) == 5
     assert {a["name"] for a in doc["arms"]} == {"target", "random_k", "bottom_k"}
