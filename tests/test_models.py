@@ -1,10 +1,12 @@
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from esa.errors import EsaError
-from esa.models import ModelSpec, check_dtype, load_model, resolve_source
+from esa.models import (Fingerprint, LoadedModel, ModelSpec, check_context, check_dtype, load_model, pad_id,
+                        resolve_source)
 
 
 def test_embedded_model_fingerprint(smol):
@@ -23,6 +25,7 @@ def test_cached_conversion_is_reused(smol):
     assert time.perf_counter() - start < 10  # hashing only; no second de-quantisation
 
 
+@pytest.mark.model
 def test_bf16_load_keeps_weights_dtype():
     lm = load_model(ModelSpec("smollm2-135m", dtype="bf16"))
     assert next(lm.model.parameters()).dtype == torch.bfloat16
@@ -79,3 +82,65 @@ def test_sampled_fingerprint_above_the_full_hash_limit(tmp_path, tokenizer, monk
     monkeypatch.setattr(models, "FULL_HASH_LIMIT", 0)
     tiny_model("llama").save_pretrained(tmp_path / "m")
     assert models.resolve_source(str(tmp_path / "m"))[2].startswith("sampled-sha256:")
+
+
+class _Tok:
+    """A tokenizer-like object with only the attributes the pad rule reads."""
+
+    def __init__(self, pad, eos, n=100):
+        self.pad_token_id, self.eos_token_id, self.n = pad, eos, n
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("pad, eos, expected", [
+    (3, 7, 3),  # the tokenizer's own pad token
+    (None, 7, 7),  # no pad token (Llama, Mistral, GPT-NeoX): EOS
+    (None, None, 0),  # neither: row 0
+    (100, 7, 7),  # a [PAD] beyond the vocabulary is skipped: it would index past the embedding
+    (100, 100, 0),
+    (-1, None, 0),
+])
+def test_pad_id_rule(pad, eos, expected):
+    assert pad_id(_Tok(pad, eos)) == expected
+
+
+def test_pad_id_checks_the_models_embedding_rows_not_the_tokenizers_length():
+    model = torch.nn.Module()
+    model.get_input_embeddings = lambda: torch.nn.Embedding(50, 4)
+    assert pad_id(_Tok(60, 7, n=100)) == 60  # fits the tokenizer …
+    assert pad_id(_Tok(60, 7, n=100), model) == 7  # … but not the model's 50 rows
+
+
+def test_any_in_vocabulary_pad_id_gives_the_same_scores():
+    """Why the rule may pick any valid id: padded positions change no number (independent: unbatched scores)."""
+    from esa.data.windows import Window
+    from esa.evals.perplexity import evaluate_windows
+    from esa.tiny import VOCAB, tiny_model
+
+    model = tiny_model("llama", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    windows = tuple(Window(ids, torch.arange(len(ids)) > 0, 0, 0) for ids in
+                    (torch.randint(VOCAB, (n,), generator=gen) for n in (40, 39, 38)))  # one batch, 0-2 pads each
+    alone = np.concatenate([evaluate_windows(model, (w,), 0, 10_000).nll for w in windows])
+    for pad in (0, 2, VOCAB - 1):
+        scores = evaluate_windows(model, windows, pad, 10_000)
+        assert scores.batch_sizes == [3]
+        np.testing.assert_allclose(scores.nll, alone, rtol=1e-5)
+
+
+def _lm(max_positions):
+    fp = Fingerprint("smollm2-135m", "src", "rev", 1, "fp32", "llama", max_positions)
+    return LoadedModel(torch.nn.Module(), None, fp, torch.device("cpu"))
+
+
+def test_check_context_names_the_flag_and_the_fix():
+    check_context(_lm(8192), 8192)  # the model's own maximum passes
+    check_context(_lm(None), 10**6)  # a config without a limit passes
+    with pytest.raises(EsaError) as exc:
+        check_context(_lm(8192), 9000, "sensitivity.context_len")
+    assert str(exc.value) == ("context length 9000 exceeds smollm2-135m's maximum of 8192 positions; "
+                              "use sensitivity.context_len ≤ 8192")
+    with pytest.raises(EsaError, match="use --context-lens ≤ 8192$"):  # esa baseline's flag by default
+        check_context(_lm(8192), 9000)

@@ -28,7 +28,7 @@ from esa.data.windows import corpus_windows, scored_text_counts, select_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
 from esa.evals.resources import mfu, peak_memory, reset_peak_memory
-from esa.models import LoadedModel, ModelSpec, load_model
+from esa.models import LoadedModel, ModelSpec, check_context, load_model, pad_id
 from esa.provenance import provenance
 from esa.runs import staged_run_dir, write_arrays, write_json
 from esa.sanity import repetition_rate, sanity_warnings
@@ -99,13 +99,6 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name if "/" in name and Path(name).exists() else name)
 
 
-def check_context(lm: LoadedModel, ctx: int) -> None:
-    limit = lm.fingerprint.max_positions
-    if limit is not None and ctx > limit:
-        raise EsaError(f"context length {ctx} exceeds {lm.fingerprint.model_id}'s maximum of {limit} positions; "
-                       f"use --context-lens ≤ {limit}")
-
-
 @dataclass
 class _Entry:
     """One evaluated (dataset, ctx, seed) cell, as stored in results.json."""
@@ -139,7 +132,7 @@ def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int
     n_bytes, n_words = scored_text_counts(windows)  # on the source text the scored tokens cover
     reset_peak_memory(lm.device)
     budget = ctx if long_context else cfg.batch_tokens
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok, lm.model)
     scores = evaluate_windows(lm.model, windows, pad, budget, f"{corpus.name} ctx={ctx} seed={seed}")
     metrics = perplexity_metrics(scores, n_bytes, n_words)
     rep = repetition_rate([w.input_ids[w.scored] for w in windows])

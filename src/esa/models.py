@@ -297,5 +297,47 @@ def max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+def check_context(lm: LoadedModel, ctx: int, what: str = "--context-lens") -> None:
+    """Refuse a context length beyond the model's positions before any data is read.
+
+    ``what`` is the flag or study key the length came from (``--context-len``, ``sensitivity.context_len``);
+    the message names it, so the user knows what to change. A model whose config names no limit passes.
+    """
+    limit = lm.fingerprint.max_positions
+    if limit is not None and ctx > limit:
+        raise EsaError(f"context length {ctx} exceeds {lm.fingerprint.model_id}'s maximum of {limit} positions; "
+                       f"use {what} ≤ {limit}")
+
+
+def _vocab_rows(tokenizer, model: torch.nn.Module | None) -> int | None:
+    """Ids the embedding accepts: the model's input-embedding rows, else the tokenizer's length, else unknown."""
+    if model is not None:
+        return model.get_input_embeddings().num_embeddings
+    try:
+        return len(tokenizer)
+    except TypeError:  # a tokenizer-like object without __len__
+        return None
+
+
+def pad_id(tokenizer, model: torch.nn.Module | None = None) -> int:
+    """The id that right-pads windows of unequal length in a batch: the tokenizer's pad, else EOS, else 0.
+
+    Padding positions are masked out of attention and never scored (:func:`esa.evals.perplexity.collate`), so
+    any id the embedding accepts gives the same numbers; the rule only has to be *one* rule and never hand the
+    embedding ``None`` or an id ≥ its rows (an index error on CPU, a device-side assert on CUDA). The pad token
+    comes first because it is what the model's authors pad with; most causal LMs (Llama, Mistral, GPT-NeoX)
+    set none, and EOS is the usual stand-in; 0 is always a valid row. A candidate outside ``[0, rows)`` —
+    e.g. a ``[PAD]`` added to the tokenizer without resizing the embedding — is skipped. ``rows`` is the
+    model's input-embedding size when ``model`` is given, else ``len(tokenizer)``.
+
+    Example: SmolLM2 (pad ``<|im_end|>`` = 2) → 2; GPT-2 (no pad, EOS 50256) → 50256; neither set → 0.
+    """
+    rows = _vocab_rows(tokenizer, model)
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int) and candidate >= 0 and (rows is None or candidate < rows):
+            return candidate
+    return 0
+
+
 def describe_suite() -> str:
     return json.dumps({name: asdict(entry) for name, entry in SUITE.items()}, indent=1)

@@ -61,7 +61,7 @@ from scipy import stats as sps
 from esa.data.windows import scored_text_counts
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
-from esa.models import LoadedModel
+from esa.models import LoadedModel, pad_id
 from esa.perturb.protocols import EvalConfig, PerturbConfig, make_bench, perturb_experiment
 
 SCHEMA = "esa.scaling/1"
@@ -290,8 +290,7 @@ def _perturbation(doc: dict) -> dict:
 def _baseline(bench) -> tuple[dict, dict[str, np.ndarray]]:
     """Perplexity metrics and per-window arrays of the unperturbed model on the bench's windows (used when no
     perturbation runs, so no trial computes them)."""
-    tok = bench.lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(bench.lm.tokenizer, bench.model)
     scores = evaluate_windows(bench.model, bench.windows, pad, bench.data.batch_tokens, "baseline")
     arrays = {"window_index": np.asarray(bench.info["window_indices"]), "n_scored": scores.n_scored,
               "baseline_nll": scores.nll}  # (W,) each: the keys perturb.npz uses for the same numbers

@@ -161,6 +161,25 @@ def test_batched_scores_match_unbatched_reference(tiny, tokenizer, budget, max_l
         assert any(len(r.context) + len(r.continuation) > 13 for r in reqs)
 
 
+def test_out_of_memory_halves_the_budget_and_other_errors_propagate(tiny, tokenizer, monkeypatch):
+    import esa.evals.zeroshot as zs
+
+    reqs = build_requests(tokenizer, _data("arc_easy", limit=4, seed=2), 512)
+    expected, _ = score_requests(tiny, reqs, 512, 4096)
+    real = zs.score_batch
+
+    def cpu_oom_above_one(model, batch, max_length):
+        if len(batch) > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real(model, batch, max_length)
+
+    monkeypatch.setattr(zs, "score_batch", cpu_oom_above_one)
+    np.testing.assert_allclose(score_requests(tiny, reqs, 512, 4096)[0], expected, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(zs, "score_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        score_requests(tiny, reqs, 512, 4096)
+
+
 def test_plan_batches_covers_each_request_once_within_budget(tokenizer):
     reqs = build_requests(tokenizer, _data("hellaswag"), 512)
     for budget in (1, 200, 1000):
@@ -352,6 +371,7 @@ def test_write_results_stores_items_for_pairing(tmp_path, tiny, tokenizer):
     )
 
 
+@pytest.mark.model  # the CLI loads the embedded SmolLM2
 def test_cli_runs_and_writes(tmp_path, capsys):
     from esa.cli import main
 

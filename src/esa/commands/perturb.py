@@ -21,21 +21,32 @@ TARGETS_HELP = ("superweights (detected on calibration windows), topk:<ranking f
                 "(row = out, col = in)")
 
 
-def _common(p, stem: str) -> None:
+def add_eval_args(p) -> None:
+    """The flags of an :class:`EvalConfig` (read back by :func:`eval_config`); ``esa scaling`` shares them."""
     e = EvalConfig()
-    p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
-    p.add_argument("--targets", default="superweights", help=TARGETS_HELP)
     p.add_argument("--dataset", default=e.dataset, help="corpus name or .txt/.jsonl path")
     p.add_argument("--context-len", type=int, default=e.context_len, help="tokens per chunks window")
     p.add_argument("--max-eval-tokens", type=int, default=e.max_eval_tokens,
-                   help="scored tokens evaluated (0 = the whole corpus, seed-invariant)")
+                   help="scored tokens evaluated, in the model's own tokens (0 = the whole corpus, seed-invariant)")
     p.add_argument("--seed", type=int, default=e.seed, help="picks the evaluation and calibration windows")
     p.add_argument("--batch-tokens", type=int, default=e.batch_tokens, help="micro-batch token budget")
     p.add_argument("--calib-samples", type=int, default=e.calib_samples,
                    help="windows for super-weight detection (not among the evaluated ones)")
-    p.add_argument("--n-boot", type=int, default=e.n_boot, help="bootstrap resamples per CI")
+    p.add_argument("--n-boot", type=int, default=e.n_boot, help="bootstrap resamples per ΔNLL CI")
     p.add_argument("--collapse-ppl", type=float, default=e.collapse_ppl,
                    help="a trial collapsed when its PPL exceeds this or a loss is non-finite")
+
+
+def eval_config(args) -> EvalConfig:
+    """The :class:`EvalConfig` of :func:`add_eval_args`' flags (``--max-eval-tokens 0``: the whole corpus)."""
+    return EvalConfig(args.dataset, args.context_len, None if args.max_eval_tokens == 0 else args.max_eval_tokens,
+                      args.seed, args.batch_tokens, args.calib_samples, args.n_boot, args.collapse_ppl)
+
+
+def _common(p, stem: str) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
+    p.add_argument("--targets", default="superweights", help=TARGETS_HELP)
+    add_eval_args(p)
     add_model_args(p)
     p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"), help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out-dir")
@@ -92,11 +103,6 @@ def _spec(args) -> ModelSpec:
     return ModelSpec(args.model, args.dtype, args.device, args.revision, args.trust_remote_code, args.allow_pickle)
 
 
-def _data(args) -> EvalConfig:
-    return EvalConfig(args.dataset, args.context_len, None if args.max_eval_tokens == 0 else args.max_eval_tokens,
-                      args.seed, args.batch_tokens, args.calib_samples, args.n_boot, args.collapse_ppl)
-
-
 def _console():
     """A console at least 130 columns wide, so the tables stay readable when output is piped (80 default)."""
     from rich.console import Console
@@ -139,7 +145,7 @@ def run_perturb_cmd(args) -> int:
 
     controls = None if args.controls is None else tuple(args.controls.split(","))
     cfg = PerturbConfig(args.targets, args.op, controls, args.ranking,
-                        tuple(args.control_seeds), _data(args))
+                        tuple(args.control_seeds), eval_config(args))
     out = run_perturb(_spec(args), cfg, args.out_dir, args.overwrite)
     doc = read_json(out / "perturb.json")
     console = _console()
@@ -158,7 +164,7 @@ def run_dose_cmd(args) -> int:
     from esa.perturb.protocols import run_dose_response
     from esa.runs import read_json
 
-    cfg = DoseConfig(args.targets, args.op, tuple(args.values), tuple(args.control_seeds), _data(args))
+    cfg = DoseConfig(args.targets, args.op, tuple(args.values), tuple(args.control_seeds), eval_config(args))
     out = run_dose_response(_spec(args), cfg, args.out_dir, args.overwrite)
     doc = read_json(out / "dose_response.json")
     comps = [r[arm] for r in doc["rows"] for arm in ("target", "random_k") if arm in r]
@@ -175,7 +181,7 @@ def run_bitscan_cmd(args) -> int:
     from esa.perturb.protocols import run_bitscan
     from esa.runs import read_json
 
-    cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool, _data(args))
+    cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool, eval_config(args))
     out = run_bitscan(_spec(args), cfg, args.out_dir, args.overwrite)
     doc = read_json(out / "bitscan.json")
     bits = [b["spec"] for b in doc["bits"]]

@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from esa.perturb.protocols import EvalConfig
+from esa.commands.perturb import add_eval_args, eval_config
 
 
 def register(subparsers) -> None:
-    d = EvalConfig()
     p = subparsers.add_parser(
         "scaling", help="baseline, super weights, perturbation and heavy tails along a model-size ladder",
         description="Loads each model once and measures perplexity and bits per byte, super-weight candidates "
@@ -23,19 +22,12 @@ def register(subparsers) -> None:
                     "GPU ladder: --models pythia-70m pythia-160m … pythia-12b.")
     p.add_argument("--models", nargs="+", default=["smollm2-135m"],
                    help="suite aliases, hub ids, local dirs or .gguf files, in ladder order")
-    p.add_argument("--dataset", default=d.dataset, help="corpus name or .txt/.jsonl path")
-    p.add_argument("--context-len", type=int, default=d.context_len, help="tokens per chunks window")
-    p.add_argument("--max-eval-tokens", type=int, default=d.max_eval_tokens,
-                   help="scored tokens per model, in its own tokens (0: the whole corpus)")
-    p.add_argument("--seed", type=int, default=d.seed, help="picks the evaluation and calibration windows")
-    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="windows for super-weight detection")
+    add_eval_args(p)  # the data flags of esa perturb: both build an EvalConfig
     p.add_argument("--op", default="zero", help="perturbation of the super weights and the control, e.g. zero")
     p.add_argument("--control-seeds", type=int, nargs="+", default=[0, 1, 2], help="random_k draws")
     p.add_argument("--tail-fraction", type=float, default=0.001, help="heavy-tail share of the top fraction of |W|")
     p.add_argument("--x-axis", default="n_params", choices=("n_params", "n_params_non_embedding"),
                    help="model size on the trend's x axis")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="micro-batch token budget")
-    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples per ΔNLL CI")
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
     p.add_argument("--statistics", nargs="+", default=[],
@@ -50,10 +42,7 @@ def register(subparsers) -> None:
 def _config(args):
     from esa.scaling import ScalingConfig
 
-    data = EvalConfig(dataset=args.dataset, context_len=args.context_len,
-                      max_eval_tokens=args.max_eval_tokens or None, seed=args.seed, batch_tokens=args.batch_tokens,
-                      calib_samples=args.calib_samples, n_boot=args.n_boot)
-    return ScalingConfig(tuple(args.models), data, args.op, tuple(args.control_seeds), args.tail_fraction,
+    return ScalingConfig(tuple(args.models), eval_config(args), args.op, tuple(args.control_seeds), args.tail_fraction,
                          args.x_axis, args.dtype, args.device, tuple(args.statistics))
 
 

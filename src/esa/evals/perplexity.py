@@ -22,7 +22,7 @@ from esa import progress
 from esa.architectures import chunked_head
 from esa.data.windows import Window
 from esa.errors import EsaError
-from esa.evals.resources import timed
+from esa.evals.resources import is_oom, timed
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tens
     return score_states(states, head_fn, targets, mask, chunk)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def batch_plan(windows: tuple[Window, ...], token_budget: int) -> list[list[int]]:
     """Micro-batches as lists of window indices: longest first, each filled to ``token_budget`` tokens.
 
@@ -156,7 +152,7 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
                     warmed = True
                 with timed(device, times):
                     out = score_batch(model, ids, attn, scored)
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
+            except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
                 cap = _halve_or_raise(exc, len(idx), ids.shape[1], device)
                 queue.appendleft(idx)
                 continue
@@ -168,7 +164,7 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
 
 def _halve_or_raise(exc: BaseException, batch: int, length: int, device: torch.device) -> int:
     """Next micro-batch size after an out-of-memory error (re-raise anything else)."""
-    if not _is_oom(exc):
+    if not is_oom(exc):
         raise exc
     if batch == 1:
         raise EsaError(f"out of memory at batch size 1 with {length} tokens; use a shorter --context-lens, "

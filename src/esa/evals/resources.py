@@ -17,6 +17,21 @@ GPU_PEAK_FLOPS = {
 }
 
 
+OOM_MESSAGES = ("out of memory", "can't allocate memory")  # CUDA/MPS/HIP; the CPU allocator (DefaultCPUAllocator)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory, so a smaller micro-batch may succeed.
+
+    ``torch.OutOfMemoryError`` covers CUDA; other backends raise a plain ``RuntimeError`` whose text says so
+    (``"MPS backend out of memory"``, ``"DefaultCPUAllocator: can't allocate memory: you tried to allocate …"``).
+    An :class:`esa.errors.EsaError` is never an allocator failure, even when its message mentions memory.
+    """
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ import torch
 from esa import progress
 from esa.architectures import chunked_head
 from esa.errors import EsaError
+from esa.evals.resources import is_oom
 from esa.evals.tasks import TaskData
 from esa.models import max_positions
 
@@ -161,10 +162,6 @@ def score_batch(model, batch: list[Request], max_length: int) -> tuple[list[floa
     return ll.cpu().tolist(), (misses == 0).cpu().tolist()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def score_requests(
     model,
     requests: list[Request],
@@ -180,8 +177,8 @@ def score_requests(
             batch = pending.pop(0)
             try:
                 out_ll, out_greedy = score_batch(model, [requests[r] for r in batch], max_length)
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
-                if not _is_oom(exc) or len(batch) == 1:
+            except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
+                if not is_oom(exc) or len(batch) == 1:
                     raise
                 token_budget = max(1, token_budget // 2)
                 log.warning("out of memory; retrying with a token budget of %d", token_budget)

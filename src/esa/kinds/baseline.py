@@ -17,10 +17,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.baseline import BaselineConfig, check_context, evaluate_cell
+from esa.baseline import BaselineConfig, evaluate_cell
 from esa.data.corpora import Corpus, load_corpus
 from esa.kinds.base import ReportSection, RunContext, RunKind, no_check
-from esa.models import LoadedModel, ModelSpec
+from esa.models import LoadedModel, ModelSpec, check_context
 from esa.report.study_baseline import baseline_section
 from esa.runs import as_float
 from esa.study import Study, model_specs

@@ -10,7 +10,7 @@ A study asks for it with a ``long_context:`` section::
 One :class:`LongContextRun` per model × dataset × context length, executing exactly what ``esa baseline
 --long-context`` does: :func:`esa.baseline.evaluate_cell` with ``long_context=True`` (micro-batch budget = T,
 so one window per forward and the peak memory is that of a single window), with the study's method, stride
-and BOS. The length is checked against the model's positions by :func:`esa.baseline.check_context`.
+and BOS. The length is checked against the model's positions by :func:`esa.models.check_context`.
 
 Metrics and arrays are a baseline run's: :func:`esa.evals.perplexity.perplexity_metrics` (perplexity, token
 accuracy, bits per byte, scored tokens/bytes/words, tokens/s …) with ``corpus_source``, ``bos_resolved``,

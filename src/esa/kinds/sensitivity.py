@@ -36,7 +36,7 @@ import torch
 
 from esa.errors import EsaError
 from esa.kinds.base import ReportSection, RunContext, RunKind
-from esa.models import LoadedModel, ModelSpec
+from esa.models import LoadedModel, ModelSpec, check_context
 from esa.registry import suggest
 from esa.report.study_sensitivity import sensitivity_section
 from esa.sensitivity.scorers import SCORERS
@@ -241,10 +241,7 @@ def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.n
     needs_data = SCORERS.get(run.scorer).needs_data
     calib = None
     if needs_data:  # a data-free scorer (magnitude) reads no calibration windows at all
-        limit = lm.fingerprint.max_positions
-        if limit is not None and run.context_len > limit:
-            raise EsaError(f"sensitivity.context_len {run.context_len} exceeds {run.model.name}'s {limit} "
-                           f"positions; set sensitivity.context_len ≤ {limit}")
+        check_context(lm, run.context_len, "sensitivity.context_len")
         spec = CalibrationSpec(run.dataset, run.max_samples, run.context_len, run.seed)
         calib = calibration_batches(lm.tokenizer, spec)
     params = select_params(lm.model, run.params)

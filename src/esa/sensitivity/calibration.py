@@ -20,6 +20,7 @@ from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, select_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import collate
+from esa.models import pad_id as default_pad_id
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def calibration_batches(tokenizer, spec: CalibrationSpec, pad_id: int | None = N
     sel = select_windows(ws, budget if len(ws.windows) > spec.max_samples else None, spec.seed)
     windows = sel.windows.windows
     if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = default_pad_id(tokenizer)
     batches = []
     for s in range(0, len(windows), spec.batch_size):
         ids, attn, scored = collate(list(windows[s:s + spec.batch_size]), pad_id)  # (B, T) each

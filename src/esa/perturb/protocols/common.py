@@ -14,7 +14,7 @@ from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, scored_text_counts, select_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import perplexity_metrics
-from esa.models import LoadedModel
+from esa.models import LoadedModel, check_context, pad_id
 from esa.perturb.context import perturbed
 from esa.perturb.prefix_cache import PrefixCache, start_layer
 from esa.perturb.targets import TargetSet
@@ -96,9 +96,7 @@ class Bench:
 
 
 def _check_data(lm: LoadedModel, data: EvalConfig) -> None:
-    limit = lm.fingerprint.max_positions
-    if limit is not None and data.context_len > limit:
-        raise EsaError(f"--context-len {data.context_len} exceeds the model's {limit} positions; use ≤ {limit}")
+    check_context(lm, data.context_len, "--context-len")
     for name in ("calib_samples", "n_boot", "batch_tokens"):
         if getattr(data, name) < 1:
             raise EsaError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(data, name)}")
@@ -131,10 +129,9 @@ def make_bench(lm: LoadedModel, data: EvalConfig) -> Bench:
 def build_cache(bench: Bench, sets: list[TargetSet]) -> None:
     """Cache residual streams at each trial's first perturbed layer; the build run is the baseline."""
     layers = {start_layer(bench.model, list(ts)) for ts in sets if len(ts)} - {0}
-    tok = bench.lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     t0 = time.perf_counter()
-    bench.cache = PrefixCache(bench.model, bench.windows, pad, sorted(layers), bench.data.batch_tokens)
+    bench.cache = PrefixCache(bench.model, bench.windows, pad_id(bench.lm.tokenizer, bench.model), sorted(layers),
+                              bench.data.batch_tokens)
     bench.info["prefix_cache"] = {"layers": sorted(layers), "supported": bench.cache.supported,
                                   "reason": bench.cache.reason, "bytes": bench.cache.nbytes,
                                   "build_seconds": time.perf_counter() - t0}  # build run = the baseline
