@@ -14,7 +14,8 @@ import time
 import pytest
 
 from esa.errors import EsaError
-from esa.store import SCHEMA_VERSION, LeaseKeeper, RunRecord, Store, _host_id, new_holder, utc_now
+from esa.store import SCHEMA_VERSION, LeaseKeeper, RunRecord, Store, new_holder, utc_now
+from esa.store.claims import _host_id
 
 A, B = "host:1:aaaaaaaa", "host:2:bbbbbbbb"  # two holders in this one process
 

@@ -16,7 +16,6 @@ with other files is refused, and an earlier ``scaling.json`` is replaced only wi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -73,15 +72,13 @@ def read_points(db: Path, study) -> tuple[list[str], list[dict]]:
     """(run ids, metrics) of the study's completed scaling points, in model order; the newest row of a model
     whose weights changed between invocations (same config, new fingerprint → new run id)."""
     from esa.executors import resolved_config
-    from esa.store import Store, canonical_json, sha256_json
+    from esa.store import Reader, canonical_json, sha256_json
     from esa.study import expand
 
-    with Store(db) as store:
-        stored = store.con.execute(
-            "SELECT r.run_id, r.config, r.metrics FROM runs r JOIN study_runs sr ON sr.run_id = r.run_id "
-            "WHERE sr.study_id = ? AND r.kind = 'scaling_point' AND r.status = 'completed' ORDER BY r.finished_at",
-            (sha256_json(study.to_dict()),)).fetchall()
-    by_config = {canonical_json(json.loads(cfg)): (rid, json.loads(m)) for rid, cfg, m in stored}
+    with Reader(db) as reader:
+        stored = sorted(reader.runs(sha256_json(study.to_dict()), "scaling_point", completed=True),
+                        key=lambda r: r.finished_at or "")  # newest last: it wins below
+    by_config = {canonical_json(r.config): (r.run_id, r.metrics) for r in stored}
     ids, rows = [], []
     for run in (r for r in expand(study) if r.kind == "scaling_point"):
         hit = by_config.get(canonical_json(resolved_config(run, {})))  # scaling points have no dependencies

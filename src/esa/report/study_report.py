@@ -23,11 +23,8 @@ Every sentence is formatted from stored numbers. A run's metrics are JSON with n
 
 from __future__ import annotations
 
-import json
 import math
-import sqlite3
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from esa.errors import EsaError
@@ -35,28 +32,10 @@ from esa import kinds
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
 from esa.runs import as_float
 from esa.stats import SeedAggregate, few_windows_caveat
-from esa.store import SQLITE_MAGIC, _inspect
+from esa.store import SQLITE_MAGIC, Reader, StoredRun
 
 ALPHA = 0.05  # significance level of the "not significant" warnings (Holm-adjusted p-values)
-
-
-@dataclass(frozen=True)
-class Run:
-    """One row of the ``runs`` table with its JSON columns decoded."""
-
-    run_id: str
-    kind: str
-    status: str  # completed | failed
-    error: str | None
-    config: dict
-    model: dict  # fingerprint
-    metrics: dict
-    started_at: str
-    root: Path | None = None  # the database's folder: artifact paths in ``metrics`` are relative to it
-
-    @property
-    def model_name(self) -> str:
-        return str((self.config.get("model") or {}).get("name") or self.model.get("model_id") or "?")
+Run = StoredRun  # a stored run as reports read it (esa.store.reader)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -68,39 +47,12 @@ def is_sqlite_file(path: Path) -> bool:
         return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    """A read-only connection to an ESA results database; anything else is refused in one line."""
-    if not db.is_file():
-        raise EsaError(f"results database {db} does not exist; run `esa run STUDY.yaml --db {db}` first")
-    try:
-        state = _inspect(db)
-    except EsaError as exc:
-        why = str(exc).split(";")[0].removeprefix(str(db)).strip()  # drop _inspect's advice about --db
-        raise EsaError(f"{db} is not an ESA results database ({why}); pass a database written by "
-                       "`esa run STUDY.yaml --db FILE`") from exc
-    if state != "esa":
-        raise EsaError(f"{db} holds no ESA results; run a study into it with `esa run STUDY.yaml --db {db}`")
-    return sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-
-
 def load_runs(db: Path, study: str | None = None) -> tuple[list[Run], list[str]]:
-    """(runs, study names) of ``db``; with ``study`` only that study's runs (by name or id)."""
-    con = _connect(Path(db))
-    try:
-        query, params = "SELECT run_id, kind, status, error, config, model, metrics, started_at FROM runs", ()
-        if study is not None:
-            query += (" WHERE run_id IN (SELECT sr.run_id FROM study_runs sr JOIN studies s ON s.study_id = "
-                      "sr.study_id WHERE s.name = ? OR s.study_id = ?)")
-            params = (study, study)
-        rows = con.execute(query + " ORDER BY started_at, run_id", params).fetchall()
-        names = [r[0] for r in con.execute("SELECT name FROM studies ORDER BY created_at")]
-    finally:
-        con.close()
-    if study is not None and not rows:
+    """(runs, study names) of ``db`` (read-only); with ``study`` only that study's runs (by name or id)."""
+    with Reader(db) as reader:
+        runs, names = reader.runs(study), [name for name, _ in reader.studies()]
+    if study is not None and not runs:
         raise EsaError(f"no runs of study {study!r} in {db}; studies there: {', '.join(names) or 'none'}")
-    root = Path(db).resolve().parent
-    runs = [Run(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7], root)
-            for r in rows]
     return runs, ([study] if study is not None else names)
 
 

@@ -1,0 +1,154 @@
+"""Reading a results database, read-only: the one reader that reports, exports, the scaling fits and the
+Python API use (none of them writes SQL of its own), and the CSV/Parquet export."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from esa.errors import EsaError
+from esa.store.sqlite import _inspect
+
+IN_STUDY = (" run_id IN (SELECT sr.run_id FROM study_runs sr JOIN studies s ON s.study_id = sr.study_id "
+            "WHERE s.name = ? OR s.study_id = ?)")  # a study by name or id
+
+
+def flatten_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """Expand the JSON columns: ``config.*``, ``model.*``, ``provenance.*`` and the metrics unprefixed."""
+    parts = [rows[["run_id", "kind", "status", "error", "started_at", "finished_at"]].reset_index(drop=True)]
+    for col, prefix in (("config", "config."), ("model", "model."), ("metrics", ""),
+                        ("provenance", "provenance."), ("artifacts", "artifacts.")):
+        flat = pd.json_normalize([json.loads(v) for v in rows[col]], sep=".")
+        flat = flat.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+        parts.append(flat.add_prefix(prefix))
+    return pd.concat(parts, axis=1)
+
+
+def read_frame(con: sqlite3.Connection, study: str | None = None) -> pd.DataFrame:
+    """One row per run (of ``study``, by name or id) with its JSON columns flattened (:func:`flatten_runs`)."""
+    where, params = (" WHERE" + IN_STUDY, (study, study)) if study is not None else ("", ())
+    return flatten_runs(pd.read_sql("SELECT * FROM runs" + where + " ORDER BY started_at", con, params=params))
+
+
+def read_arrays(con: sqlite3.Connection, root: Path, run_id: str) -> dict[str, np.ndarray]:
+    """The per-window arrays of a completed run (``root``: the database's folder)."""
+    row = con.execute("SELECT artifacts FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None or "per_window" not in json.loads(row[0]):
+        raise EsaError(f"run {run_id} has no per-window artifacts in {root}")
+    with np.load(root / json.loads(row[0])["per_window"]) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """One row of the ``runs`` table with its JSON columns decoded."""
+
+    run_id: str
+    kind: str
+    status: str  # completed | failed
+    error: str | None
+    config: dict
+    model: dict  # fingerprint
+    metrics: dict
+    started_at: str
+    root: Path | None = None  # the database's folder: artifact paths in ``metrics`` are relative to it
+    finished_at: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return str((self.config.get("model") or {}).get("name") or self.model.get("model_id") or "?")
+
+
+class Reader:
+    """A read-only view of an ESA results database. Anything that is not one is refused in one line.
+
+    ``with Reader(db) as r: r.runs(study="demo", kind="perturbation")`` — rows as :class:`StoredRun`,
+    ``r.frame()`` as a flat DataFrame, ``r.arrays(run_id)`` the per-window arrays, ``r.studies()`` the names.
+    """
+
+    def __init__(self, db: str | Path) -> None:
+        self.path = Path(db)
+        if not self.path.is_file():
+            raise EsaError(f"results database {self.path} does not exist; run `esa run STUDY.yaml --db "
+                           f"{self.path}` first")
+        try:
+            state = _inspect(self.path)
+        except EsaError as exc:
+            why = str(exc).split(";")[0].removeprefix(str(self.path)).strip()  # drop the advice about --db
+            raise EsaError(f"{self.path} is not an ESA results database ({why}); pass a database written by "
+                           "`esa run STUDY.yaml --db FILE`") from exc
+        if state != "esa":
+            raise EsaError(f"{self.path} holds no ESA results; run a study into it with `esa run STUDY.yaml "
+                           f"--db {self.path}`")
+        self.con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def runs(self, study: str | None = None, kind: str | None = None, completed: bool = False) -> list[StoredRun]:
+        """The runs (of ``study``, by name or id; of ``kind``; only completed ones), oldest first."""
+        conds, params = [], []
+        if study is not None:
+            conds.append(IN_STUDY)
+            params += [study, study]
+        if kind is not None:
+            conds.append(" kind = ?")
+            params.append(kind)
+        if completed:
+            conds.append(" status = 'completed'")
+        where = " WHERE" + " AND".join(conds) if conds else ""
+        rows = self.con.execute("SELECT run_id, kind, status, error, config, model, metrics, started_at, "
+                                "finished_at FROM runs" + where + " ORDER BY started_at, run_id", params).fetchall()
+        root = self.path.resolve().parent
+        return [StoredRun(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7], root,
+                          r[8]) for r in rows]
+
+    def studies(self) -> list[tuple[str, int]]:
+        """(study name, number of linked runs) of every study recorded, oldest first."""
+        return [(r[0], r[1]) for r in self.con.execute(
+            "SELECT s.name, COUNT(sr.run_id) FROM studies s LEFT JOIN study_runs sr ON s.study_id = sr.study_id "
+            "GROUP BY s.study_id ORDER BY s.created_at")]
+
+    def frame(self, study: str | None = None) -> pd.DataFrame:
+        return read_frame(self.con, study)
+
+    def arrays(self, run_id: str) -> dict[str, np.ndarray]:
+        return read_arrays(self.con, self.path.resolve().parent, run_id)
+
+
+EXPORT_FORMATS = ("csv", "parquet")
+
+
+def export(db: str | Path, out: str | Path, fmt: str | None = None, study: str | None = None) -> int:
+    """Write the runs of ``db`` (optionally one study's) as CSV or Parquet; returns the row count."""
+    out = Path(out)
+    fmt = fmt or out.suffix.lstrip(".")
+    if fmt not in EXPORT_FORMATS:
+        raise EsaError(f"unknown export format {fmt!r}; use --format csv or parquet")
+    with Reader(db) as reader:
+        frame = reader.frame(study)
+    if study is not None and frame.empty:
+        raise EsaError(f"no runs of study {study!r} in {db}; check the name (`esa results {db}` lists them)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_parquet(out, index=False)
+    return len(frame)
+
+
+def study_names(db: str | Path) -> list[tuple[str, int]]:
+    """(study name, number of linked runs) for every study recorded in ``db``."""
+    with Reader(db) as reader:
+        return reader.studies()
