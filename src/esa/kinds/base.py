@@ -14,9 +14,10 @@ study's runs when missing and puts their ids into ``depends_on``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
@@ -34,6 +35,33 @@ class RunContext:
     rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
     run_id: str = ""
     depends_on: dict[str, str] = field(default_factory=dict)  # role → run id of the current run's dependencies
+
+
+class KindRun:
+    """Base of every kind's frozen run dataclass: ``config()`` and ``dependencies()`` from its fields.
+
+    A field named ``<role>_run`` holds a run this one depends on (e.g. ``ranking_run``): it is a dependency
+    under ``<role>`` when set, and it is left out of ``config()`` — the engine puts the dependency's run id in as
+    ``depends_on`` instead. ``CONSTANT_CONFIG`` adds fixed entries (e.g. ``{"method": "chunks"}``).
+    """
+
+    kind: ClassVar[str]
+    CONSTANT_CONFIG: ClassVar[dict] = {}
+
+    def _dependency_fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.name.endswith("_run")]
+
+    def config(self) -> dict:
+        """The resolved run config: with the model fingerprint and the kind's version, it determines the run id."""
+        cfg = {"kind": self.kind, **dataclasses.asdict(self), **self.CONSTANT_CONFIG}
+        for name in self._dependency_fields():
+            del cfg[name]
+        return cfg
+
+    def dependencies(self) -> dict:
+        """{role: run} of the runs whose results this one reads."""
+        deps = {name.removesuffix("_run"): getattr(self, name) for name in self._dependency_fields()}
+        return {role: run for role, run in deps.items() if run is not None}
 
 
 Metrics = dict  # JSON-ready metrics of one run (non-finite floats allowed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from esa.baseline import BaselineConfig, evaluate_cell
 from esa.data.corpora import Corpus, load_corpus
-from esa.kinds.base import ReportSection, RunContext, RunKind, no_check
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind, no_check
 from esa.models import LoadedModel, ModelSpec, check_context
 from esa.report.study_baseline import baseline_section
 from esa.runs import as_float
@@ -27,7 +27,7 @@ from esa.study import Study, model_specs
 
 
 @dataclass(frozen=True)
-class BaselineRun:
+class BaselineRun(KindRun):
     """One baseline cell: one model on one dataset at one context length with one seed."""
 
     kind: ClassVar[str] = "baseline"
@@ -41,15 +41,9 @@ class BaselineRun:
     max_eval_tokens: int | None  # None → the whole split
     batch_tokens: int
 
-    def config(self) -> dict:
-        """The resolved run config: with the model fingerprint, it determines the run id."""
-        return {"kind": self.kind, **asdict(self)}
-
     def label(self) -> str:
         return f"{self.model.name} {self.dataset} ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {}
 
 
 def expand(study: Study) -> list[BaselineRun]:

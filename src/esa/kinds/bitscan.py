@@ -14,12 +14,12 @@ target. A ranking target without ``k`` takes ``k = top_n``. Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.kinds.causal import (CausalTarget, _cells, _check_bits, _check_places, _check_targets, _common, _eval,
                               _execute, _ranking_run, _targets, model_dtypes, severity)
 from esa.kinds.sensitivity import SensitivityRun
@@ -60,10 +60,11 @@ def check(b: BitscanSection, study: Study, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class BitscanRun:
+class BitscanRun(KindRun):
     """Protocol 3 for one target set: single bit flips of its first ``top_n`` weights, then greedy collapse."""
 
     kind: ClassVar[str] = "bitscan"
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
     model: ModelSpec
     target: str
     spec: str | None
@@ -81,17 +82,10 @@ class BitscanRun:
     batch_tokens: int
     ranking_run: SensitivityRun | None = None
 
-    def config(self) -> dict:
-        cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
-        del cfg["ranking_run"]
-        return cfg
-
     def label(self) -> str:
         return f"{self.model.name} bitscan {self.target} top-{self.top_n} bits={list(self.bits)} {self.dataset} " \
                f"ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
 
 
 def expand(study: Study) -> list[BitscanRun]:

@@ -29,13 +29,13 @@ Ops without a strength parameter (``zero``, ``sign_flip``) have no dose to sweep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.kinds.causal import (CausalTarget, _cells, _check_bits, _check_places, _check_targets, _common, _eval,
                               _execute, _ranking_run, _targets, model_dtypes, severity)
 from esa.kinds.perturbation import op_spec
@@ -110,10 +110,11 @@ def check(d: DoseResponseSection, study: Study, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class DoseResponseRun:
+class DoseResponseRun(KindRun):
     """Protocol 2 for one target set and one op swept over its values, on one model's fixed windows."""
 
     kind: ClassVar[str] = "dose_response"
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
     model: ModelSpec
     target: str  # the target's name in the study
     spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
@@ -131,19 +132,11 @@ class DoseResponseRun:
     batch_tokens: int
     ranking_run: SensitivityRun | None = None  # gives the targets (ranking targets)
 
-    def config(self) -> dict:
-        """Without the dependency run: executors add its run id as ``depends_on``."""
-        cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
-        del cfg["ranking_run"]
-        return cfg
-
     def label(self) -> str:
         size = f" k={self.k}" if self.k is not None else ""
         return f"{self.model.name} dose {self.target}{size} {self.op} {self.parameter}={list(self.values)} " \
                f"{self.dataset} ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
 
 
 def expand(study: Study) -> list[DoseResponseRun]:

@@ -20,13 +20,13 @@ per-window arrays ``nll``, ``n_scored``, ``n_correct``, ``window_index`` (W,) ea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from esa.baseline import BaselineConfig
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.kinds.baseline import evaluate_stored_cell
 from esa.models import LoadedModel, ModelSpec
 from esa.report.html import Block, Paragraph, Table
@@ -48,7 +48,7 @@ class LongContextSection:
 
 
 @dataclass(frozen=True)
-class LongContextRun:
+class LongContextRun(KindRun):
     """One model on one dataset at one long context length, with the study's first seed.
 
     Only the first seed, as ``esa baseline --long-context``: a long window costs a whole forward on its own,
@@ -66,14 +66,9 @@ class LongContextRun:
     bos: str
     max_eval_tokens: int | None  # None → the whole split
 
-    def config(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
     def label(self) -> str:
         return f"{self.model.name} {self.dataset} long ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -164,16 +159,8 @@ def render(runs: list[Run]) -> list[Block]:
 
 
 KIND = RunKind(
-    name=KIND_NAME,
-    version=1,
+    name=KIND_NAME, version=1,
     about="perplexity, tokens/s and peak memory at extra long context lengths, one window per forward",
-    section=KIND_NAME,
-    schema=LongContextSection,
-    check=check,
-    expand=expand,
-    depends_on=(),
-    execute=execute,
-    cost=cost,
-    summary=summary,
-    report=ReportSection("Long context", 0, render),
-)
+    section=KIND_NAME, schema=LongContextSection, check=check, expand=expand, depends_on=(), execute=execute,
+    cost=cost, summary=summary,
+    report=ReportSection("Long context", 0, render))

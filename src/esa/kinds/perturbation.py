@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.kinds.sensitivity import SensitivityRun, dependency_ranking_file, sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
@@ -113,10 +113,11 @@ def check(p: PerturbationSection, study: Study, where: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- expansion
 @dataclass(frozen=True)
-class PerturbationRun:
+class PerturbationRun(KindRun):
     """Protocol 1 for one target set and one op setting, on one model's fixed evaluation windows."""
 
     kind: ClassVar[str] = "perturbation"
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
     model: ModelSpec
     target: str  # the target's name in the study
     spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
@@ -133,18 +134,10 @@ class PerturbationRun:
     batch_tokens: int
     ranking_run: SensitivityRun | None = None  # gives the targets and, for top targets, the bottom_k floor
 
-    def config(self) -> dict:
-        """Without the dependency runs: executors add their run ids as ``depends_on``."""
-        cfg = {"kind": self.kind, **asdict(self), "method": "chunks"}
-        del cfg["ranking_run"]
-        return cfg
-
     def label(self) -> str:
         return f"{self.model.name} perturb {self.target} {self.op} {self.dataset} ctx={self.context_len} " \
                f"seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {"ranking": self.ranking_run} if self.ranking_run is not None else {}
 
 
 def op_spec(name: str, point: dict) -> str:

@@ -27,13 +27,13 @@ cache. The trends across models are fitted when reporting (:mod:`esa.report.stud
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.perturb.protocols import STOCHASTIC_OPS, EvalConfig
 from esa.registry import suggest
@@ -88,10 +88,11 @@ def check(s: ScalingSection, study: Study, at: str) -> None:
 
 
 @dataclass(frozen=True)
-class ScalingPointRun:
+class ScalingPointRun(KindRun):
     """One model of a size ladder, measured with the scaling protocol; the fields are its resolved config."""
 
     kind: ClassVar[str] = "scaling_point"
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
     model: ModelSpec
     dataset: str
     context_len: int  # chunks window length T
@@ -106,15 +107,9 @@ class ScalingPointRun:
     statistics: tuple[str, ...]  # resolved: STATISTICS order, never empty
     x_axis: str  # the ladder's trend axis (what the report fits against)
 
-    def config(self) -> dict:
-        """The resolved run config: with the model fingerprint, it determines the run id."""
-        return {"kind": self.kind, **asdict(self), "method": "chunks"}
-
     def label(self) -> str:
         return f"{self.model.name} scaling point {self.dataset} ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {}
 
     def scaling_config(self) -> ScalingConfig:
         """The :class:`ScalingConfig` of a one-model ladder that :func:`esa.scaling.measure_model` runs."""

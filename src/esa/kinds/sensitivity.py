@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from esa.errors import EsaError
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec, check_context
 from esa.registry import suggest
 from esa.report.study_sensitivity import sensitivity_section
@@ -78,7 +78,7 @@ def check(s: SensitivitySection, study: Study, where: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- expansion
 @dataclass(frozen=True)
-class SensitivityRun:
+class SensitivityRun(KindRun):
     """Score every selected weight of one model with one scorer and keep the top (or bottom) k."""
 
     kind: ClassVar[str] = "sensitivity"
@@ -93,15 +93,10 @@ class SensitivityRun:
     seed: int  # picks the calibration windows (and Hutchinson probes)
     params: tuple[str, ...]  # fnmatch globs; ("*",) → every 2-D weight but embeddings and norms
 
-    def config(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
     def label(self) -> str:
         side = "bottom" if self.bottom else "top"
         return f"{self.model.name} sensitivity {self.scorer} {side}-{self.k} ({self.mode}) seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {}
 
 
 def _calib(study: Study) -> tuple[str, int]:

@@ -12,10 +12,10 @@ massive activations; thresholds), the windows and the decoded tokens. No arrays.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum, run_label
@@ -42,8 +42,9 @@ def check(s: SuperWeightsSection, study: Study, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class SuperWeightsRun:
+class SuperWeightsRun(KindRun):
     kind: ClassVar[str] = "superweights"
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
     model: ModelSpec
     dataset: str
     context_len: int
@@ -51,14 +52,9 @@ class SuperWeightsRun:
     iterations: int
     seed: int  # picks the windows
 
-    def config(self) -> dict:
-        return {"kind": self.kind, **asdict(self), "method": "chunks"}
-
     def label(self) -> str:
         return f"{self.model.name} superweights {self.dataset} ctx={self.context_len} seed={self.seed}"
 
-    def dependencies(self) -> dict:
-        return {}
 
 
 def expand(study: Study) -> list[SuperWeightsRun]:

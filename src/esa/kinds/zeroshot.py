@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,7 +42,7 @@ import numpy as np
 from esa.errors import EsaError
 from esa.evals.tasks import TASKS, load_task_data
 from esa.evals.zeroshot import TaskResult, evaluate_task
-from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
 from esa.report.html import Block, Paragraph, Table
@@ -66,7 +66,7 @@ class ZeroShotSection:
 
 
 @dataclass(frozen=True)
-class ZeroShotRun:
+class ZeroShotRun(KindRun):
     """One model on one task's (seeded subsample of) items."""
 
     kind: ClassVar[str] = KIND_NAME
@@ -77,15 +77,10 @@ class ZeroShotRun:
     seed: int  # picks the items when limit < the split's size
     token_budget: int  # padded tokens per forward micro-batch (B · T); moves numbers only at float rounding
 
-    def config(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
     def label(self) -> str:
         items = "all items" if self.limit is None else f"limit={self.limit} seed={self.seed}"
         return f"{self.model.name} zeroshot {self.task} ({items})"
 
-    def dependencies(self) -> dict:
-        return {}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -220,17 +215,8 @@ def warnings(run: Run) -> list[str]:
 
 
 KIND = RunKind(
-    name=KIND_NAME,
-    version=1,
+    name=KIND_NAME, version=1,
     about="zero-shot multiple-choice accuracy per model × task, lm-evaluation-harness 0.4.x semantics",
-    section=KIND_NAME,
-    schema=ZeroShotSection,
-    check=check,
-    expand=expand,
-    depends_on=(),
-    execute=execute,
-    cost=cost,
-    summary=summary,
-    report=ReportSection("Zero-shot tasks", 0, render),
-    warnings=warnings,
-)
+    section=KIND_NAME, schema=ZeroShotSection, check=check, expand=expand, depends_on=(), execute=execute,
+    cost=cost, summary=summary,
+    report=ReportSection("Zero-shot tasks", 0, render), warnings=warnings)
