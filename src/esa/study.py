@@ -63,6 +63,7 @@ class Study:
     bos: str = "auto"  # auto | always | never
     max_eval_tokens: int | None = 65_536  # scored tokens per run; None → whole split, first seed only
     batch_tokens: int = 32_768  # micro-batch token budget (B · T)
+    kinds: tuple[str, ...] = ()  # run only these kinds (and what they depend on); empty → every kind
     sections: dict[str, Any] = field(default_factory=dict)  # section key → its kind's parsed section
 
     def section(self, key: str):
@@ -146,6 +147,8 @@ def validate(study: Study, where: str) -> None:
     require(study.max_eval_tokens is None or study.max_eval_tokens >= 1,
              f"{where}.max_eval_tokens: ≥ 1, or null for the whole split")
     require(study.batch_tokens >= 1, f"{where}.batch_tokens must be ≥ 1")
+    for i, name in enumerate(study.kinds):
+        require(name in kinds.names(), f"{where}.kinds[{i}]: " + suggest(name, kinds.names(), "run kind"))
     for key, kind in kinds.with_section().items():  # dependencies first: a section may read an earlier one
         if study.section(key) is not None:
             kind.check(study.section(key), study, f"{where}.{key}")
@@ -230,6 +233,7 @@ def with_dependencies(runs: list) -> list:
 
 
 def expand(study: Study) -> list:
-    """Every run of the study, in execution order: each kind's runs (:attr:`RunKind.expand`) and their
-    dependencies, dependencies first."""
-    return with_dependencies([run for kind in kinds.ordered() for run in kind.expand(study)])
+    """Every run of the study, in execution order: each kind's runs (:attr:`RunKind.expand`; only the kinds in
+    ``study.kinds`` when it names some) and their dependencies, dependencies first."""
+    chosen = [k for k in kinds.ordered() if not study.kinds or k.name in study.kinds]
+    return with_dependencies([run for kind in chosen for run in kind.expand(study)])

@@ -1,4 +1,9 @@
-"""``esa zeroshot``: lm-evaluation-harness-compatible zero-shot accuracy of one model on a list of tasks."""
+"""``esa zeroshot``: lm-evaluation-harness-compatible zero-shot accuracy of one model on a list of tasks.
+
+A one-off study on the engine: the flags become a study with a ``zeroshot:`` section (kind ``zeroshot`` only),
+run into ``<out-dir>/esa.db`` — rerunning resumes, finished tasks are not scored again — and ``zeroshot.json``
+and ``<task>.items.jsonl`` are exported from the stored rows (:func:`esa.kinds.zeroshot.task_result`).
+"""
 
 from __future__ import annotations
 
@@ -34,44 +39,72 @@ def register(subparsers) -> None:
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="padded tokens per forward")
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (log-probs are fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
-    p.add_argument("--out-dir", type=Path, default=None, help="write zeroshot.json and per-item JSONL here")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/zeroshot"),
+                   help="results database esa.db, zeroshot.json and per-item JSONL go here")
+    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
     p.set_defaults(func=run)
 
 
-def _provenance(loaded, args, seconds: float) -> dict:
-    import torch
-    import transformers
+def one_off_study(args, task_data: dict[str, str]):
+    """The study ``esa zeroshot`` runs: one model, the tasks, kind ``zeroshot`` only."""
+    from esa.study import parse_study
 
-    import esa
+    return parse_study({"name": "esa-zeroshot", "models": [{"name": args.model, "dtype": args.dtype,
+                                                             "device": args.device}],
+                        "datasets": ["python-docs"], "context_lens": [2], "seeds": [args.seed],
+                        "kinds": ["zeroshot"],
+                        "zeroshot": {"tasks": list(args.tasks), "task_data": task_data, "limit": args.limit,
+                                     "token_budget": args.token_budget}}, "esa zeroshot")
 
-    return {
-        "esa_version": esa.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "model": loaded.fingerprint.to_dict(),
-        "device": str(loaded.device),
-        "limit": args.limit,
-        "seed": args.seed,
-        "token_budget": args.token_budget,
-        "wall_seconds": seconds,
-    }
+
+def _provenance(row, args, seconds: float) -> dict:
+    """What zeroshot.json records of how the numbers were made (the run's stored provenance and model)."""
+    prov = row.provenance or {}
+    libraries = prov.get("libraries", {})
+    return {"esa_version": prov.get("esa_version"), "torch": libraries.get("torch"),
+            "transformers": libraries.get("transformers"), "model": row.model, "device": prov.get("device"),
+            "limit": args.limit, "seed": args.seed, "token_budget": args.token_budget, "wall_seconds": seconds,
+            "provenance": prov}
+
+
+def stored_results(db: Path, study) -> tuple[list, list]:
+    """(TaskResults in --tasks order, their stored rows): the study's zeroshot runs, found by run id (so rows an
+    older kind version left in the same database are not picked up)."""
+    from esa.executors import run_key
+    from esa.kinds.zeroshot import task_result
+    from esa.store import Reader, sha256_json
+    from esa.study import expand
+
+    with Reader(db) as reader:
+        rows = {r.run_id: r for r in reader.runs(sha256_json(study.to_dict()), "zeroshot", completed=True)}
+        fingerprint = next(iter(rows.values())).model if rows else {}  # one model per one-off study
+        hits = [rows[rid] for rid in (run_key(run, fingerprint) for run in expand(study)) if rid in rows]
+        return [task_result(r, reader.arrays(r.run_id)) for r in hits], hits
 
 
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from esa.evals.zeroshot import parse_task_data, run_tasks, write_results
-    from esa.models import ModelSpec, load_model
+    from esa.commands.study import progress_printer
+    from esa.errors import EsaError
+    from esa.evals.zeroshot import check_task_data, parse_task_data, write_results
+    from esa.executors import run_study
 
     for name in args.tasks:
         TASKS.get(name)  # fail on a typo before loading the model
     task_data = parse_task_data(args.task_data)
+    check_task_data(args.tasks, task_data)
+    study = one_off_study(args, task_data)
+    db = args.db or args.out_dir / "esa.db"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    loaded = load_model(ModelSpec(args.model, args.dtype, args.device))
-    results = run_tasks(
-        loaded.model, loaded.tokenizer, args.tasks, task_data, args.limit, args.seed, args.token_budget
-    )
+    console = Console()
+    summary = run_study(study, db, on_event=progress_printer(console))
+    if not summary.ok:
+        what, error = (summary.failed or summary.load_errors)[0]
+        raise EsaError(f"esa zeroshot: {what}: {error}")
+    results, rows = stored_results(db, study)
     table = Table("task", "n", "metric", "value", "± stderr", title=f"zero-shot — {args.model}")
     for r in results:
         for key in TASKS.get(r.task).metrics:
@@ -79,9 +112,7 @@ def run(args) -> int:
             table.add_row(
                 r.task, str(r.config["n"]), key, f"{r.metrics[key]:.4f}", "—" if se is None else f"{se:.4f}"
             )
-    console = Console()
     console.print(table)
-    if args.out_dir is not None:
-        write_results(args.out_dir, results, _provenance(loaded, args, time.perf_counter() - start))
-        console.print(f"results: {args.out_dir / 'zeroshot.json'}")
+    write_results(args.out_dir, results, _provenance(rows[0], args, time.perf_counter() - start))
+    console.print(f"results: {args.out_dir / 'zeroshot.json'} (database {db})")
     return 0

@@ -346,6 +346,15 @@ def parse_task_data(entries: list[str]) -> dict[str, str]:
     return out
 
 
+def check_task_data(tasks: list[str], task_data: dict[str, str]) -> None:
+    """Every --task-data entry must name one of --tasks (a typo would silently read the hub instead)."""
+    extra = sorted(set(task_data) - set(tasks))
+    if extra:
+        raise EsaError(
+            f"--task-data names task(s) {', '.join(extra)} that are not in --tasks {' '.join(tasks)}"
+        )
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -359,11 +368,7 @@ def run_tasks(
     from esa.evals.tasks import load_task_data
 
     task_data = task_data or {}
-    extra = sorted(set(task_data) - set(tasks))
-    if extra:
-        raise EsaError(
-            f"--task-data names task(s) {', '.join(extra)} that are not in --tasks {' '.join(tasks)}"
-        )
+    check_task_data(tasks, task_data)
     data = [load_task_data(t, task_data.get(t), limit, seed) for t in tasks]
     return [evaluate_task(model, tokenizer, d, token_budget) for d in data]
 

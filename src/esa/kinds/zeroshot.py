@@ -31,7 +31,6 @@ run pairs with this one on ``item_index``:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,8 @@ import numpy as np
 
 from esa.errors import EsaError
 from esa.evals.tasks import TASKS, load_task_data
-from esa.evals.zeroshot import TaskResult, evaluate_task
+from esa.evals.zeroshot import ItemScore, TaskResult, evaluate_task
+from esa.hashing import sha256_file
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
@@ -115,10 +115,6 @@ def expand(study: Study) -> list[ZeroShotRun]:
 
 
 # --------------------------------------------------------------------------------------------- execution
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
-
-
 def item_arrays(result: TaskResult) -> dict[str, np.ndarray]:
     """A :class:`~esa.evals.zeroshot.TaskResult`'s per-item scores as padded arrays (see the module doc)."""
     items = result.items
@@ -136,6 +132,26 @@ def item_arrays(result: TaskResult) -> dict[str, np.ndarray]:
     return arrays
 
 
+ADDED_METRICS = ("n_items", "n_total", "seed_invariant", "task_config", "task_data_sha256")  # beside lm-eval's
+
+
+def _decoded(value):
+    """A stored metric as computed: the store writes non-finite floats as "nan"/"inf" strings."""
+    return as_float(value) if value in ("nan", "inf", "-inf") else value
+
+
+def task_result(run: Run, arrays: dict[str, np.ndarray]) -> TaskResult:
+    """The :class:`~esa.evals.zeroshot.TaskResult` a stored run was made from — :func:`execute`'s inverse:
+    lm-eval's metrics, the task config and every item's scores (from the per-item arrays)."""
+    metrics = {k: _decoded(v) for k, v in run.metrics.items() if k not in ADDED_METRICS}
+    norm = arrays.get("correct_norm")
+    items = [ItemScore(int(arrays["item_index"][i]), tuple(float(x) for x in arrays["loglikelihoods"][i, :n]),
+                       tuple(bool(g) for g in arrays["is_greedy"][i, :n]), int(arrays["gold"][i]),
+                       bool(arrays["correct"][i]), None if norm is None else bool(norm[i]))
+             for i, n in enumerate(arrays["n_choices"])]
+    return TaskResult(run.config["task"], metrics, items, run.metrics["task_config"])
+
+
 def execute(lm: LoadedModel, run: ZeroShotRun, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
     """``esa zeroshot`` for one task: load (and subsample) its items, score them, keep per-item arrays."""
     try:
@@ -147,7 +163,7 @@ def execute(lm: LoadedModel, run: ZeroShotRun, ctx: RunContext) -> tuple[dict, d
     result = evaluate_task(lm.model, lm.tokenizer, data, token_budget=run.token_budget)
     metrics = {**result.metrics, "n_items": result.config["n"], "n_total": result.config["n_total"],
                "seed_invariant": result.config["seed_invariant"], "task_config": result.config,
-               "task_data_sha256": _sha256(run.task_data) if run.task_data else None}
+               "task_data_sha256": sha256_file(Path(run.task_data).expanduser()) if run.task_data else None}
     return metrics, item_arrays(result)
 
 

@@ -58,6 +58,7 @@ class StoredRun:
     started_at: str
     root: Path | None = None  # the database's folder: artifact paths in ``metrics`` are relative to it
     finished_at: str | None = None
+    provenance: dict | None = None  # ESA and library versions, device, of the process that computed it
 
     @property
     def model_name(self) -> str:
@@ -109,10 +110,11 @@ class Reader:
             conds.append(" status = 'completed'")
         where = " WHERE" + " AND".join(conds) if conds else ""
         rows = self.con.execute("SELECT run_id, kind, status, error, config, model, metrics, started_at, "
-                                "finished_at FROM runs" + where + " ORDER BY started_at, run_id", params).fetchall()
+                                "finished_at, provenance FROM runs" + where + " ORDER BY started_at, run_id",
+                                params).fetchall()
         root = self.path.resolve().parent
         return [StoredRun(r[0], r[1], r[2], r[3], json.loads(r[4]), json.loads(r[5]), json.loads(r[6]), r[7], root,
-                          r[8]) for r in rows]
+                          r[8], json.loads(r[9])) for r in rows]
 
     def studies(self) -> list[tuple[str, int]]:
         """(study name, number of linked runs) of every study recorded, oldest first."""
