@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-slow test-lmeval lint smoke standard-core standard-pythia extended-llama \
+.PHONY: venv demo test test-unit test-model test-slow test-lmeval test-gpu lint smoke standard-core standard-pythia extended-llama \
         extended-core report check-models phase1 phase2 scaling full-research scaling-ladder scaling-offline \
         scaling-pythia clean
 
@@ -27,8 +27,15 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(ESA) demo --out-dir $(OUT)/demo --overwrite --study studies/demo.yaml
 
+# Test tiers (README, "Test tiers"): make test is what CI runs, the unit and model tiers (pyproject addopts).
 test: venv
 	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q -m 'not slow and not lmeval and not gpu and not model'
+
+test-model: venv
+	$(PY) -m pytest -q -m model
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
@@ -36,6 +43,10 @@ test-slow: venv
 test-lmeval: venv
 	$(PY) -m pip install -q 'lm_eval==0.4.*'
 	$(PY) -m pytest -q -m lmeval
+
+test-gpu: venv
+	@echo "test-gpu: needs CUDA (every gpu test is skipped without it)"
+	$(PY) -m pytest -q -m gpu
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

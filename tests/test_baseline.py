@@ -10,6 +10,8 @@ from esa.errors import EsaError
 from esa.models import ModelSpec
 from esa.report.baseline_report import write_baseline_report
 
+pytestmark = pytest.mark.model  # baselines of the embedded SmolLM2
+
 CFG = BaselineConfig(ModelSpec("smollm2-135m"), "smoke", ("python-docs",), (64, 128), (0, 1),
                      max_eval_tokens=256, batch_tokens=1024)
 

@@ -169,6 +169,7 @@ def _killed_for_tiny_models(measure):
     return wrapped
 
 
+@pytest.mark.model  # the ladder measures the embedded SmolLM2
 def test_two_point_ladder_fits_and_plots_end_to_end(tmp_path, tokenizer, monkeypatch):
     import esa.scaling
     from esa.store import Store

@@ -12,6 +12,8 @@ from esa.executors import run_study
 from esa.store import Store, canonical_json
 from esa.study import expand, parse_study
 
+pytestmark = pytest.mark.model  # the ladder runs the embedded SmolLM2
+
 SCALING = {"control_seeds": [0], "calib_samples": 2, "n_boot": 200}  # 254 tokens = 2 windows of 128
 
 

@@ -34,13 +34,6 @@ def nudge(model, name: str, flat_index: int, value: float):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from esa.models import ModelSpec, load_model
-
-    return load_model(ModelSpec()).tokenizer
-
-
-@pytest.fixture(scope="module")
 def windows(tokenizer):
     """Four 64-token chunks, the last one cut to 40 tokens so a batch needs right-padding and a padding mask."""
     ws = make_windows(tokenizer, load_corpus("python-docs").documents, method="chunks", ctx=64).windows[:4]
@@ -96,6 +89,7 @@ def test_attention_perturbation_tiny_llama(windows):
     assert_close(got.nll, want)
 
 
+@pytest.mark.model
 def test_embedded_smollm2_middle_layer(tokenizer, windows):
     from esa.models import ModelSpec, load_model
 

@@ -213,6 +213,7 @@ def _ppl_with_zeroed(model, windows, pad_id, param, indices) -> float:
                 param[i] = v
 
 
+@pytest.mark.model
 @needs_smollm2
 def test_smollm2_super_weight_is_catastrophic_and_random_weights_are_not(tmp_path):
     from esa.data.corpora import load_corpus
