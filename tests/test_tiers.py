@@ -61,4 +61,7 @@ def test_every_tier_has_tests_and_the_default_run_selects_unit_and_model():
     selected, deselected = (dict((t, int(n)) for t, n in re.findall(r"(\w+) (\d+)", part))
                             for part in line.removeprefix("tiers: ").split(";"))
     assert set(selected) == {"unit", "model"}, line
-    assert set(deselected) == TIERS - {"model"}, line
+    # lmeval modules skip at import when lm_eval is not installed (as on CI): then none are collected
+    assert TIERS - {"model", "lmeval"} <= set(deselected) <= TIERS - {"model"}, line
+    marked = [p for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.lmeval" in p.read_text()]
+    assert marked, "the lmeval tier has no tests"
