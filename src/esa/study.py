@@ -70,12 +70,6 @@ class Study:
         """The parsed section ``key`` (e.g. ``"sensitivity"``), or None when the study has none."""
         return self.sections.get(key)
 
-    def __getattr__(self, key: str):  # study.sensitivity … reads a section like a field
-        sections = self.__dict__.get("sections", {})
-        if key in kinds.with_section():
-            return sections.get(key)
-        raise AttributeError(key)
-
     def to_dict(self) -> dict:
         """The study as its file would say it: top-level fields, then each present section."""
         out = asdict(dataclasses.replace(self, sections={}))
