@@ -123,8 +123,9 @@ def test_one_score_tensor_alive_at_a_time(monkeypatch):
     assert len(alive) == len(params) and peak[0] == 0
 
 
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
 @pytest.mark.parametrize("k", [1, 7, 60])
-def test_matched_floor_equals_brute_force(k):
+def test_matched_floor_equals_brute_force(k, mode):
     """Per tensor: its lowest non-zero scores, as many as it holds in the final top k (a brute-force sort)."""
     from esa.sensitivity.topk import MatchedFloor
 
@@ -132,7 +133,7 @@ def test_matched_floor_equals_brute_force(k):
     weights = [torch.randn(s, generator=gen) for s in ((16, 8), (32,), (8, 8), (40, 4))]
     weights[2][0, :3] = 0.0  # exact zeros are never a floor (zeroing them would change nothing)
     scores = [w.abs() * torch.rand(w.shape, generator=gen) for w in weights]
-    top = TopK(k)
+    top = TopK(k, mode)
     floor = MatchedFloor(top)
     for i, (s, w) in enumerate(zip(scores, weights)):
         top.add(i, s, w)
@@ -144,4 +145,4 @@ def test_matched_floor_equals_brute_force(k):
         flat, wf = s.reshape(-1).numpy(), w.reshape(-1).numpy()
         order = [j for j in np.argsort(flat, kind="stable") if wf[j] != 0][: counts[i]]
         assert got.flat[got.param == i].tolist() == order, i
-    assert len(got) == k  # memory and output stay O(k)
+    assert len(got) == len(picked)  # as many floor weights as top weights: memory and output stay O(top)

@@ -188,7 +188,8 @@ class MatchedFloor:
         self._parts[param_index] = Candidates(values.double().cpu().numpy(),
                                               np.full(len(idx), param_index, dtype=np.int64),
                                               idx.cpu().numpy().astype(np.int64), picked, np.arange(1, len(idx) + 1))
-        self._prune()
+        if self.top.mode == "global":  # per_layer: every tensor keeps its k in the top, so nothing can shrink
+            self._prune()
 
     def _prune(self) -> None:
         held = self.top.result().param
