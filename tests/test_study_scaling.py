@@ -35,7 +35,7 @@ def test_one_point_per_model_with_the_study_defaults():
         assert cfg.models == (p.model.name,) and cfg.data.context_len == 128 and cfg.data.seed == 3
     assert {r.kind for r in expand(study)} == {"baseline", "scaling_point"}
     without = parse_study({"name": "x", "models": ["smollm2-135m"], "datasets": ["python-docs"], "context_lens": [64]})
-    assert without.scaling is None and _points(without) == []
+    assert without.section("scaling") is None and _points(without) == []
 
 
 def test_section_values_override_the_study_and_statistics_are_canonical():
@@ -106,4 +106,4 @@ def test_the_shipped_scaling_study_is_a_ladder_of_every_model():
     points = _points(study)
     assert [p.model.name for p in points] == [m.name for m in study.models]
     assert {p.model.name for p in points} >= {"smollm2-135m", "pythia-70m", "pythia-12b"}
-    assert all(p.context_len == study.scaling.context_len for p in points)
+    assert all(p.context_len == study.section("scaling").context_len for p in points)
