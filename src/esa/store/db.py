@@ -140,6 +140,24 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+BUSY_SECONDS = 60.0  # how long a driver waits for another one's lock before giving up
+
+
+def _wal(con: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting for a driver that is creating the same new database at this moment: changing the
+    journal mode needs an exclusive lock, and SQLite answers "locked" at once there instead of waiting out the
+    busy timeout."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """An open results database. Use as a context manager; drivers sharing one coordinate through claims."""
 
@@ -151,8 +169,8 @@ class Store:
         except OSError as exc:
             raise EsaError(f"cannot create the directory of --db {self.path} ({exc.strerror}); "
                            "choose a writable location") from exc
-        self.con = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_SECONDS)
+        _wal(self.con)
         self.con.execute("PRAGMA synchronous=FULL")
         self.con.execute("PRAGMA foreign_keys=ON")
         if state == "new" or self.con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
