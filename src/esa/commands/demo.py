@@ -36,21 +36,15 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
     from rich.console import Console
 
     from esa.commands.study import progress_printer
-    from esa.executors import run_study
+    from esa.executors.one_off import run_one_off
     from esa.report.study_report import write_study_report
     from esa.study import load_study
 
     if not Path(path).is_file():
         raise EsaError(f"demo study {path} not found; run esa demo from an ESA checkout or pass --study FILE")
     study, db = load_study(path), out / "study.db"
-    if overwrite:
-        for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-            f.unlink(missing_ok=True)
     print(f"[study] {path}: every run recorded in {db}")
-    summary = run_study(study, db, "local", str(Path(path).resolve()), progress_printer(Console()))
-    if not summary.ok:
-        what, error = (summary.failed or summary.load_errors)[0]
-        raise EsaError(f"demo study: {what}: {error} — the completed runs are kept in {db}")
+    run_one_off(study, db, "demo study", overwrite, progress_printer(Console()), str(Path(path).resolve()))
     md, html = write_study_report(db, out / "report")
     print(f"report: {md.resolve()}")
     print(f"report (HTML): {html.resolve()}")

@@ -67,19 +67,12 @@ def _provenance(row, args, seconds: float) -> dict:
             "provenance": prov}
 
 
-def stored_results(db: Path, study) -> tuple[list, list]:
-    """(TaskResults in --tasks order, their stored rows): the study's zeroshot runs, found by run id (so rows an
-    older kind version left in the same database are not picked up)."""
-    from esa.executors import run_key
+def stored_results(outcome) -> tuple[list, list]:
+    """(TaskResults in --tasks order, their stored rows) of the one-off study's zeroshot runs."""
     from esa.kinds.zeroshot import task_result
-    from esa.store import Reader, sha256_json
-    from esa.study import expand
 
-    with Reader(db) as reader:
-        rows = {r.run_id: r for r in reader.runs(sha256_json(study.to_dict()), "zeroshot", completed=True)}
-        fingerprint = next(iter(rows.values())).model if rows else {}  # one model per one-off study
-        hits = [rows[rid] for rid in (run_key(run, fingerprint) for run in expand(study)) if rid in rows]
-        return [task_result(r, reader.arrays(r.run_id)) for r in hits], hits
+    hits = outcome.of("zeroshot")
+    return [task_result(h.row, h.arrays) for h in hits], [h.row for h in hits]
 
 
 def run(args) -> int:
@@ -87,9 +80,8 @@ def run(args) -> int:
     from rich.table import Table
 
     from esa.commands.study import progress_printer
-    from esa.errors import EsaError
     from esa.evals.zeroshot import check_task_data, parse_task_data, write_results
-    from esa.executors import run_study
+    from esa.executors.one_off import run_one_off
 
     for name in args.tasks:
         TASKS.get(name)  # fail on a typo before loading the model
@@ -100,11 +92,7 @@ def run(args) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     console = Console()
-    summary = run_study(study, db, on_event=progress_printer(console))
-    if not summary.ok:
-        what, error = (summary.failed or summary.load_errors)[0]
-        raise EsaError(f"esa zeroshot: {what}: {error}")
-    results, rows = stored_results(db, study)
+    results, rows = stored_results(run_one_off(study, db, "esa zeroshot", on_event=progress_printer(console)))
     table = Table("task", "n", "metric", "value", "± stderr", title=f"zero-shot — {args.model}")
     for r in results:
         for key in TASKS.get(r.task).metrics:

@@ -1,0 +1,95 @@
+"""A command's one-off study: run it into a results database, then read its runs back in expansion order.
+
+Every measuring command (``esa baseline``, ``zeroshot``, ``sensitivity``, ``superweights``, ``perturb``,
+``dose-response``, ``bitscan``) builds a :class:`esa.study.Study` from its flags and calls :func:`run_one_off`.
+Rerunning the command on the same database resumes: completed runs are reused, never recomputed. Its files
+(results JSON, tables, plots) are exports of the stored rows that :meth:`OneOff.rows` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from esa.errors import EsaError
+from esa.executors.core import EventFn, quiet, run_key
+from esa.store import Reader, StoredRun, sha256_json
+from esa.study import Study, expand
+
+
+def fresh_database(db: Path) -> None:
+    """Delete the database at ``db`` with its WAL files, so a command starts over (``--overwrite``).
+    Artifacts of the deleted rows stay on disk under ``artifacts/`` and are overwritten by run id."""
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        f.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One expanded run of the one-off study with its stored row and per-window arrays."""
+
+    run: object  # the kind's run dataclass
+    row: StoredRun
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class OneOff:
+    """The outcome of :func:`run_one_off`: the study, its database and every completed run, in expansion order."""
+
+    study: Study
+    db: Path
+    results: tuple[StoredResult, ...]
+
+    def of(self, kind: str) -> list[StoredResult]:
+        """The completed runs of ``kind``, in expansion order."""
+        return [r for r in self.results if r.run.kind == kind]
+
+
+def run_one_off(study: Study, db: Path, command: str, overwrite: bool = False,
+                on_event: EventFn = quiet, source_path: str | None = None) -> OneOff:
+    """Run ``study`` into ``db`` (a fresh database with ``overwrite``) and read its runs back.
+
+    A failed run or a model that cannot be loaded stops the command with one line naming it; the runs that did
+    complete stay in the database and are reused by the next attempt.
+    """
+    from esa.executors import run_study
+
+    db = Path(db)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        fresh_database(db)
+    summary = run_study(study, db, "local", source_path, on_event)
+    if not summary.ok:
+        what, error = (summary.failed or summary.load_errors)[0]
+        raise EsaError(f"{command}: {what}: {error} — the completed runs are kept in {db}")
+    return OneOff(study, db, tuple(_read_back(study, db)))
+
+
+def _read_back(study: Study, db: Path) -> list[StoredResult]:
+    """The study's runs found by run id (so rows that an older config or kind version left in the same
+    database are never picked up), each model's fingerprint taken from its stored rows."""
+    with Reader(db) as reader:
+        rows = {r.run_id: r for r in reader.runs(sha256_json(study.to_dict()), completed=True)}
+        fingerprints = {canonical(r.config.get("model")): r.model for r in rows.values()}
+        out = []
+        for run in expand(study):
+            fingerprint = fingerprints.get(canonical(asdict(run.model)))
+            rid = run_key(run, fingerprint) if fingerprint is not None else None
+            if rid in rows:
+                out.append(StoredResult(run, rows[rid], _arrays(reader, rid)))
+        return out
+
+
+def canonical(spec: dict | None) -> str:
+    return sha256_json(spec or {})
+
+
+def _arrays(reader: Reader, rid: str) -> dict[str, np.ndarray]:
+    """The run's per-window arrays; {} for a kind that stores none."""
+    try:
+        return reader.arrays(rid)
+    except EsaError:
+        return {}
