@@ -92,6 +92,20 @@ def test_commit_writes_artifact_then_row_and_never_replaces_completed(tmp_path):
         assert (tmp_path / "artifacts" / "r1" / "per_window.npz").is_file()
 
 
+def test_documents_are_stored_beside_the_row_and_read_back(tmp_path):
+    """A run's JSON documents (RunContext.documents) land in artifacts/<id>/<name>.json, non-finite as strings."""
+    from esa.store import Reader
+
+    doc = {"schema": "esa.perturb/1", "rows": [{"x": float("inf")}], "nested": {"b": 1, "a": [1, 2]}}
+    with Store(tmp_path / "r.db") as store:
+        store.commit_run(_record(documents={"protocol": doc}))
+        store.commit_run(_record("r2"))
+    assert (tmp_path / "artifacts" / "r1" / "protocol.json").is_file()
+    with Reader(tmp_path / "r.db") as reader:
+        assert reader.documents("r1") == {"protocol": {**doc, "rows": [{"x": "inf"}]}}
+        assert reader.documents("r2") == {} and reader.documents("missing") == {}
+
+
 def test_failed_run_is_retried_and_replaced(tmp_path):
     with Store(tmp_path / "r.db") as store:
         store.commit_run(_record(status="failed"))

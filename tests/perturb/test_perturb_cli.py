@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from esa.cli import main
+from esa.store import Reader
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
@@ -22,7 +23,7 @@ def _args(command, tiny_dir, corpus, out, *extra):
             "--max-eval-tokens", "186", "--n-boot", "300", "--collapse-ppl", "1e12", "--out-dir", str(out), *extra]
 
 
-def test_perturb_cli_writes_results_and_refuses_to_clobber(tmp_path, tiny_dir, corpus, capsys):
+def test_perturb_cli_writes_results_resumes_and_overwrites(tmp_path, tiny_dir, corpus, capsys):
     argv = _args("perturb", tiny_dir, corpus, tmp_path / "run", "--targets", f"rows:{DOWN}:2", "--op",
                  "scale:factor=4", "--controls", "random_k", "--control-seeds", "0", "1")
     assert main(argv) == 0
@@ -37,10 +38,14 @@ def test_perturb_cli_writes_results_and_refuses_to_clobber(tmp_path, tiny_dir, c
     assert arrays["random_k_nll_per_seed"].shape == (2, 6)
     assert (tmp_path / "run" / "perturb.png").stat().st_size > 0
 
-    assert main(argv) == 2  # the directory holds results now
-    assert "--overwrite" in capsys.readouterr().err
-    assert main([*argv, "--overwrite", "--op", "zero"]) == 0
+    assert main(argv) == 0  # a rerun resumes from the database: nothing is computed again, same numbers
+    assert "all 1 run(s) already completed" in capsys.readouterr().out
+    again = json.loads((tmp_path / "run" / "perturb.json").read_text())
+    assert again["comparisons"] == doc["comparisons"] and again["run_id"] == doc["run_id"]
+    assert main([*argv, "--overwrite", "--op", "zero"]) == 0  # a fresh database
     assert json.loads((tmp_path / "run" / "perturb.json").read_text())["config"]["op"] == "zero"
+    with Reader(tmp_path / "run" / "esa.db") as reader:
+        assert [r.config["op"] for r in reader.runs()] == ["zero"]
 
 
 def test_dose_response_and_bitscan_cli(tmp_path, tiny_dir, corpus, capsys):
@@ -70,7 +75,7 @@ def test_dose_response_and_bitscan_cli(tmp_path, tiny_dir, corpus, capsys):
     ("dose-response", ["--op", "sign_flip"], "no dose parameter"),
     ("dose-response", ["--op", "gauss_noise:sigmaa=1", "--values", "0.1"], "parameter of op 'gauss_noise'"),
     ("bitscan", ["--bits", "exponent_top"], "cannot read bit 'exponent_top'"),
-    ("bitscan", ["--top-n", "0"], "--top-n 0 must be ≥ 1"),
+    ("bitscan", ["--top-n", "0"], "top_n must be ≥ 1, got 0"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, tiny_dir, corpus, capsys, command, extra, message):
     targets = [] if "--targets" in extra else ["--targets", f"{DOWN}[0,0]"]
@@ -86,5 +91,5 @@ def test_cli_refuses_to_replace_a_foreign_directory(tmp_path, tiny_dir, corpus, 
     argv = _args("perturb", tiny_dir, corpus, tmp_path / "mine", "--targets", f"{DOWN}[0,0]", "--controls",
                  "random_k", "--overwrite")
     assert main(argv) == 2
-    assert "holds no perturb" in capsys.readouterr().err
+    assert "holds no esa perturb results" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from esa.commands.baseline import add_model_args
-from esa.models import ModelSpec
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.perturb.protocols import (
     CONTROLS,
     DOSE_PARAM,
     BitscanConfig,
-    DoseConfig,
     EvalConfig,
     PerturbConfig,
 )
@@ -48,8 +46,11 @@ def _common(p, stem: str) -> None:
     p.add_argument("--targets", default="superweights", help=TARGETS_HELP)
     add_eval_args(p)
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out-dir")
+    p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"),
+                   help="output directory: results database esa.db, and the JSON, .npz and plot exported from it")
+    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from a fresh database (else a rerun resumes: completed runs are reused)")
 
 
 def register(subparsers) -> None:
@@ -99,10 +100,6 @@ def register(subparsers) -> None:
     b.set_defaults(func=run_bitscan_cmd)
 
 
-def _spec(args) -> ModelSpec:
-    return ModelSpec(args.model, args.dtype, args.device, args.revision, args.trust_remote_code, args.allow_pickle)
-
-
 def _console():
     """A console at least 130 columns wide, so the tables stay readable when output is piped (80 default)."""
     from rich.console import Console
@@ -139,15 +136,72 @@ def _finish(console, out: Path, stem: str, doc: dict) -> None:
     console.print(f"results: {out / f'{stem}.json'}\nplot: {out / f'{stem}.png'}")
 
 
+# ---- flags → one-off study → exports ------------------------------------------------------------------------
+
+STEMS = {"perturbation": "perturb", "dose_response": "dose_response", "bitscan": "bitscan"}
+OWNED = ("perturb.json", "dose_response.json", "bitscan.json")  # an earlier run's files (older ESA: no database)
+
+
+def given_params(op) -> dict:
+    """The parameters of ``op`` that differ from the op's defaults (what a user wrote in ``name:key=value``)."""
+    import dataclasses
+
+    return {f.name: getattr(op, f.name) for f in dataclasses.fields(op)
+            if f.default is dataclasses.MISSING or getattr(op, f.name) != f.default}
+
+
+def one_off_study(args, kind: str, section: dict):
+    """The study a perturbation command runs: one model, one dataset, context length and seed, kind ``kind``."""
+    from esa.study import parse_study
+
+    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
+             "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    settings = {"n_boot": args.n_boot, "calib_samples": args.calib_samples, "collapse_ppl": args.collapse_ppl}
+    return parse_study({"name": f"esa-{STEMS[kind]}", "models": [model], "datasets": [args.dataset],
+                        "context_lens": [args.context_len], "seeds": [args.seed],
+                        "max_eval_tokens": None if args.max_eval_tokens == 0 else args.max_eval_tokens,
+                        "batch_tokens": args.batch_tokens, "kinds": [kind], kind: {**section, **settings}},
+                       f"esa {args.command}")
+
+
+def run_and_export(args, kind: str, section: dict) -> dict:
+    """Run the one-off study into ``<out-dir>/esa.db`` (resuming), then export ``<stem>.json``, ``.npz`` and
+    ``.png`` from the stored run; returns the exported document."""
+    from esa.commands.study import progress_printer
+    from esa.executors.one_off import check_out_dir, run_one_off
+    from esa.perturb import plots
+    from esa.runs import write_arrays, write_json
+
+    out, stem = Path(args.out_dir), STEMS[kind]
+    db = args.db or out / "esa.db"
+    check_out_dir(out, db, OWNED, args.overwrite, f"esa {args.command}")
+    study = one_off_study(args, kind, section)
+    (result,) = run_one_off(study, db, f"esa {args.command}", args.overwrite, progress_printer(_console())).of(kind)
+    protocol = result.documents["protocol"]
+    doc = {"schema": protocol["schema"], "provenance": result.row.provenance, "model": result.row.model,
+           **{k: v for k, v in protocol.items() if k != "schema"}, "database": str(db), "run_id": result.row.run_id}
+    for name in OWNED:
+        (out / name).unlink(missing_ok=True)  # an older run's files would contradict the database
+    write_json(out / f"{stem}.json", doc)
+    write_arrays(out / f"{stem}.npz", **result.arrays)
+    {"perturb": plots.plot_perturb, "dose_response": plots.plot_dose_response,
+     "bitscan": plots.plot_bitscan}[stem](doc, out / f"{stem}.png")
+    return doc
+
+
 def run_perturb_cmd(args) -> int:
-    from esa.perturb.protocols import run_perturb
-    from esa.runs import read_json
+    from esa.perturb.ops import parse_op
+    from esa.perturb.protocols.choose import check_controls, resolve_controls
 
     controls = None if args.controls is None else tuple(args.controls.split(","))
-    cfg = PerturbConfig(args.targets, args.op, controls, args.ranking,
-                        tuple(args.control_seeds), eval_config(args))
-    out = run_perturb(_spec(args), cfg, args.out_dir, args.overwrite)
-    doc = read_json(out / "perturb.json")
+    cfg = PerturbConfig(args.targets, args.op, controls, args.ranking, tuple(args.control_seeds), eval_config(args))
+    op = parse_op(cfg.op)  # fail before loading anything
+    check_controls(cfg)
+    grid = {k: [v] if isinstance(v, list) else v for k, v in given_params(op).items()}  # a list is one value
+    target = {"name": "target", "spec": cfg.targets, "bottom_ranking": cfg.ranking}
+    doc = run_and_export(args, "perturbation", {"targets": [target], "ops": [{"op": op.name, "grid": grid}],
+                                                "controls": list(resolve_controls(cfg)),
+                                                "control_seeds": list(cfg.control_seeds)})
     console = _console()
     sizes = ", ".join(f"{a['name']} {a['n_elements']}" for a in doc["arms"])
     console.print(_stats_table(f"{doc['model']['model_id']}: {cfg.targets} under {cfg.op} (elements: {sizes})",
@@ -156,34 +210,36 @@ def run_perturb_cmd(args) -> int:
     console.print("separation: target/random ΔNLL = " + (_num(sep["target_over_random"]) if sep[
         "target_over_random"] is not None else "n/a") + ", random/bottom ΔNLL = " + (
         _num(sep["random_over_bottom"]) if sep["random_over_bottom"] is not None else "n/a"))
-    _finish(console, out, "perturb", doc)
+    _finish(console, Path(args.out_dir), "perturb", doc)
     return 0
 
 
 def run_dose_cmd(args) -> int:
-    from esa.perturb.protocols import run_dose_response
-    from esa.runs import read_json
+    from esa.perturb.protocols import dose_ops
+    from esa.perturb.protocols.experiments import parse_value
 
-    cfg = DoseConfig(args.targets, args.op, tuple(args.values), tuple(args.control_seeds), eval_config(args))
-    out = run_dose_response(_spec(args), cfg, args.out_dir, args.overwrite)
-    doc = read_json(out / "dose_response.json")
+    param, ops = dose_ops(args.op, args.values)  # fail before loading anything
+    fixed = {k: v for k, v in given_params(ops[0]).items() if k != param}
+    section = {"targets": [{"name": "target", "spec": args.targets}],
+               "ops": [{"op": ops[0].name, "values": [parse_value(v) for v in args.values], "params": fixed}],
+               "controls": ["random_k"] if args.control_seeds else [], "control_seeds": list(args.control_seeds)}
+    doc = run_and_export(args, "dose_response", section)
     comps = [r[arm] for r in doc["rows"] for arm in ("target", "random_k") if arm in r]
     console = _console()
-    console.print(_stats_table(f"{doc['model']['model_id']}: dose-response of {cfg.targets} "
+    console.print(_stats_table(f"{doc['model']['model_id']}: dose-response of {args.targets} "
                                f"({doc['targets']['n_elements']} elements)", comps))
-    _finish(console, out, "dose_response", doc)
+    _finish(console, Path(args.out_dir), "dose_response", doc)
     return 0
 
 
 def run_bitscan_cmd(args) -> int:
     from rich.table import Table
 
-    from esa.perturb.protocols import run_bitscan
-    from esa.runs import read_json
-
-    cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool, eval_config(args))
-    out = run_bitscan(_spec(args), cfg, args.out_dir, args.overwrite)
-    doc = read_json(out / "bitscan.json")
+    cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool,
+                        eval_config(args))
+    section = {"targets": [{"name": "target", "spec": cfg.targets}], "top_n": cfg.top_n, "bits": list(cfg.bits),
+               "max_flips": cfg.max_flips, "greedy_pool": cfg.greedy_pool}
+    doc = run_and_export(args, "bitscan", section)
     bits = [b["spec"] for b in doc["bits"]]
     table = Table(title=f"{doc['model']['model_id']}: single-flip ΔNLL (nats/token), weights × bits",
                   caption="✕ = collapsed (PPL above the threshold or non-finite)")
@@ -201,5 +257,5 @@ def run_bitscan_cmd(args) -> int:
         console.print(f"{greedy_verdict(g)}{exact}: " + "; ".join(g["flips"]))
     else:
         console.print(f"{greedy_verdict(g)} (PPL threshold {g['collapse_ppl']:g})")
-    _finish(console, out, "bitscan", doc)
+    _finish(console, Path(args.out_dir), "bitscan", doc)
     return 0

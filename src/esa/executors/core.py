@@ -121,7 +121,7 @@ def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> 
     started = utc_now()
     fingerprint = lm.fingerprint.to_dict()
     config = resolved_config(run, fingerprint)
-    ctx.run_id, ctx.depends_on = rid, dict(config.get("depends_on", {}))
+    ctx.run_id, ctx.depends_on, ctx.documents = rid, dict(config.get("depends_on", {})), {}
     try:
         metrics, arrays = kinds.get(run.kind).execute(lm, run, ctx)
     except Exception as exc:  # noqa: BLE001 — recorded in the row and shown in the summary
@@ -129,7 +129,7 @@ def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> 
         error = str(exc) if isinstance(exc, EsaError) else "".join(traceback.format_exception_only(exc)).strip()
         return RunRecord(rid, run.kind, config, fingerprint, prov, {}, "failed", started, utc_now(), error)
     return RunRecord(rid, run.kind, config, fingerprint, prov, metrics, "completed", started, utc_now(),
-                     arrays=arrays)
+                     arrays=arrays, documents=ctx.documents)
 
 
 def summary_line(record: RunRecord) -> str:

@@ -26,6 +26,35 @@ def fresh_database(db: Path) -> None:
         f.unlink(missing_ok=True)
 
 
+def check_out_dir(out_dir: Path, db: Path, owned: tuple[str, ...], overwrite: bool, command: str) -> None:
+    """Refuse an ``--out-dir`` that ESA did not write: a non-empty directory is accepted when it holds the
+    results database ``db`` (the command resumes there), or, with ``overwrite``, one of the ``owned`` files of an
+    earlier run of ``command`` — never a directory of someone else's files."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out-dir {out_dir} is a file; choose a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()) or Path(db).is_file():
+        return
+    if not any((out_dir / f).exists() for f in owned):
+        raise EsaError(f"refusing to write into {out_dir}: it holds no {command} results (no {Path(db).name}, none "
+                       f"of {', '.join(owned)}); choose an empty or new --out-dir")
+    if not overwrite:
+        raise EsaError(f"{out_dir} holds {command} results without a results database (written by an older ESA); "
+                       "pass --overwrite to replace them, or choose another --out-dir")
+
+
+def _remove_new(db: Path, made: list[Path]) -> None:
+    """Delete a database this command created and the folders it made, when no run completed in it."""
+    import shutil
+
+    fresh_database(db)
+    if made and made[0].name == "artifacts":  # only an artifacts folder this call created (a failed run's)
+        shutil.rmtree(made[0], ignore_errors=True)
+    for d in made:  # innermost first
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
 @dataclass(frozen=True)
 class StoredResult:
     """One expanded run of the one-off study with its stored row and per-window arrays."""
@@ -33,6 +62,7 @@ class StoredResult:
     run: object  # the kind's run dataclass
     row: StoredRun
     arrays: dict[str, np.ndarray]
+    documents: dict[str, dict]  # name → JSON document stored beside the row (RunContext.documents)
 
 
 @dataclass(frozen=True)
@@ -58,12 +88,17 @@ def run_one_off(study: Study, db: Path, command: str, overwrite: bool = False,
     from esa.executors import run_study
 
     db = Path(db)
+    made = [d for d in (db.parent / "artifacts", db.parent, *db.parent.parents) if not d.exists()]  # created here
     db.parent.mkdir(parents=True, exist_ok=True)
     if overwrite:
         fresh_database(db)
+    new = not db.exists()
     summary = run_study(study, db, "local", source_path, on_event)
     if not summary.ok:
         what, error = (summary.failed or summary.load_errors)[0]
+        if new and not summary.completed:  # nothing worth keeping: leave no trace of the attempt
+            _remove_new(db, made)
+            raise EsaError(f"{command}: {what}: {error}")
         raise EsaError(f"{command}: {what}: {error} — the completed runs are kept in {db}")
     return OneOff(study, db, tuple(_read_back(study, db)))
 
@@ -79,7 +114,7 @@ def _read_back(study: Study, db: Path) -> list[StoredResult]:
             fingerprint = fingerprints.get(canonical(asdict(run.model)))
             rid = run_key(run, fingerprint) if fingerprint is not None else None
             if rid in rows:
-                out.append(StoredResult(run, rows[rid], _arrays(reader, rid)))
+                out.append(StoredResult(run, rows[rid], _arrays(reader, rid), reader.documents(rid)))
         return out
 
 

@@ -29,12 +29,15 @@ class RunContext:
     ``rankings``: sensitivity run id → its ranking table (and ``<id>/floor`` → its floor table), filled by
     sensitivity runs of this process or by the driver from the store (:attr:`RunKind.load_result`).
     ``run_id`` / ``depends_on``: set by the executor before each run, so a kind never recomputes run ids.
+    ``documents``: name → JSON document a kind's ``execute`` wants stored beside the row (artifacts/<id>/<name>.json,
+    read back with :meth:`esa.store.Reader.documents`); emptied by the executor before each run.
     """
 
     corpora: dict = field(default_factory=dict)
     rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
     run_id: str = ""
     depends_on: dict[str, str] = field(default_factory=dict)  # role → run id of the current run's dependencies
+    documents: dict[str, dict] = field(default_factory=dict)  # JSON documents the current run stores beside its row
 
 
 class KindRun:

@@ -20,8 +20,9 @@ from typing import ClassVar
 import numpy as np
 
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.causal import (CausalTarget, _cells, _check_bits, _check_places, _check_targets, _common, _eval,
-                              _execute, _ranking_run, _targets, model_dtypes, severity)
+from esa.kinds.causal import (CausalTarget, ProtocolFields, ProtocolSettings, _cells, _check_bits, _check_places,
+                              _check_settings, _check_targets, _common, _ranking_run, _targets, eval_config,
+                              execute_protocol, input_hashes, model_dtypes, settings, severity)
 from esa.kinds.sensitivity import SensitivityRun
 from esa.models import LoadedModel, ModelSpec
 from esa.perturb.protocols.bitscan import greedy_verdict
@@ -31,13 +32,12 @@ from esa.study import Study, require
 
 
 @dataclass(frozen=True)
-class BitscanSection:
+class BitscanSection(ProtocolSettings):
     targets: tuple[CausalTarget, ...]
     top_n: int = 4  # scanned weights: the first top_n target elements (ranking / super-weight order)
     bits: tuple[int | str, ...] = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")
     max_flips: int = 8  # greedy collapse search: give up after this many flips
     greedy_pool: int = 64  # … choosing among this many of the most damaging single flips (64: all of 4 × 4)
-    collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
     datasets: tuple[str, ...] = ()
     context_lens: tuple[int, ...] = ()
     seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
@@ -51,16 +51,16 @@ def check(b: BitscanSection, study: Study, where: str) -> None:
         require(t.ranking is None or t.k is not None or b.top_n <= sens.k,
                  f"{where}.targets[{i}]: without k the target is the top top_n={b.top_n} weights, more than "
                  f"sensitivity.k ({sens.k if sens else None}) keeps; give k or lower top_n")
-    require(b.top_n >= 1 and b.max_flips >= 1 and b.greedy_pool >= 1,
-             f"{where}: top_n, max_flips and greedy_pool must be ≥ 1")
+    for name in ("top_n", "max_flips", "greedy_pool"):
+        require(getattr(b, name) >= 1, f"{where}.{name} must be ≥ 1, got {getattr(b, name)}")
     require(bool(b.bits), f"{where}.bits: give at least one bit, e.g. [sign, exponent_msb]")
     _check_bits(b.bits, dtypes, f"{where}.bits")
-    require(b.collapse_ppl is None or b.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
+    _check_settings(b, where)
     _check_places(b, seeds, where)
 
 
 @dataclass(frozen=True)
-class BitscanRun(KindRun):
+class BitscanRun(ProtocolFields, KindRun):
     """Protocol 3 for one target set: single bit flips of its first ``top_n`` weights, then greedy collapse."""
 
     kind: ClassVar[str] = "bitscan"
@@ -74,7 +74,6 @@ class BitscanRun(KindRun):
     bits: tuple[str, ...]  # positions or names, as written in the study (as strings)
     max_flips: int
     greedy_pool: int
-    collapse_ppl: float | None  # None → esa.stats.DEFAULT_COLLAPSE_PPL
     dataset: str
     context_len: int
     seed: int
@@ -95,8 +94,8 @@ def expand(study: Study) -> list[BitscanRun]:
         return []
     bits = tuple(str(x) for x in b.bits)
     return [BitscanRun(spec, t.name, t.spec, t.ranking, (t.k or b.top_n) if t.ranking else None, b.top_n, bits,
-                       b.max_flips, b.greedy_pool, b.collapse_ppl, dataset, ctx, seed, study.max_eval_tokens,
-                       study.batch_tokens, _ranking_run(study, spec, t, seed))
+                       b.max_flips, b.greedy_pool, dataset, ctx, seed, study.max_eval_tokens, study.batch_tokens,
+                       _ranking_run(study, spec, t, seed), **settings(b), inputs=input_hashes(t.spec))
             for spec, dataset, ctx, seed in _cells(study, b) for t in b.targets]
 
 
@@ -105,7 +104,7 @@ def bitscan_config(run, ranking_file: str | None = None):
     from esa.perturb.protocols import BitscanConfig
 
     return BitscanConfig(_targets(run, ranking_file), run.top_n, tuple(run.bits), run.max_flips, run.greedy_pool,
-                         _eval(run, run.collapse_ppl))
+                         eval_config(run))
 
 
 def _bitscan_metrics(doc: dict) -> dict:
@@ -120,7 +119,7 @@ def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.n
     """Protocol 3 (single bit flips of the top weights, then the greedy collapse search) for one target."""
     from esa.perturb.protocols import bitscan_experiment
 
-    return _execute(lm, run, ctx, bitscan_experiment, bitscan_config, _bitscan_metrics)
+    return execute_protocol(lm, run, ctx, bitscan_experiment, bitscan_config, _bitscan_metrics)
 
 
 

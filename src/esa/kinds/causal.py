@@ -39,6 +39,67 @@ class CausalTarget:
     k: int | None = None  # with ranking; None → dose_response: each of ks, bitscan: top_n
 
 
+@dataclass(frozen=True, kw_only=True)
+class ProtocolSettings:
+    """Settings every causal section shares (the :class:`~esa.perturb.protocols.EvalConfig` statistics): the
+    bootstrap size of each ΔNLL CI, the windows a ``superweights`` target is detected on, and the collapse
+    threshold. A section dataclass inherits them; its runs carry them as :class:`ProtocolFields`."""
+
+    n_boot: int = 10_000  # bootstrap-t resamples per mean-ΔNLL CI
+    calib_samples: int = 4  # windows for super-weight detection, none of them evaluated
+    collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProtocolFields:
+    """What a causal run adds to its config beyond its section's own fields: :class:`ProtocolSettings`, and the
+    sha256 of every user file its targets read (``inputs``: (path, sha256) pairs), so a rewritten ranking or
+    coordinate file means a new run rather than a stale reuse."""
+
+    n_boot: int = 10_000
+    calib_samples: int = 4
+    collapse_ppl: float | None = None
+    inputs: tuple[tuple[str, str], ...] = ()
+
+
+def settings(section) -> dict:
+    """The :class:`ProtocolSettings` of ``section`` as run keyword arguments."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(ProtocolSettings)}
+
+
+def referenced_files(spec: str | None, ranking_file: str | None = None) -> list[Path]:
+    """The user files a target reads: a ``topk:<file>:<k>`` ranking (and its floor table), a .json/.csv
+    coordinate file, and a ranking file given for the bottom_k control (and its floor table)."""
+    from esa.sensitivity.ranking import floor_path
+
+    spec = (spec or "").strip()
+    rankings = [ranking_file] if ranking_file else []
+    if spec.startswith("topk:"):
+        rankings.append(spec[len("topk:"):].rpartition(":")[0])
+    files = [Path(spec)] if spec.lower().endswith((".json", ".csv")) else []
+    for r in rankings:
+        files += [Path(r)] + ([floor_path(r)] if floor_path(r).is_file() else [])
+    return files
+
+
+def check_files(spec: str | None, ranking_file: str | None, where: str) -> None:
+    for f in referenced_files(spec, ranking_file):
+        require(f.is_file(), f"{where}: file {f} does not exist (write it with `esa sensitivity`, or fix the path)")
+
+
+def input_hashes(spec: str | None, ranking_file: str | None = None) -> tuple[tuple[str, str], ...]:
+    """(path, sha256) of every file :func:`referenced_files` names — part of the run's config."""
+    from esa.hashing import sha256_file
+
+    return tuple((str(f), sha256_file(f)) for f in referenced_files(spec, ranking_file))
+
+
+def _check_settings(section, where: str) -> None:
+    require(section.n_boot >= 100, f"{where}.n_boot must be ≥ 100 (bootstrap resamples per CI)")
+    require(section.calib_samples >= 1, f"{where}.calib_samples must be ≥ 1")
+    require(section.collapse_ppl is None or section.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
+
+
 def _check_targets(targets: tuple[CausalTarget, ...], sens, where: str, k_from: str) -> None:
     """Names unique, exactly one of spec/ranking, a ranking scorer the sensitivity section runs, k in range."""
     require(bool(targets), f"{where}.targets: give at least one target")
@@ -49,6 +110,7 @@ def _check_targets(targets: tuple[CausalTarget, ...], sens, where: str, k_from: 
         require((t.spec is None) != (t.ranking is None), f"{at}: give exactly one of 'spec' or 'ranking'")
         if t.spec is not None:
             require(t.k is None, f"{at}.k: only a ranking target takes k; drop it (the spec names the weights)")
+            check_files(t.spec, None, f"{at}.spec")
             continue
         require(sens is not None, f"{at}.ranking: a ranking target needs a sensitivity: section that scores "
                  f"{t.ranking!r}; add one, or give a spec: instead")
@@ -98,11 +160,13 @@ def _targets(run, ranking_file: str | None) -> str:
     return run.spec if run.spec is not None else f"topk:{ranking_file}:{run.k}"
 
 
-def _eval(run, collapse_ppl: float | None = None):
+def eval_config(run):
+    """The :class:`~esa.perturb.protocols.EvalConfig` of a causal run (its windows and statistics settings)."""
     from esa.perturb.protocols import EvalConfig
 
-    data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens)
-    return data if collapse_ppl is None else dataclasses.replace(data, collapse_ppl=collapse_ppl)
+    data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens,
+                      run.calib_samples, run.n_boot)
+    return data if run.collapse_ppl is None else dataclasses.replace(data, collapse_ppl=run.collapse_ppl)
 
 
 def _scrub(obj, files: dict[str, str]):
@@ -125,13 +189,17 @@ def _common(doc: dict) -> dict:
             "targets": targets, "notes": doc["notes"], "wall_seconds": doc["wall_seconds"]}
 
 
-def _execute(lm: LoadedModel, run, ctx: RunContext, experiment, make_config, to_metrics
-             ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run ``experiment`` on ``make_config(run, ranking file)``; metrics name the ranking by its run id."""
+def execute_protocol(lm: LoadedModel, run, ctx: RunContext, experiment, make_config, to_metrics
+                     ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run ``experiment`` on ``make_config(run, ranking file)``; metrics name the ranking by its run id.
+
+    The protocol's whole document (the ``<stem>.json`` of its command, less the provenance and model fingerprint
+    that the row holds) is stored beside the row as the ``protocol`` document (:attr:`RunContext.documents`)."""
     with tempfile.TemporaryDirectory(prefix="esa-causal-") as tmp:
         ranking_file = dependency_ranking_file(run, ctx, Path(tmp), lm.fingerprint.to_dict())
         doc, arrays = experiment(lm, make_config(run, ranking_file))
     files = {ranking_file: ctx.depends_on["ranking"]} if ranking_file else {}
+    ctx.documents["protocol"] = _scrub({k: v for k, v in doc.items() if k not in ("provenance", "model")}, files)
     return _scrub(to_metrics(doc), files), arrays
 
 

@@ -36,8 +36,9 @@ import numpy as np
 
 from esa.errors import EsaError
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.causal import (CausalTarget, _cells, _check_bits, _check_places, _check_targets, _common, _eval,
-                              _execute, _ranking_run, _targets, model_dtypes, severity)
+from esa.kinds.causal import (CausalTarget, ProtocolFields, ProtocolSettings, _cells, _check_bits, _check_places,
+                              _check_settings, _check_targets, _common, _ranking_run, _targets, eval_config,
+                              execute_protocol, input_hashes, model_dtypes, settings, severity)
 from esa.kinds.perturbation import op_spec
 from esa.kinds.sensitivity import SensitivityRun
 from esa.models import LoadedModel, ModelSpec
@@ -58,13 +59,13 @@ class DoseOp:
 
 
 @dataclass(frozen=True)
-class DoseResponseSection:
+class DoseResponseSection(ProtocolSettings):
     targets: tuple[CausalTarget, ...]
     ops: tuple[DoseOp, ...]
     ks: tuple[int, ...] = ()  # top-k sizes of ranking targets without their own k
     controls: tuple[str, ...] = ("random_k",)  # random_k, or [] for the target arm alone
     trials: int = 1  # control seeds 0…trials-1: random_k draws, and noise seeds of a random op
-    collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
+    control_seeds: tuple[int, ...] = ()  # explicit control seeds instead of 0…trials-1
     datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
     context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
     seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
@@ -105,12 +106,14 @@ def check(d: DoseResponseSection, study: Study, where: str) -> None:
     for i, c in enumerate(d.controls):
         require(c == "random_k", f"{where}.controls[{i}]: " + suggest(c, ["random_k"], "dose-response control"))
     require(d.trials >= 1, f"{where}.trials must be ≥ 1")
-    require(d.collapse_ppl is None or d.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
+    require(len(set(d.control_seeds)) == len(d.control_seeds), f"{where}.control_seeds: distinct seeds, got "
+             f"{list(d.control_seeds)}")
+    _check_settings(d, where)
     _check_places(d, seeds, where)
 
 
 @dataclass(frozen=True)
-class DoseResponseRun(KindRun):
+class DoseResponseRun(ProtocolFields, KindRun):
     """Protocol 2 for one target set and one op swept over its values, on one model's fixed windows."""
 
     kind: ClassVar[str] = "dose_response"
@@ -124,7 +127,6 @@ class DoseResponseRun(KindRun):
     parameter: str  # the swept parameter (esa.perturb.protocols.DOSE_PARAM), e.g. "factor"
     values: tuple  # its values, in the study's order
     control_seeds: tuple[int, ...]  # random_k draws (empty: no control arm)
-    collapse_ppl: float | None  # None → esa.stats.DEFAULT_COLLAPSE_PPL
     dataset: str
     context_len: int
     seed: int  # picks the evaluation windows
@@ -144,15 +146,16 @@ def expand(study: Study) -> list[DoseResponseRun]:
     d = study.section("dose_response")
     if d is None:
         return []
-    seeds = tuple(range(d.trials)) if "random_k" in d.controls else ()
+    seeds = (d.control_seeds or tuple(range(d.trials))) if "random_k" in d.controls else ()
     runs = []
     for spec, dataset, ctx, seed in _cells(study, d):
         for t in d.targets:
             ks = [None] if t.ranking is None else ([t.k] if t.k is not None else list(d.ks))
             for k in ks:
                 runs += [DoseResponseRun(spec, t.name, t.spec, t.ranking, k, op_string(op), DOSE_PARAM[op.op],
-                                         tuple(op.values), seeds, d.collapse_ppl, dataset, ctx, seed,
-                                         study.max_eval_tokens, study.batch_tokens, _ranking_run(study, spec, t, seed))
+                                         tuple(op.values), seeds, dataset, ctx, seed, study.max_eval_tokens,
+                                         study.batch_tokens, _ranking_run(study, spec, t, seed), **settings(d),
+                                         inputs=input_hashes(t.spec))
                          for op in d.ops]
     return runs
 
@@ -162,7 +165,7 @@ def dose_config(run, ranking_file: str | None = None):
     from esa.perturb.protocols import DoseConfig
 
     return DoseConfig(_targets(run, ranking_file), run.op, tuple(run.values), run.control_seeds,
-                      _eval(run, run.collapse_ppl))
+                      eval_config(run))
 
 
 def _dose_metrics(doc: dict) -> dict:
@@ -184,7 +187,7 @@ def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.n
     """Protocol 2 (target and random_k arms at each op strength) for one target, k and op."""
     from esa.perturb.protocols import dose_experiment
 
-    return _execute(lm, run, ctx, dose_experiment, dose_config, _dose_metrics)
+    return execute_protocol(lm, run, ctx, dose_experiment, dose_config, _dose_metrics)
 
 
 

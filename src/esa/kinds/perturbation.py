@@ -21,16 +21,16 @@ arm's perturbed PPL. Arrays: perturb.npz's (window_index, n_scored, baseline_nll
 from __future__ import annotations
 
 import itertools
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from esa.errors import EsaError
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.sensitivity import SensitivityRun, dependency_ranking_file, sensitivity_run
+from esa.kinds.causal import (ProtocolFields, ProtocolSettings, _check_settings, check_files, eval_config,
+                              execute_protocol, input_hashes, settings)
+from esa.kinds.sensitivity import SensitivityRun, sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
 from esa.report.study_perturbation import causal_section
@@ -50,6 +50,7 @@ class TargetEntry:
     ranking: str | None = None  # scorer whose ranking gives the targets
     k: int | None = None  # with ranking: how many
     bottom: bool = False  # with ranking: the least sensitive k instead of the top k
+    bottom_ranking: str | None = None  # a ranking file (esa sensitivity) whose floor table gives bottom_k
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,12 @@ class OpEntry:
 
 
 @dataclass(frozen=True)
-class PerturbationSection:
+class PerturbationSection(ProtocolSettings):
     targets: tuple[TargetEntry, ...]
     ops: tuple[OpEntry, ...]
     controls: tuple[str, ...] = ()  # see CONTROLS
     trials: int = 1  # control seeds 0…trials-1: random_k draws, and op seeds of random ops
+    control_seeds: tuple[int, ...] = ()  # explicit control seeds instead of 0…trials-1
     datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
     context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
 
@@ -83,12 +85,16 @@ def check(p: PerturbationSection, study: Study, where: str) -> None:
     sens = study.section("sensitivity")
     require(bool(p.targets) and bool(p.ops), f"{where}: give at least one target and one op")
     require(p.trials >= 1, f"{where}.trials must be ≥ 1")
+    require(len(set(p.control_seeds)) == len(p.control_seeds), f"{where}.control_seeds: distinct seeds, got "
+             f"{list(p.control_seeds)}")
+    _check_settings(p, where)
     scorers = sens.scorers if sens else tuple(SCORERS.names())
     names = [t.name for t in p.targets]
     require(len(set(names)) == len(names), f"{where}.targets: duplicate target names in {names}")
     for i, t in enumerate(p.targets):
         at = f"{where}.targets[{i}]"
         require((t.spec is None) != (t.ranking is None), f"{at}: give exactly one of 'spec' or 'ranking'")
+        check_files(t.spec, t.bottom_ranking, at)
         if t.ranking is not None:
             require(t.ranking in scorers, f"{at}.ranking: " + suggest(t.ranking, list(scorers), "scorer")
                      + (" (list it under sensitivity.scorers)" if sens else ""))
@@ -113,7 +119,7 @@ def check(p: PerturbationSection, study: Study, where: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- expansion
 @dataclass(frozen=True)
-class PerturbationRun(KindRun):
+class PerturbationRun(ProtocolFields, KindRun):
     """Protocol 1 for one target set and one op setting, on one model's fixed evaluation windows."""
 
     kind: ClassVar[str] = "perturbation"
@@ -133,6 +139,7 @@ class PerturbationRun(KindRun):
     max_eval_tokens: int | None
     batch_tokens: int
     ranking_run: SensitivityRun | None = None  # gives the targets and, for top targets, the bottom_k floor
+    bottom_ranking: str | None = None  # a ranking file whose floor table gives bottom_k (sha256 in inputs)
 
     def label(self) -> str:
         return f"{self.model.name} perturb {self.target} {self.op} {self.dataset} ctx={self.context_len} " \
@@ -149,7 +156,9 @@ def op_spec(name: str, point: dict) -> str:
 
 
 def _controls_for(study: Study, t: TargetEntry) -> tuple[str, ...]:
-    keep_bottom = (t.ranking is not None and not t.bottom) or (t.spec or "").strip() == "superweights"
+    spec = (t.spec or "").strip()
+    keep_bottom = (t.ranking is not None and not t.bottom) or spec == "superweights" or spec.startswith("topk:") \
+        or t.bottom_ranking is not None
     return tuple(c for c in study.section("perturbation").controls if c != "bottom_k" or keep_bottom)
 
 
@@ -159,8 +168,9 @@ def _perturbation_runs(study: Study, spec: ModelSpec, t: TargetEntry, dataset: s
     controls = _controls_for(study, t)
     ranking_run = sensitivity_run(study, spec, t.ranking, seed, t.bottom) if t.ranking is not None else None
     return [PerturbationRun(spec, t.name, t.spec, t.ranking, t.k, t.bottom, op_spec(entry.op, point), controls,
-                            tuple(range(p.trials)), dataset, ctx, seed, study.max_eval_tokens, study.batch_tokens,
-                            ranking_run)
+                            p.control_seeds or tuple(range(p.trials)), dataset, ctx, seed, study.max_eval_tokens,
+                            study.batch_tokens, ranking_run, t.bottom_ranking, **settings(p),
+                            inputs=input_hashes(t.spec, t.bottom_ranking))
             for entry in p.ops for point in grid_points(entry)]
 
 
@@ -183,42 +193,34 @@ def expand(study: Study) -> list[PerturbationRun]:
 def perturb_config(run, ranking_file: str | None = None):
     """The :class:`PerturbConfig` of a perturbation run, given its ranking file (for ranking targets).
 
-    A top-ranking target's bottom_k control comes from the floor table written beside that file."""
-    from esa.perturb.protocols import EvalConfig, PerturbConfig
+    A top-ranking target's bottom_k control comes from the floor table written beside that file, a spec
+    target's from ``bottom_ranking`` when given."""
+    from esa.perturb.protocols import PerturbConfig
 
     targets = run.spec if run.spec is not None else f"topk:{ranking_file}:{run.k}"
-    data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens)
-    return PerturbConfig(targets, run.op, run.controls, None, run.control_seeds, data)
+    return PerturbConfig(targets, run.op, run.controls, run.bottom_ranking, run.control_seeds, eval_config(run))
 
 
-def _metrics(doc: dict, files: dict[str, str]) -> dict:
-    """The stored metrics: perturb.json without provenance/model/config (in the row already) and element lists;
-    temporary ranking file names are replaced by the sensitivity run ids they came from."""
-    def source(text: str) -> str:
-        for path, rid in files.items():
-            text = text.replace(path, f"<ranking of run {rid}>")
-        return text
-
+def _metrics(doc: dict) -> dict:
+    """The stored metrics: the comparisons by name, separation, per-arm sizes and seeds, baseline, data, notes
+    (the whole document, with element lists and trial records, is the run's ``protocol`` document)."""
     comps = {c["name"]: c for c in doc["comparisons"]}
     target = comps.get("target vs baseline", {})
-    arms = [{k: a[k] for k in ("name", "op", "n_elements", "seeds", "tensors")} | {
-            "source": source(a["source"]), "seed_spread": a["seed_spread"]} for a in doc["arms"]]
+    arms = [{k: a[k] for k in ("name", "op", "n_elements", "seeds", "tensors", "source", "seed_spread")}
+            for a in doc["arms"]]
     data = {k: v for k, v in doc["data"].items() if k not in ("window_indices", "calibration_indices")}
     return {"perplexity": target.get("ppl_perturbed"), "baseline_perplexity": doc["baseline"]["perplexity"],
             "mean_delta_nll": target.get("mean_delta_nll"), "collapsed": target.get("collapsed"),
             "comparisons": comps, "separation": doc["separation"], "arms": arms, "baseline": doc["baseline"],
             "data": data, "targets": {k: v for k, v in doc["targets"].items() if k not in ("spec", "ranking")},
-            "notes": [source(n) for n in doc["notes"]], "wall_seconds": doc["wall_seconds"]}
+            "notes": doc["notes"], "wall_seconds": doc["wall_seconds"]}
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
     """Protocol 1 (targets vs controls, paired on the same windows) for one target and one op setting."""
     from esa.perturb.protocols import perturb_experiment
 
-    with tempfile.TemporaryDirectory(prefix="esa-perturb-") as tmp:
-        ranking_file = dependency_ranking_file(run, ctx, Path(tmp), lm.fingerprint.to_dict())
-        doc, arrays = perturb_experiment(lm, perturb_config(run, ranking_file))
-    return _metrics(doc, {ranking_file: ctx.depends_on["ranking"]} if ranking_file else {}), arrays
+    return execute_protocol(lm, run, ctx, perturb_experiment, perturb_config, _metrics)
 
 
 # ------------------------------------------------------------------------------------------ cost, summary

@@ -127,6 +127,18 @@ class RunRecord:
     finished_at: str
     error: str | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # saved as artifacts/<run_id>/per_window.npz
+    documents: dict[str, dict] = field(default_factory=dict)  # saved as artifacts/<run_id>/<name>.json
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file via a temp file that is fsync'ed and renamed (see :func:`_write_npz_atomic`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -307,6 +319,10 @@ class Store:
             path = self.artifact_dir(rec.run_id) / "per_window.npz"
             _write_npz_atomic(path, rec.arrays)
             artifacts["per_window"] = str(path.relative_to(self.path.parent))
+        for name, doc in rec.documents.items():
+            path = self.artifact_dir(rec.run_id) / f"{name}.json"
+            _write_text_atomic(path, canonical_json(doc))
+            artifacts[name] = str(path.relative_to(self.path.parent))
         row = (rec.run_id, rec.kind, canonical_json(rec.config), canonical_json(rec.model),
                canonical_json(rec.provenance), canonical_json(rec.metrics), rec.status, rec.error,
                rec.started_at, rec.finished_at, canonical_json(artifacts))

@@ -128,6 +128,13 @@ class Reader:
     def arrays(self, run_id: str) -> dict[str, np.ndarray]:
         return read_arrays(self.con, self.path.resolve().parent, run_id)
 
+    def documents(self, run_id: str) -> dict[str, dict]:
+        """name → the JSON documents a run stored beside its row (e.g. ``protocol``: a protocol's full result)."""
+        row = self.con.execute("SELECT artifacts FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        paths = {k: v for k, v in json.loads(row[0]).items() if v.endswith(".json")} if row else {}
+        root = self.path.resolve().parent
+        return {name: json.loads((root / rel).read_text(encoding="utf-8")) for name, rel in paths.items()}
+
 
 EXPORT_FORMATS = ("csv", "parquet")
 

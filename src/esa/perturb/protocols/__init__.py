@@ -20,7 +20,9 @@ stochastic op (gauss_noise, uniform_noise, random_bit_flip) — are averaged per
 arm gives one (W,) NLL vector; per-seed results are kept too. Example: zero SmolLM2's super weights with
 ``--controls random_k,bottom_k --control-seeds 0 1 2`` → arms target (1 trial), random_k (3), bottom_k (1).
 
-Outputs in ``<out-dir>`` (replaced as a whole, only when the run succeeds):
+Each protocol returns ``(document, arrays)``. The run kinds ``perturbation``, ``dose_response`` and ``bitscan``
+store them (the document beside the row as its ``protocol`` document); the commands ``esa perturb``,
+``esa dose-response`` and ``esa bitscan`` run one-off studies of those kinds and export in ``<out-dir>``:
 
 * ``<stem>.json`` — schema ``esa.perturb/1`` | ``esa.dose_response/1`` | ``esa.bitscan/1``: provenance, model
   fingerprint, resolved config, data (windows, seed, prefix cache), baseline metrics, notes, then
@@ -34,70 +36,22 @@ Outputs in ``<out-dir>`` (replaced as a whole, only when the run succeeds):
 * ``<stem>.png`` — bars (perturb), curves with CI bands (dose-response), heat map (bitscan).
 
 Layout: :mod:`.common` (configs, fixed windows, one trial, arms, statistics), :mod:`.choose` (target specs and
-controls), :mod:`.experiments` (protocols 1 and 2), :mod:`.bitscan` (protocol 3); this module writes run
-directories. Plots: :mod:`esa.perturb.plots`; CLI: :mod:`esa.commands.perturb`.
+controls), :mod:`.experiments` (protocols 1 and 2), :mod:`.bitscan` (protocol 3). Plots:
+:mod:`esa.perturb.plots`; CLI: :mod:`esa.commands.perturb`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from esa.models import ModelSpec, load_model
-from esa.perturb.ops import parse_op
 from esa.perturb.protocols.bitscan import bitscan_experiment, greedy_collapse
-from esa.perturb.protocols.choose import Resolved, check_controls, parse_controls, resolve_targets
+from esa.perturb.protocols.choose import Resolved, parse_controls, resolve_targets
 from esa.perturb.protocols.common import (CONTROLS, DOSE_PARAM, STOCHASTIC_OPS, Arm, Bench, BitscanConfig,
                                           DoseConfig, EvalConfig, PerturbConfig, adjust, build_cache, compare,
                                           make_bench, trial)
 from esa.perturb.protocols.experiments import dose_experiment, dose_ops, perturb_experiment
-from esa.runs import check_out_dir as check_owned_out_dir
-from esa.runs import staged_run_dir, write_arrays, write_json
 
 __all__ = [
     "CONTROLS", "DOSE_PARAM", "STOCHASTIC_OPS", "Arm", "Bench", "BitscanConfig", "DoseConfig", "EvalConfig",
     "PerturbConfig", "Resolved", "adjust", "bitscan_experiment", "build_cache", "compare", "dose_experiment",
     "dose_ops", "greedy_collapse", "make_bench", "parse_controls", "perturb_experiment", "resolve_targets",
-    "run_bitscan", "run_dose_response", "run_perturb", "trial",
+    "trial",
 ]
-
-RESULT_FILES = ("perturb.json", "dose_response.json", "bitscan.json")  # what --overwrite may replace
-
-
-def check_out_dir(out_dir: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty directory unless ``overwrite`` — and even then one holding no ESA perturbation run."""
-    return check_owned_out_dir(out_dir, overwrite, RESULT_FILES, "perturb/dose-response/bitscan")
-
-
-def _run(spec: ModelSpec, out_dir, overwrite: bool, experiment, cfg, stem: str, plot) -> Path:
-    out_dir = check_out_dir(Path(out_dir), overwrite)
-    with staged_run_dir(out_dir, overwrite=True) as stage:
-        doc, arrays = experiment(load_model(spec), cfg)
-        plot(doc, stage / f"{stem}.png")
-        write_arrays(stage / f"{stem}.npz", **arrays)
-        write_json(stage / f"{stem}.json", doc)
-    return out_dir
-
-
-def run_perturb(spec: ModelSpec, cfg: PerturbConfig, out_dir, overwrite: bool = False) -> Path:
-    """Load the model, run protocol 1, write perturb.json / perturb.npz / perturb.png; returns the run dir."""
-    from esa.perturb.plots import plot_perturb
-
-    parse_op(cfg.op)  # fail before loading anything
-    check_controls(cfg)
-    return _run(spec, out_dir, overwrite, perturb_experiment, cfg, "perturb", plot_perturb)
-
-
-def run_dose_response(spec: ModelSpec, cfg: DoseConfig, out_dir, overwrite: bool = False) -> Path:
-    """Load the model, run protocol 2, write dose_response.{json,npz,png}; returns the run dir."""
-    from esa.perturb.plots import plot_dose_response
-
-    dose_ops(cfg.op, cfg.values)  # fail before loading anything
-    return _run(spec, out_dir, overwrite, dose_experiment, cfg, "dose_response", plot_dose_response)
-
-
-def run_bitscan(spec: ModelSpec, cfg: BitscanConfig, out_dir, overwrite: bool = False) -> Path:
-    """Load the model, run protocol 3, write bitscan.{json,npz,png}; returns the run dir."""
-    from esa.perturb.plots import plot_bitscan
-
-    return _run(spec, out_dir, overwrite, bitscan_experiment, cfg, "bitscan", plot_bitscan)
-
