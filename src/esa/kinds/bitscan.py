@@ -19,12 +19,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.causal import (CausalTarget, ProtocolFields, ProtocolSettings, _cells, _check_bits, _check_places,
-                              _check_settings, _check_targets, _common, _ranking_run, _targets, eval_config,
-                              execute_protocol, input_hashes, model_dtypes, settings, severity)
-from esa.kinds.sensitivity import SensitivityRun
-from esa.models import LoadedModel, ModelSpec
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.causal import (CausalRun, CausalTarget, ProtocolSettings, _cells, _check_bits, _check_places,
+                              _check_settings, _check_targets, _common, _ranking_run, _targets, causal_fields,
+                              eval_config, execute_protocol, model_dtypes, severity)
+from esa.models import LoadedModel
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.report.study_causal import bitscan_section
 from esa.runs import as_float
@@ -59,27 +58,15 @@ def check(b: BitscanSection, study: Study, where: str) -> None:
     _check_places(b, seeds, where)
 
 
-@dataclass(frozen=True)
-class BitscanRun(ProtocolFields, KindRun):
+@dataclass(frozen=True, kw_only=True)
+class BitscanRun(CausalRun):
     """Protocol 3 for one target set: single bit flips of its first ``top_n`` weights, then greedy collapse."""
 
     kind: ClassVar[str] = "bitscan"
-    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
-    model: ModelSpec
-    target: str
-    spec: str | None
-    ranking: str | None
-    k: int | None
     top_n: int
     bits: tuple[str, ...]  # positions or names, as written in the study (as strings)
     max_flips: int
     greedy_pool: int
-    dataset: str
-    context_len: int
-    seed: int
-    max_eval_tokens: int | None
-    batch_tokens: int
-    ranking_run: SensitivityRun | None = None
 
     def label(self) -> str:
         return f"{self.model.name} bitscan {self.target} top-{self.top_n} bits={list(self.bits)} {self.dataset} " \
@@ -93,9 +80,9 @@ def expand(study: Study) -> list[BitscanRun]:
     if b is None:
         return []
     bits = tuple(str(x) for x in b.bits)
-    return [BitscanRun(spec, t.name, t.spec, t.ranking, (t.k or b.top_n) if t.ranking else None, b.top_n, bits,
-                       b.max_flips, b.greedy_pool, dataset, ctx, seed, study.max_eval_tokens, study.batch_tokens,
-                       _ranking_run(study, spec, t, seed), **settings(b), inputs=input_hashes(t.spec))
+    return [BitscanRun(**causal_fields(study, b, spec, t, (t.k or b.top_n) if t.ranking else None, dataset, ctx,
+                                       seed, _ranking_run(study, spec, t, seed)),
+                       top_n=b.top_n, bits=bits, max_flips=b.max_flips, greedy_pool=b.greedy_pool)
             for spec, dataset, ctx, seed in _cells(study, b) for t in b.targets]
 
 

@@ -17,11 +17,12 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import RunContext
+from esa.kinds.base import KindRun, RunContext
 from esa.kinds.sensitivity import SensitivityRun, dependency_ranking_file, sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
@@ -43,7 +44,7 @@ class CausalTarget:
 class ProtocolSettings:
     """Settings every causal section shares (the :class:`~esa.perturb.protocols.EvalConfig` statistics): the
     bootstrap size of each ΔNLL CI, the windows a ``superweights`` target is detected on, and the collapse
-    threshold. A section dataclass inherits them; its runs carry them as :class:`ProtocolFields`."""
+    threshold. A section dataclass inherits them; its runs carry them (:class:`CausalRun`)."""
 
     n_boot: int = 10_000  # bootstrap-t resamples per mean-ΔNLL CI
     calib_samples: int = 4  # windows for super-weight detection, none of them evaluated
@@ -51,15 +52,39 @@ class ProtocolSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProtocolFields:
-    """What a causal run adds to its config beyond its section's own fields: :class:`ProtocolSettings`, and the
-    sha256 of every user file its targets read (``inputs``: (path, sha256) pairs), so a rewritten ranking or
-    coordinate file means a new run rather than a stale reuse."""
+class CausalRun(KindRun):
+    """The fields every causal run (perturbation, dose_response, bitscan) has; a kind's run adds its own.
 
+    Keyword-only, built by :func:`causal_fields`: the model and the named target (a spec, or a scorer's top k
+    with its ``ranking_run`` dependency), where it is evaluated (one model's fixed chunks windows), the
+    :class:`ProtocolSettings`, and ``inputs`` — the sha256 of every user file the target reads, so a rewritten
+    ranking or coordinate file means a new run rather than a stale reuse."""
+
+    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of these kinds is a chunks window
+    model: ModelSpec
+    target: str  # the target's name in the study
+    spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
+    ranking: str | None  # scorer whose ranking gives the targets
+    k: int | None  # with ranking
+    dataset: str
+    context_len: int
+    seed: int  # picks the evaluation windows (and the super-weight calibration windows)
+    max_eval_tokens: int | None
+    batch_tokens: int
+    ranking_run: SensitivityRun | None = None  # gives the targets of a ranking target
     n_boot: int = 10_000
     calib_samples: int = 4
     collapse_ppl: float | None = None
-    inputs: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of user files the target reads
+
+
+def causal_fields(study: Study, section, model: ModelSpec, t, k: int | None, dataset: str, ctx: int, seed: int,
+                  ranking_run, bottom_ranking: str | None = None) -> dict:
+    """The :class:`CausalRun` keyword arguments of target ``t`` of ``section`` at one (model, dataset, ctx, seed)."""
+    return {"model": model, "target": t.name, "spec": t.spec, "ranking": t.ranking, "k": k, "dataset": dataset,
+            "context_len": ctx, "seed": seed, "max_eval_tokens": study.max_eval_tokens,
+            "batch_tokens": study.batch_tokens, "ranking_run": ranking_run, **settings(section),
+            "inputs": input_hashes(t.spec, bottom_ranking)}
 
 
 def settings(section) -> dict:

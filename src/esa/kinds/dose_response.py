@@ -35,13 +35,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.causal import (CausalTarget, ProtocolFields, ProtocolSettings, _cells, _check_bits, _check_places,
-                              _check_settings, _check_targets, _common, _ranking_run, _targets, eval_config,
-                              execute_protocol, input_hashes, model_dtypes, settings, severity)
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.causal import (CausalRun, CausalTarget, ProtocolSettings, _cells, _check_bits, _check_places,
+                              _check_settings, _check_targets, _common, _ranking_run, _targets, causal_fields,
+                              eval_config, execute_protocol, model_dtypes, severity)
 from esa.kinds.perturbation import op_spec
-from esa.kinds.sensitivity import SensitivityRun
-from esa.models import LoadedModel, ModelSpec
+from esa.models import LoadedModel
 from esa.perturb.protocols import DOSE_PARAM
 from esa.registry import suggest
 from esa.report.study_causal import dose_section
@@ -112,27 +111,15 @@ def check(d: DoseResponseSection, study: Study, where: str) -> None:
     _check_places(d, seeds, where)
 
 
-@dataclass(frozen=True)
-class DoseResponseRun(ProtocolFields, KindRun):
+@dataclass(frozen=True, kw_only=True)
+class DoseResponseRun(CausalRun):
     """Protocol 2 for one target set and one op swept over its values, on one model's fixed windows."""
 
     kind: ClassVar[str] = "dose_response"
-    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
-    model: ModelSpec
-    target: str  # the target's name in the study
-    spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
-    ranking: str | None  # scorer whose top-k gives the targets
-    k: int | None  # with ranking
     op: str  # op name with its fixed parameters, e.g. "gauss_noise:relative_to=tensor_std"
     parameter: str  # the swept parameter (esa.perturb.protocols.DOSE_PARAM), e.g. "factor"
     values: tuple  # its values, in the study's order
     control_seeds: tuple[int, ...]  # random_k draws (empty: no control arm)
-    dataset: str
-    context_len: int
-    seed: int  # picks the evaluation windows
-    max_eval_tokens: int | None
-    batch_tokens: int
-    ranking_run: SensitivityRun | None = None  # gives the targets (ranking targets)
 
     def label(self) -> str:
         size = f" k={self.k}" if self.k is not None else ""
@@ -152,10 +139,9 @@ def expand(study: Study) -> list[DoseResponseRun]:
         for t in d.targets:
             ks = [None] if t.ranking is None else ([t.k] if t.k is not None else list(d.ks))
             for k in ks:
-                runs += [DoseResponseRun(spec, t.name, t.spec, t.ranking, k, op_string(op), DOSE_PARAM[op.op],
-                                         tuple(op.values), seeds, dataset, ctx, seed, study.max_eval_tokens,
-                                         study.batch_tokens, _ranking_run(study, spec, t, seed), **settings(d),
-                                         inputs=input_hashes(t.spec))
+                cell = causal_fields(study, d, spec, t, k, dataset, ctx, seed, _ranking_run(study, spec, t, seed))
+                runs += [DoseResponseRun(**cell, op=op_string(op), parameter=DOSE_PARAM[op.op],
+                                         values=tuple(op.values), control_seeds=seeds)
                          for op in d.ops]
     return runs
 

@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from esa.errors import EsaError
-from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.causal import (ProtocolFields, ProtocolSettings, _check_settings, check_files, eval_config,
-                              execute_protocol, input_hashes, settings)
-from esa.kinds.sensitivity import SensitivityRun, sensitivity_run
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.causal import (CausalRun, ProtocolSettings, _check_settings, causal_fields, check_files, eval_config,
+                              execute_protocol)
+from esa.kinds.sensitivity import sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.registry import suggest
 from esa.report.study_perturbation import causal_section
@@ -118,27 +118,15 @@ def check(p: PerturbationSection, study: Study, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- expansion
-@dataclass(frozen=True)
-class PerturbationRun(ProtocolFields, KindRun):
+@dataclass(frozen=True, kw_only=True)
+class PerturbationRun(CausalRun):
     """Protocol 1 for one target set and one op setting, on one model's fixed evaluation windows."""
 
     kind: ClassVar[str] = "perturbation"
-    CONSTANT_CONFIG: ClassVar[dict] = {"method": "chunks"}  # every window of this kind is a chunks window
-    model: ModelSpec
-    target: str  # the target's name in the study
-    spec: str | None  # target spec (esa.perturb.protocols.resolve_targets), or None for a ranking target
-    ranking: str | None  # scorer whose ranking gives the targets
-    k: int | None
-    bottom: bool
+    bottom: bool  # the target is a ranking's bottom k
     op: str  # parse_op spec of one grid point, e.g. "scale:factor=0.5"
     controls: tuple[str, ...]  # the controls applied (see the module docstring)
     control_seeds: tuple[int, ...]
-    dataset: str
-    context_len: int
-    seed: int  # picks the evaluation windows
-    max_eval_tokens: int | None
-    batch_tokens: int
-    ranking_run: SensitivityRun | None = None  # gives the targets and, for top targets, the bottom_k floor
     bottom_ranking: str | None = None  # a ranking file whose floor table gives bottom_k (sha256 in inputs)
 
     def label(self) -> str:
@@ -167,10 +155,9 @@ def _perturbation_runs(study: Study, spec: ModelSpec, t: TargetEntry, dataset: s
     p = study.section("perturbation")
     controls = _controls_for(study, t)
     ranking_run = sensitivity_run(study, spec, t.ranking, seed, t.bottom) if t.ranking is not None else None
-    return [PerturbationRun(spec, t.name, t.spec, t.ranking, t.k, t.bottom, op_spec(entry.op, point), controls,
-                            p.control_seeds or tuple(range(p.trials)), dataset, ctx, seed, study.max_eval_tokens,
-                            study.batch_tokens, ranking_run, t.bottom_ranking, **settings(p),
-                            inputs=input_hashes(t.spec, t.bottom_ranking))
+    cell = causal_fields(study, p, spec, t, t.k, dataset, ctx, seed, ranking_run, t.bottom_ranking)
+    return [PerturbationRun(**cell, bottom=t.bottom, op=op_spec(entry.op, point), controls=controls,
+                            control_seeds=p.control_seeds or tuple(range(p.trials)), bottom_ranking=t.bottom_ranking)
             for entry in p.ops for point in grid_points(entry)]
 
 
