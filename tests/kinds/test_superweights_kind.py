@@ -3,6 +3,8 @@ report shows the stored numbers."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from esa.executors import run_study
@@ -10,8 +12,8 @@ from esa.kinds.superweights import KIND
 from esa.report.study_report import load_runs
 from esa.schema import parse_section
 from esa.sensitivity.superweight_run import SuperWeightRun, window_batch
-from esa.sensitivity.superweights import find_super_weights
-from esa.study import parse_study
+from esa.sensitivity.superweights import Thresholds, find_super_weights
+from esa.study import expand, parse_study
 
 SECTION = {"context_len": 64, "max_samples": 2}
 
@@ -28,6 +30,11 @@ def test_section_is_strict_and_checked():
         parse_section(KIND.schema, {"iteration": 2}, "study.superweights")
     with pytest.raises(EsaError, match=r"seeds: \[7\] not among"):
         _study(seeds=[7])
+    with pytest.raises(EsaError, match=r"study.superweights.spike_ratio=1.0 must be > 1"):
+        _study(spike_ratio=1)
+    (run,) = [r for r in expand(_study(spike_floor=20, require_input_spike=True))
+              if r.kind == "superweights"]
+    assert run.config()["thresholds"] == {**asdict(Thresholds()), "spike_floor": 20.0, "require_input_spike": True}
 
 
 def test_stored_candidates_equal_the_detector_and_the_report(smol, tmp_path):

@@ -1,118 +1,131 @@
-"""``esa sensitivity`` (score, rank, check stability across seeds) and ``esa compare-rankings A B``."""
+"""``esa sensitivity`` (score, rank, check stability across seeds) and ``esa compare-rankings A B``.
+
+``esa sensitivity`` is a one-off study on the engine: the flags become a study with a ``sensitivity:`` section
+(kind ``sensitivity`` only; one run per calibration seed — the first seed only for a data-free scorer), run into
+``<out-dir>/esa.db``. Rerunning resumes: completed seeds are not scored again. Every file is exported from the
+stored runs: ``ranking_seed<S>.*`` from each run's ranking arrays (:func:`esa.kinds.sensitivity.split_floor`),
+``ranking.*`` and the plots from the first seed's run, and ``stability.json`` (the top-k overlap across seeds)
+from all of them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from esa.models import ModelSpec, load_model
-from esa.provenance import provenance
-from esa.runs import check_out_dir
-from esa.sensitivity import plots
-from esa.sensitivity.calibration import CalibrationSpec, calibration_batches
-from esa.sensitivity.ranking import read_ranking, score_and_rank, write_ranking
-from esa.sensitivity.scorers import SCORERS, ScoreOptions, select_params
-from esa.sensitivity.stability import compare_rankings, seed_overlap
-from esa.sensitivity.topk import MODES, check_k
+from esa.errors import EsaError
+from esa.sensitivity.ranking import read_ranking
+from esa.sensitivity.scorers import SCORERS
+from esa.sensitivity.stability import compare_rankings
+from esa.sensitivity.topk import MODES
+
+OWNED = ("manifest.json", "stability.json", "ranking.parquet")  # an earlier esa sensitivity run's exports
+EXPORTS = ("ranking.*", "ranking_seed*.*", "score_hist.png", "topk_layer_role.png", "stability.json",
+           "manifest.json")  # every name this command writes besides the database (globs)
 
 
-@dataclass(frozen=True)
-class SensitivityConfig:
-    model: str
-    dtype: str
-    device: str
-    scorer: str
-    calib_dataset: str
-    max_samples: int  # calibration windows per seed
-    context_len: int
-    batch_size: int
-    seeds: tuple[int, ...]  # each seed resamples the calibration windows (and Hutchinson probes)
-    params: tuple[str, ...]  # fnmatch globs on named_parameters() names
-    include_embeddings: bool
-    include_norms: bool
-    include_biases: bool
-    k: int
-    mode: str  # global | per_layer
-    bottom: bool  # rank the k *least* sensitive weights instead
-    probes: int
-    hist_sample: int  # scores sampled for the histogram only
-    out_dir: str
+def _check_flags(args: argparse.Namespace) -> None:
+    """Fail on a typo or an impossible number before anything is loaded (flag names in the messages)."""
+    SCORERS.get(args.scorer)
+    for flag, value, low in (("--max-samples", args.max_samples, 1), ("--context-len", args.context_len, 2),
+                             ("--batch-size", args.batch_size, 1), ("--k", args.k, 1), ("--probes", args.probes, 1),
+                             ("--hist-sample", args.hist_sample, 0)):
+        if value < low:
+            raise EsaError(f"{flag} {value} must be ≥ {low}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise EsaError(f"--seeds {' '.join(map(str, args.seeds))}: list each seed once")
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    """An empty ``out_dir``: a non-empty one is cleared only with ``overwrite`` and only when it holds an
-    earlier ``esa sensitivity`` run (its manifest, ranking or stability file)."""
-    if check_out_dir(out_dir, overwrite, ("manifest.json", "ranking.parquet", "stability.json"),
-                     "esa sensitivity").is_dir():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def one_off_study(args: argparse.Namespace):
+    """The study ``esa sensitivity`` runs: one model, one scorer, the seeds, kind ``sensitivity`` only.
+
+    ``--max-samples`` windows of ``--context-len`` tokens are ``calibration_tokens = max_samples × context_len``
+    (the kind draws ``ceil(tokens / context_len)`` windows: exactly ``max_samples``)."""
+    from esa.study import parse_study
+
+    section = {"scorers": [args.scorer], "k": args.k, "mode": args.mode, "bottom": args.bottom,
+               "calibration_dataset": args.calib_dataset, "context_len": args.context_len,
+               "calibration_tokens": args.max_samples * args.context_len, "params": list(args.params),
+               "include_embeddings": args.include_embeddings, "include_norms": args.include_norms,
+               "include_biases": args.include_biases, "probes": args.probes, "batch_size": args.batch_size,
+               "hist_sample": args.hist_sample}
+    return parse_study({"name": "esa-sensitivity", "models": [{"name": args.model, "dtype": args.dtype,
+                                                                "device": args.device}],
+                        "datasets": [args.calib_dataset], "context_lens": [args.context_len],
+                        "seeds": list(args.seeds), "kinds": ["sensitivity"], "sensitivity": section},
+                       "esa sensitivity")
 
 
-def _one_seed(cfg: SensitivityConfig, loaded, params, seed: int, out: Path) -> dict:
-    needs_data = SCORERS.get(cfg.scorer).needs_data
-    calib = None
-    batches: tuple = ()
-    if needs_data:
-        spec = CalibrationSpec(cfg.calib_dataset, cfg.max_samples, cfg.context_len, seed, cfg.batch_size)
-        calib = calibration_batches(loaded.tokenizer, spec)
-        batches = calib.batches
-    res = score_and_rank(loaded.model, params, batches, cfg.scorer, cfg.k, cfg.mode, not cfg.bottom,
-                         ScoreOptions(cfg.probes, seed), cfg.hist_sample)
-    write_ranking(res.table, out / f"ranking_seed{seed}", loaded.fingerprint.to_dict(), res.floor)
-    return {"seed": seed, "result": res, "calibration": calib.describe() if calib else None}
+def _clear_exports(out: Path) -> None:
+    """Remove an earlier run's exported files (they would contradict the database); nothing else."""
+    for pattern in EXPORTS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
 
 
-def run_sensitivity(cfg: SensitivityConfig, overwrite: bool = False) -> dict:
-    """Score, rank and write every artefact of one ``esa sensitivity`` run; return the stability summary."""
-    info = SCORERS.get(cfg.scorer)
-    out = Path(cfg.out_dir)
-    _prepare_out(out, overwrite)
-    start = time.perf_counter()
-    loaded = load_model(ModelSpec(cfg.model, cfg.dtype, cfg.device))
-    params = select_params(loaded.model, cfg.params, include_embeddings=cfg.include_embeddings,
-                           include_norms=cfg.include_norms, include_biases=cfg.include_biases)
-    check_k(cfg.k, cfg.mode, {n: p.numel() for n, p in params.items()})
-    seeds = cfg.seeds if info.needs_data else cfg.seeds[:1]  # no data → the seed changes nothing
-    runs = [_one_seed(cfg, loaded, params, s, out) for s in seeds]
-    first = runs[0]["result"]
-    files = write_ranking(first.table, out / "ranking", loaded.fingerprint.to_dict(), first.floor)
-    label = f"{cfg.model} · {cfg.scorer} · seed {seeds[0]}"
-    files.append(plots.score_histogram(first.sample, out / "score_hist.png", f"score distribution: {label}"))
-    files.append(plots.layer_role_heatmap(first.table, out / "topk_layer_role.png",
-                                          f"{'bottom' if cfg.bottom else 'top'}-{cfg.k} ({cfg.mode}): {label}"))
+def export(args: argparse.Namespace, outcome, seconds: float) -> dict:
+    """Write every file of ``--out-dir`` from the stored runs of ``outcome``; return the stability summary."""
+    from esa.kinds.sensitivity import SAMPLE_ARRAY, split_floor
+    from esa.sensitivity import plots
+    from esa.sensitivity.ranking import write_ranking
+    from esa.sensitivity.stability import seed_overlap
+
+    out = Path(args.out_dir)
+    hits = outcome.of("sensitivity")  # one per seed run, in --seeds order
+    _clear_exports(out)
+    tables, files = {}, []
+    for hit in hits:
+        table, floor = split_floor(hit.arrays)
+        tables[hit.run.seed] = table
+        files += write_ranking(table, out / f"ranking_seed{hit.run.seed}", hit.row.model, floor)
+    first, metrics = hits[0], [h.row.metrics for h in hits]
+    table, floor = split_floor(first.arrays)
+    files += write_ranking(table, out / "ranking", first.row.model, floor)
+    label = f"{args.model} · {args.scorer} · seed {first.run.seed}"
+    files.append(plots.score_histogram(first.arrays[SAMPLE_ARRAY], out / "score_hist.png",
+                                       f"score distribution: {label}"))
+    files.append(plots.layer_role_heatmap(table, out / "topk_layer_role.png",
+                                          f"{'bottom' if args.bottom else 'top'}-{args.k} ({args.mode}): {label}"))
     stability = {
-        "scorer": cfg.scorer, "k": cfg.k, "mode": cfg.mode, "direction": "bottom" if cfg.bottom else "top",
-        "seed_invariant": not info.needs_data or all(r["calibration"]["seed_invariant"] for r in runs),
-        **seed_overlap({r["seed"]: r["result"].table for r in runs}),
-        "per_seed": [{"seed": r["seed"], "tail": r["result"].tail, "calibration": r["calibration"],
-                      "score_seconds": r["result"].score_seconds, "topk_seconds": r["result"].topk_seconds,
-                      "stats_seconds": r["result"].stats_seconds} for r in runs],
+        "scorer": args.scorer, "k": args.k, "mode": args.mode, "direction": "bottom" if args.bottom else "top",
+        "seed_invariant": all(m["seed_invariant"] for m in metrics), **seed_overlap(tables),
+        "per_seed": [{"seed": h.run.seed, "tail": m["tail"], "calibration": m["calibration"],
+                      "score_seconds": m["score_seconds"], "topk_seconds": m["topk_seconds"],
+                      "stats_seconds": m["stats_seconds"]} for h, m in zip(hits, metrics)],
     }
     (out / "stability.json").write_text(json.dumps(stability, indent=1, default=float))
-    manifest = {"command": "sensitivity", "config": asdict(cfg), "model": loaded.fingerprint.to_dict(),
-                "n_selected_params": len(params), "n_selected_weights": sum(p.numel() for p in params.values()),
-                "seeds_run": list(seeds), "provenance": provenance(loaded.device),
-                "wall_seconds": time.perf_counter() - start,
-                "files": [p.name for p in files]
-                + [f"ranking_seed{s}.{e}" for s in seeds
-                   for e in ("parquet", "csv", "meta.json") + (("floor.parquet",) if not cfg.bottom else ())]
-                + ["stability.json"]}
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "no_progress", "verbose", "command")}
+    manifest = {"command": "sensitivity", "config": json.loads(json.dumps(flags, default=str)),
+                "model": first.row.model, "n_selected_params": metrics[0]["n_selected_params"],
+                "n_selected_weights": metrics[0]["n_selected_weights"], "seeds_run": [h.run.seed for h in hits],
+                "database": str(outcome.db), "run_ids": [h.row.run_id for h in hits],
+                "provenance": first.row.provenance, "wall_seconds": seconds,
+                "files": sorted({p.name for p in files} | {"stability.json"})}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return stability
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    cfg = SensitivityConfig(
-        args.model, args.dtype, args.device, args.scorer, args.calib_dataset, args.max_samples, args.context_len,
-        args.batch_size, tuple(args.seeds), tuple(args.params), args.include_embeddings, args.include_norms,
-        args.include_biases, args.k, args.mode, args.bottom, args.probes, args.hist_sample, args.out_dir)
-    SCORERS.get(cfg.scorer)  # fail on a typo before loading anything
-    stab = run_sensitivity(cfg, args.overwrite)
-    print(f"{cfg.scorer}: {'bottom' if cfg.bottom else 'top'}-{cfg.k} ({cfg.mode}) written to {cfg.out_dir}")
+    from rich.console import Console
+
+    from esa.commands.study import progress_printer
+    from esa.executors.one_off import check_out_dir, run_one_off
+
+    _check_flags(args)
+    out = Path(args.out_dir)
+    db = Path(args.db) if args.db else out / "esa.db"
+    check_out_dir(out, db, OWNED, args.overwrite, "esa sensitivity")
+    study = one_off_study(args)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    console = Console()
+    outcome = run_one_off(study, db, "esa sensitivity", args.overwrite, progress_printer(console))
+    stab = export(args, outcome, time.perf_counter() - start)
+    print(f"{args.scorer}: {'bottom' if args.bottom else 'top'}-{args.k} ({args.mode}) written to {args.out_dir} "
+          f"(database {db})")
     for row in stab["per_seed"]:
         t = row["tail"]
         print(f"  seed {row['seed']}: top 0.1% share {t['top_0.1pct_share']:.4f}, top 1% share "
@@ -134,7 +147,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sensitivity", help="score weight sensitivity, rank the top-k, check stability")
+    p = subparsers.add_parser(
+        "sensitivity", help="score weight sensitivity, rank the top-k, check stability",
+        description="A one-off study (kind sensitivity, one run per seed) in <out-dir>/esa.db: rerunning resumes "
+                    "and scores only the seeds not yet stored. Exports ranking.* and ranking_seed<S>.* "
+                    "(parquet, csv, meta.json, floor.parquet), score_hist.png, topk_layer_role.png, "
+                    "stability.json and manifest.json from the stored runs.")
     p.add_argument("--model", default="smollm2-135m", help="alias, hub id, local dir or .gguf")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (scores are always fp32)")
     p.add_argument("--device", default="auto")
@@ -153,8 +171,10 @@ def register(subparsers) -> None:
     p.add_argument("--bottom", action="store_true", help="rank the k least sensitive weights instead")
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probes per calibration batch")
     p.add_argument("--hist-sample", type=int, default=200_000, help="scores sampled for the histogram")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out-dir", required=True, help="results database esa.db and the exported files go here")
+    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from a fresh database (deletes it; otherwise a rerun resumes)")
     p.set_defaults(func=_sensitivity)
 
     c = subparsers.add_parser("compare-rankings", help="Jaccard + Spearman of two ranking files")

@@ -1,11 +1,18 @@
-"""``esa superweights``: find super-weight candidates and massive activations (Yu et al. 2024; Sun et al. 2024)."""
+"""``esa superweights``: find super-weight candidates and massive activations (Yu et al. 2024; Sun et al. 2024).
+
+A one-off study on the engine: the flags become a study with a ``superweights:`` section (kind ``superweights``
+only, one run), run into ``<out-dir>/esa.db`` — rerunning resumes without loading the model — and
+``superweights.json`` (schema ``esa.superweights/1``) and ``superweights.png`` are exported from the stored row.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from esa.models import ModelSpec
+from esa.errors import EsaError
 from esa.sensitivity.superweights import Thresholds
+
+OWNED = ("superweights.json", "superweights.png")  # an earlier esa superweights run's exports
 
 
 def register(subparsers) -> None:
@@ -15,8 +22,8 @@ def register(subparsers) -> None:
         description="Hooks every layer's MLP output projection (Llama down_proj, GPT-NeoX dense_4h_to_h, GPT-2 "
                     "c_proj; Gemma-2/3: the post-feed-forward norm's output) on a few windows, flags output channels "
                     "that spike far above their layer's median channel maximum and names the single weight "
-                    "(row = out, col = in) that writes the spike. Writes "
-                    "superweights.json and superweights.png.")
+                    "(row = out, col = in) that writes the spike. A one-off study in <out-dir>/esa.db (a rerun "
+                    "resumes); exports superweights.json and superweights.png from the stored run.")
     p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
     p.add_argument("--dataset", default="python-docs", help="corpus name or .txt/.jsonl path")
     p.add_argument("--context-len", type=int, default=128, help="tokens per window (chunks method)")
@@ -38,20 +45,48 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--out-dir", type=Path, default=Path("runs/superweights"), help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out-dir")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/superweights"),
+                   help="results database esa.db, superweights.json and superweights.png go here")
+    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from a fresh database (deletes it; otherwise a rerun resumes)")
     p.set_defaults(func=run)
 
 
-def _config(args):
-    from esa.errors import EsaError
-    from esa.sensitivity.superweight_run import SuperWeightRun
+def one_off_study(args):
+    """The study ``esa superweights`` runs: one model, one seed, kind ``superweights`` only."""
+    from esa.study import parse_study
 
     if args.iterate < 0:
         raise EsaError(f"--iterate {args.iterate} must be ≥ 0 (extra search rounds)")
-    thr = Thresholds(args.spike_ratio, args.spike_floor, args.min_share, args.require_input_spike,
-                     args.massive_ratio, args.massive_floor)
-    return SuperWeightRun(args.dataset, args.context_len, args.max_samples, args.seed, 1 + args.iterate, thr)
+    if args.max_samples < 1 or args.context_len < 2:
+        raise EsaError(f"--max-samples {args.max_samples} must be ≥ 1 and --context-len {args.context_len} ≥ 2")
+    Thresholds(args.spike_ratio, args.spike_floor, args.min_share, args.require_input_spike, args.massive_ratio,
+               args.massive_floor)  # fail on an impossible threshold with its own message, before anything loads
+    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision}
+    section = {"dataset": args.dataset, "context_len": args.context_len, "max_samples": args.max_samples,
+               "iterations": 1 + args.iterate, "spike_ratio": args.spike_ratio, "spike_floor": args.spike_floor,
+               "min_share": args.min_share, "require_input_spike": args.require_input_spike,
+               "massive_ratio": args.massive_ratio, "massive_floor": args.massive_floor}
+    return parse_study({"name": "esa-superweights", "models": [model], "datasets": [args.dataset],
+                        "context_lens": [args.context_len], "seeds": [args.seed], "kinds": ["superweights"],
+                        "superweights": section}, "esa superweights")
+
+
+def document(result, db: Path) -> dict:
+    """``superweights.json`` of a stored ``superweights`` run (what the detector found, its windows, provenance)."""
+    from dataclasses import asdict
+
+    from esa.sensitivity.superweight_run import SuperWeightRun
+
+    run, m = result.run, result.row.metrics
+    cfg = SuperWeightRun(run.dataset, run.context_len, run.max_samples, run.seed, run.iterations, run.thresholds)
+    report = ("thresholds", "candidates", "massive_activations", "rounds", "n_sequences", "n_tokens")
+    return {"schema": "esa.superweights/1", "provenance": result.row.provenance, "model": result.row.model,
+            "run": asdict(cfg),
+            "data": {**m["data"], "n_sequences": m["n_sequences"], "n_tokens": m["n_tokens"]},
+            **{k: m[k] for k in report}, "tokens": m["tokens"], "wall_seconds": m["wall_seconds"],
+            "database": str(db), "run_id": result.row.run_id}
 
 
 def _print(report, json_path, png_path) -> None:
@@ -76,10 +111,38 @@ def _print(report, json_path, png_path) -> None:
     console.print(f"results: {json_path}\nplot: {png_path}")
 
 
-def run(args) -> int:
-    from esa.sensitivity.superweight_run import run_superweights
+def _write_doc(path: Path, doc: dict) -> Path:
+    """Atomically (temp file + rename); non-finite floats as JSON's NaN/Infinity extension, as always."""
+    import json
 
-    spec = ModelSpec(args.model, args.dtype, args.device, args.revision)
-    report, _, json_path, png_path = run_superweights(spec, _config(args), args.out_dir, args.overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, allow_nan=True))
+    tmp.replace(path)
+    return path
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from esa.commands.study import progress_printer
+    from esa.executors.one_off import check_out_dir, run_one_off
+    from esa.sensitivity.superweight_plots import plot_activation_profile
+    from esa.sensitivity.superweights import report_from_dict
+
+    out = Path(args.out_dir)
+    db = args.db or out / "esa.db"
+    check_out_dir(out, db, OWNED, args.overwrite, "esa superweights")
+    study = one_off_study(args)
+    outcome = run_one_off(study, db, "esa superweights", args.overwrite, progress_printer(Console()))
+    (result,) = outcome.of("superweights")
+    doc = document(result, db)
+    for name in OWNED:
+        (out / name).unlink(missing_ok=True)  # an older run's files would contradict the database
+    json_path = _write_doc(out / "superweights.json", doc)
+    report = report_from_dict(doc)
+    png_path = plot_activation_profile(report, out / "superweights.png",
+                                       title=f"{args.model}: MLP output projection activations "
+                                             f"({doc['data']['dataset']})")
     _print(report, json_path, png_path)
     return 0

@@ -5,15 +5,17 @@ Study section ``sensitivity:`` (:class:`SensitivitySection`). Runs — one per m
 direction:
 
 * a data-free scorer (``magnitude``) runs for the first seed only (the seed would change nothing);
-* direction ``top`` always; ``bottom`` (the k *least* sensitive weights) only where the perturbation section
-  needs it: a ``bottom: true`` target (a top ranking keeps its floor table, for ``bottom_k``);
+* direction ``top`` (a top ranking keeps its floor table, for ``bottom_k``), or ``bottom`` (the k *least*
+  sensitive weights) with the section's ``bottom: true``; a perturbation section's ``bottom: true`` target adds
+  the bottom ranking it needs as a dependency;
 * ``calibration_tokens`` becomes ``ceil(tokens / context_len)`` chunks windows. Example: 65 536 tokens at
   context 512 → 128 windows (127 scored tokens each: the first token of a window is never predicted).
 
 Execution: :func:`~esa.sensitivity.ranking.score_and_rank` on seeded calibration windows. Arrays: the ranking
 table column by column (``param``, ``layer`` (-1: none), ``role``, ``row``, ``col`` (-1: 1-D), ``score``,
-``weight``, ``rank``; the floor table's columns prefixed ``floor__``) — a ranking has no windows, and arrays are
-what travels back from a Ray worker. Before the row is committed the driver writes them as
+``weight``, ``rank``; the floor table's columns prefixed ``floor__``) and ``hist__score``, a uniform sample of
+``hist_sample`` finite scores for the score histogram — a ranking has no windows, and arrays are what travels
+back from a Ray worker. Before the row is committed the driver writes them as
 ``artifacts/<run_id>/ranking.parquet`` (+ ``.csv``, ``ranking.floor.parquet``) through
 :func:`~esa.sensitivity.ranking.write_ranking`. Metrics: heavy-tail statistics, top-k counts per role and per
 layer, scorer / top-k / statistics seconds, the calibration set, and ``perplexity`` — the unperturbed model's on
@@ -44,6 +46,7 @@ from esa.study import Study, check_dataset, model_specs, require
 
 RANKING_FILE = "ranking.parquet"  # in artifacts/<run_id>/, next to per_window.npz
 FLOOR_PREFIX = "floor__"  # arrays of a top ranking's floor table (the bottom_k control's source)
+SAMPLE_ARRAY = "hist__score"  # a uniform random sample of the finite scores, for the histogram only
 # Forward-equivalent passes per calibration token (a backward ≈ 2 forwards, a Hessian-vector product ≈ 2
 # gradients), plus one forward for the calibration perplexity. An estimate for `esa plan`, not a measurement.
 SCORER_PASSES = {"magnitude": 0, "grad": 4, "grad_x_weight": 4, "grad_squared": 4, "hutchinson_diag": 4 + 8 * 6,
@@ -62,6 +65,13 @@ class SensitivitySection:
     params: tuple[str, ...] = ()  # fnmatch globs of parameters to score; empty → every 2-D weight
     mode: str = "global"  # global: k over the model | per_layer: k per tensor
     context_len: int | None = None  # calibration window length; None → the study's first context length
+    bottom: bool = False  # rank the k *least* sensitive weights instead (no floor table)
+    include_embeddings: bool = False  # also score input/output embeddings (excluded from every glob otherwise)
+    include_norms: bool = False  # also score norm weights
+    include_biases: bool = False  # also score biases
+    probes: int = 8  # Hutchinson probes per calibration batch (hutchinson_diag only)
+    batch_size: int = 8  # calibration windows per forward/backward pass (B)
+    hist_sample: int = 200_000  # scores sampled (stored as an array) for the score histogram only
 
 
 def check(s: SensitivitySection, study: Study, where: str) -> None:
@@ -72,6 +82,8 @@ def check(s: SensitivitySection, study: Study, where: str) -> None:
     require(s.k >= 1 and s.calibration_tokens >= 1, f"{where}: k and calibration_tokens must be ≥ 1")
     require(s.mode in ("global", "per_layer"), f"{where}.mode: " + suggest(s.mode, ["global", "per_layer"], "mode"))
     require(s.context_len is None or s.context_len >= 2, f"{where}.context_len must be ≥ 2 (or null)")
+    require(s.probes >= 1 and s.batch_size >= 1, f"{where}: probes and batch_size must be ≥ 1")
+    require(s.hist_sample >= 0, f"{where}.hist_sample must be ≥ 0 (0: no histogram sample)")
     if s.calibration_dataset is not None:
         check_dataset(s.calibration_dataset, f"{where}.calibration_dataset")
 
@@ -92,6 +104,12 @@ class SensitivityRun(KindRun):
     max_samples: int  # calibration windows
     seed: int  # picks the calibration windows (and Hutchinson probes)
     params: tuple[str, ...]  # fnmatch globs; ("*",) → every 2-D weight but embeddings and norms
+    include_embeddings: bool = False  # the select_params flags: parameters the globs skip unless set
+    include_norms: bool = False
+    include_biases: bool = False
+    probes: int = 8  # Hutchinson probes per calibration batch
+    batch_size: int = 8  # calibration windows per pass (B)
+    hist_sample: int = 200_000  # scores sampled for the histogram (array ``hist__score``)
 
     def label(self) -> str:
         side = "bottom" if self.bottom else "top"
@@ -112,16 +130,18 @@ def sensitivity_run(study: Study, spec: ModelSpec, scorer: str, seed: int, botto
     if not SCORERS.get(scorer).needs_data:
         seed = study.seeds[0]
     return SensitivityRun(spec, scorer, s.k, s.mode, bottom, dataset, ctx, math.ceil(s.calibration_tokens / ctx),
-                          seed, s.params or ("*",))
+                          seed, s.params or ("*",), s.include_embeddings, s.include_norms, s.include_biases,
+                          s.probes, s.batch_size, s.hist_sample)
 
 
 def expand(study: Study) -> list[SensitivityRun]:
-    """model × scorer × seed (first seed only for data-free scorers) top rankings, model-major."""
+    """model × scorer × seed (first seed only for data-free scorers) rankings, model-major: top rankings, or
+    bottom ones with ``bottom: true``."""
     s = study.section("sensitivity")
     if s is None:
         return []
-    return [sensitivity_run(study, spec, scorer, seed, False) for spec in model_specs(study) for scorer in s.scorers
-            for seed in (study.seeds if SCORERS.get(scorer).needs_data else study.seeds[:1])]
+    return [sensitivity_run(study, spec, scorer, seed, s.bottom) for spec in model_specs(study)
+            for scorer in s.scorers for seed in (study.seeds if SCORERS.get(scorer).needs_data else study.seeds[:1])]
 
 
 # ---------------------------------------------------------------------------------------- ranking <-> arrays
@@ -156,7 +176,7 @@ def ranking_table(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
 def split_floor(arrays: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """(ranking table, floor table or None) of a sensitivity run's arrays."""
     floor = {k.removeprefix(FLOOR_PREFIX): v for k, v in arrays.items() if k.startswith(FLOOR_PREFIX)}
-    top = {k: v for k, v in arrays.items() if not k.startswith(FLOOR_PREFIX)}
+    top = {k: v for k, v in arrays.items() if not k.startswith(FLOOR_PREFIX) and k != SAMPLE_ARRAY}
     return ranking_table(top), ranking_table(floor) if floor else None
 
 
@@ -237,12 +257,13 @@ def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.n
     calib = None
     if needs_data:  # a data-free scorer (magnitude) reads no calibration windows at all
         check_context(lm, run.context_len, "sensitivity.context_len")
-        spec = CalibrationSpec(run.dataset, run.max_samples, run.context_len, run.seed)
+        spec = CalibrationSpec(run.dataset, run.max_samples, run.context_len, run.seed, run.batch_size)
         calib = calibration_batches(lm.tokenizer, spec)
-    params = select_params(lm.model, run.params)
+    params = select_params(lm.model, run.params, include_embeddings=run.include_embeddings,
+                           include_norms=run.include_norms, include_biases=run.include_biases)
     res = score_and_rank(lm.model, params, calib.batches if calib else (), run.scorer, run.k, run.mode,
-                         not run.bottom, ScoreOptions(seed=run.seed))
-    arrays = ranking_arrays(res.table)
+                         not run.bottom, ScoreOptions(run.probes, run.seed), run.hist_sample)
+    arrays = {**ranking_arrays(res.table), SAMPLE_ARRAY: np.asarray(res.sample, dtype=np.float32)}
     rid = ctx.run_id
     ctx.rankings[rid] = res.table
     if res.floor is not None:

@@ -3,10 +3,13 @@ scalar weights of the MLP output projections whose products create massive activ
 
 Study section ``superweights:`` (:class:`SuperWeightsSection`); one run per model × seed of ``seeds`` (default:
 the study's first seed — the seed picks the ``max_samples`` chunks windows of the single forward pass).
-Execution: exactly what ``esa superweights`` does (:func:`esa.sensitivity.superweight_run.window_batch` then
-:func:`esa.sensitivity.superweights.find_super_weights`), restoring every weight it zeroes between rounds.
+Execution: :func:`esa.sensitivity.superweight_run.window_batch` then
+:func:`esa.sensitivity.superweights.find_super_weights`, restoring every weight it zeroes between rounds.
 Metrics: the detector's report (candidates with layer, row, col, weight, output activation, share and round;
-massive activations; thresholds), the windows and the decoded tokens. No arrays.
+massive activations; thresholds), the windows and the decoded tokens of the candidates and massive activations
+— everything ``esa superweights`` exports as ``superweights.json`` (and draws as ``superweights.png``, through
+:func:`esa.sensitivity.superweights.report_from_dict`). No arrays. The section's ``spike_ratio`` …
+``massive_floor`` are the detector's :class:`~esa.sensitivity.superweights.Thresholds`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum, run_label
+from esa.errors import EsaError
 from esa.runs import as_float
+from esa.sensitivity.superweights import Thresholds
 from esa.study import Study, check_dataset, model_specs, require
+
+_DEFAULT = Thresholds()
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,18 @@ class SuperWeightsSection:
     max_samples: int = 4  # windows in the single forward pass
     iterations: int = 1  # search rounds; > 1 zeroes what was found and searches again
     seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → its first seed
+    # The detector's thresholds (esa.sensitivity.superweights.Thresholds; magnitudes are |activation| values):
+    spike_ratio: float = _DEFAULT.spike_ratio  # spike: a channel's max > ratio × its layer's median channel max
+    spike_floor: float = _DEFAULT.spike_floor  # … and > this absolute value
+    min_share: float = _DEFAULT.min_share  # the weight's product must carry ≥ this fraction of the output
+    require_input_spike: bool = _DEFAULT.require_input_spike  # paper-strict: the input channel spikes as well
+    massive_ratio: float = _DEFAULT.massive_ratio  # residual |h| massive: > ratio × its layer's median |h|
+    massive_floor: float = _DEFAULT.massive_floor  # … and > this absolute value
+
+
+def thresholds(s: SuperWeightsSection) -> Thresholds:
+    return Thresholds(s.spike_ratio, s.spike_floor, s.min_share, s.require_input_spike, s.massive_ratio,
+                      s.massive_floor)
 
 
 def check(s: SuperWeightsSection, study: Study, where: str) -> None:
@@ -39,6 +58,10 @@ def check(s: SuperWeightsSection, study: Study, where: str) -> None:
         check_dataset(s.dataset, f"{where}.dataset")
     extra = [x for x in s.seeds if x not in study.seeds]
     require(not extra, f"{where}.seeds: {extra} not among the study's seeds {list(study.seeds)}")
+    try:
+        thresholds(s)
+    except EsaError as exc:
+        raise EsaError(f"{where}.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class SuperWeightsRun(KindRun):
     max_samples: int
     iterations: int
     seed: int  # picks the windows
+    thresholds: Thresholds = _DEFAULT  # the detector's thresholds
 
     def label(self) -> str:
         return f"{self.model.name} superweights {self.dataset} ctx={self.context_len} seed={self.seed}"
@@ -61,7 +85,8 @@ def expand(study: Study) -> list[SuperWeightsRun]:
     s = study.section("superweights")
     if s is None:
         return []
-    return [SuperWeightsRun(spec, s.dataset or study.datasets[0], s.context_len, s.max_samples, s.iterations, seed)
+    return [SuperWeightsRun(spec, s.dataset or study.datasets[0], s.context_len, s.max_samples, s.iterations, seed,
+                            thresholds(s))
             for spec in model_specs(study) for seed in (s.seeds or study.seeds[:1])]
 
 
@@ -71,15 +96,17 @@ def execute(lm: LoadedModel, run: SuperWeightsRun, ctx: RunContext) -> tuple[dic
     from esa.sensitivity.superweights import find_super_weights
 
     start = time.perf_counter()
-    cfg = SuperWeightRun(run.dataset, run.context_len, run.max_samples, run.seed, run.iterations)
+    cfg = SuperWeightRun(run.dataset, run.context_len, run.max_samples, run.seed, run.iterations, run.thresholds)
     ids, sel, corpus = window_batch(lm, cfg)
     report = find_super_weights(lm.model, ids, thresholds=cfg.thresholds, iterate=run.iterations > 1,
                                 max_iterations=run.iterations)
-    tokens = sorted({w.token_id for w in report.candidates})
+    tokens = sorted({w.token_id for w in report.candidates} | {t for m in report.massive_activations
+                                                                for t in m.token_ids})
     return {**report.to_dict(), "n_candidates": len(report.candidates),
-            "data": {"dataset": corpus.name, "source": corpus.source, "bos": sel.windows.bos,
+            "data": {"dataset": corpus.name, "source": corpus.source, "method": sel.windows.method,
+                     "bos": sel.windows.bos, "context_len": run.context_len, "seed": run.seed,
                      "seed_invariant": bool(sel.seed_invariant), "window_indices": sel.indices[: len(ids)].tolist()},
-            "tokens": {str(t): lm.tokenizer.decode([t]) for t in tokens},
+            "tokens": {str(t): lm.tokenizer.decode([t]) for t in tokens},  # token id → text, for reading
             "wall_seconds": time.perf_counter() - start}, {}
 
 

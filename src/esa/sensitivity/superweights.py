@@ -171,6 +171,23 @@ class SuperWeightReport:
         return asdict(self)
 
 
+def report_from_dict(d: dict) -> SuperWeightReport:
+    """Inverse of :meth:`SuperWeightReport.to_dict` (after a JSON round trip: lists back to tuples), e.g. a
+    stored ``superweights`` run's metrics; keys other than the report's are ignored."""
+    def tup(x):
+        return tuple(tup(v) for v in x) if isinstance(x, list) else x
+
+    def build(cls, item: dict):
+        return cls(**{k: tup(v) for k, v in item.items()})
+
+    return SuperWeightReport(
+        build(Thresholds, d["thresholds"]), tuple(build(SuperWeight, c) for c in d["candidates"]),
+        tuple(build(MassiveActivation, m) for m in d["massive_activations"]),
+        tuple(SearchRound(r["iteration"], tup(r["zeroed"]), r["typical_input"], r["typical_output"],
+                          tuple(build(LayerProfile, p) for p in r["layers"])) for r in d["rounds"]),
+        d["n_sequences"], d["n_tokens"])
+
+
 @dataclass
 class _LayerStats:
     """What the hooks keep of one layer: per-channel maxima and the attribution of spiking outputs."""
