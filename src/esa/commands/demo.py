@@ -44,7 +44,8 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
         raise EsaError(f"demo study {path} not found; run esa demo from an ESA checkout or pass --study FILE")
     study, db = load_study(path), out / "study.db"
     print(f"[study] {path}: every run recorded in {db}")
-    run_one_off(study, db, "demo study", overwrite, progress_printer(Console()), str(Path(path).resolve()))
+    run_one_off(study, db, "demo study", overwrite, progress_printer(Console()), str(Path(path).resolve()),
+                leave_no_trace=False)
     md, html = write_study_report(db, out / "report")
     print(f"report: {md.resolve()}")
     print(f"report (HTML): {html.resolve()}")

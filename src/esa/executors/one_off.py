@@ -79,11 +79,13 @@ class OneOff:
 
 
 def run_one_off(study: Study, db: Path, command: str, overwrite: bool = False,
-                on_event: EventFn = quiet, source_path: str | None = None) -> OneOff:
+                on_event: EventFn = quiet, source_path: str | None = None, leave_no_trace: bool = True) -> OneOff:
     """Run ``study`` into ``db`` (a fresh database with ``overwrite``) and read its runs back.
 
     A failed run or a model that cannot be loaded stops the command with one line naming it; the runs that did
-    complete stay in the database and are reused by the next attempt.
+    complete stay in the database and are reused by the next attempt. When none did in a database this call
+    created, the database and the folders it made are removed (``leave_no_trace``; a study file's driver keeps
+    the failed rows instead).
     """
     from esa.executors import run_study
 
@@ -96,7 +98,7 @@ def run_one_off(study: Study, db: Path, command: str, overwrite: bool = False,
     summary = run_study(study, db, "local", source_path, on_event)
     if not summary.ok:
         what, error = (summary.failed or summary.load_errors)[0]
-        if new and not summary.completed:  # nothing worth keeping: leave no trace of the attempt
+        if leave_no_trace and new and not summary.completed:  # nothing worth keeping: leave no trace of the attempt
             _remove_new(db, made)
             raise EsaError(f"{command}: {what}: {error}")
         raise EsaError(f"{command}: {what}: {error} — the completed runs are kept in {db}")
