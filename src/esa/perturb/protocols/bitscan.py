@@ -111,7 +111,7 @@ def _best_next(bench: Bench, chosen: list[Flip], pool: list[Flip]) -> tuple[Flip
         for f in chosen:
             stack.enter_context(perturbed(bench.model, f.targets, f.op))
         also = tuple(f.param for f in chosen)
-        scored = [(f, f.nll if not chosen else trial(bench, f.targets, f.op, 0, also)[0]) for f in pool]
+        scored = [(f, f.nll if not chosen else trial(bench, f.targets, f.op, 0, also).nll) for f in pool]
     return max(scored, key=lambda s: _severity(s[1]))
 
 
@@ -145,7 +145,7 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
     build_cache(bench, [f.targets for f in flips])
     cells = []
     for f in flips:
-        f.nll = trial(bench, f.targets, f.op, 0)[0]
+        f.nll = trial(bench, f.targets, f.op, 0).nll
         c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
         value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
         cells.append({"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),

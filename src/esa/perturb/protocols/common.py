@@ -40,6 +40,8 @@ class EvalConfig:
     calib_samples: int = 4  # windows for super-weight detection, drawn from those not evaluated
     n_boot: int = 10_000  # bootstrap-t resamples per mean-ΔNLL CI (esa.stats.paired_compare)
     collapse_ppl: float = DEFAULT_COLLAPSE_PPL  # collapsed: PPL above this, or a non-finite loss
+    tasks: tuple[tuple[str, str | None], ...] = ()  # zero-shot (task, local JSONL or None) scored in every trial
+    task_limit: int | None = None  # items per task (seeded by ``seed``); None: all of them
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ class Bench:
     calib: torch.Tensor  # (B, T) ids for super-weight detection
     cache: PrefixCache | None = None
     notes: list[str] = field(default_factory=list)
+    tasks: list = field(default_factory=list)  # downstream.TaskSet per zero-shot task (EvalConfig.tasks)
+    task_windows: list = field(default_factory=list)  # their requests as windows, task after task
+    task_cache: PrefixCache | None = None  # built with ``cache``; its build run is the unperturbed reference
+    task_reference: dict = field(default_factory=dict)  # task → downstream.ItemOutcomes of the unperturbed model
 
     @property
     def model(self) -> torch.nn.Module:
@@ -121,6 +127,10 @@ def make_bench(lm: LoadedModel, data: EvalConfig) -> Bench:
             "scored_tokens": int(sum(w.n_scored for w in windows)), "window_indices": sel.indices.tolist(),
             "calibration_indices": calib_idx.tolist()}
     bench = Bench(lm, data, windows, info, calib)
+    if data.tasks:
+        from esa.perturb.protocols.downstream import load_tasks
+
+        bench.tasks, bench.task_windows = load_tasks(lm, data.tasks, data.task_limit, data.seed)
     if not len(rest):
         bench.notes.append("every window is evaluated, so super-weight calibration reuses evaluation windows")
     return bench
@@ -137,15 +147,39 @@ def build_cache(bench: Bench, sets: list[TargetSet]) -> None:
                                   "build_seconds": time.perf_counter() - t0}  # build run = the baseline
     if not bench.cache.supported:
         bench.notes.append(f"prefix cache unused ({bench.cache.reason}); every trial ran a full forward")
+    if bench.tasks:
+        from esa.perturb.protocols.downstream import outcomes
+
+        bench.task_cache = PrefixCache(bench.model, bench.task_windows, pad_id(bench.lm.tokenizer, bench.model),
+                                       sorted(layers), bench.data.batch_tokens)
+        ref = bench.task_cache.baseline
+        bench.task_reference = outcomes(bench.tasks, ref.nll, ref.n_scored, ref.n_correct)
 
 
-def trial(bench: Bench, ts: TargetSet, op, seed: int, also: tuple[str, ...] = ()) -> tuple[np.ndarray, dict]:
-    """(W,) NLLs with ``op`` applied to ``ts`` (``also``: parameters already perturbed by the caller)."""
+@dataclass
+class Trial:
+    """One perturbed evaluation: (W,) window NLLs, its record, and the zero-shot items' outcomes (or None)."""
+
+    nll: np.ndarray
+    record: dict
+    tasks: dict | None = None  # task → downstream.ItemOutcomes
+
+
+def trial(bench: Bench, ts: TargetSet, op, seed: int, also: tuple[str, ...] = (), tasks: bool = False) -> Trial:
+    """``op`` applied to ``ts`` (``also``: parameters already perturbed by the caller); with ``tasks`` the run's
+    zero-shot items are scored under the same perturbation."""
     own_seed = getattr(op, "seed", None) is not None  # random_bit_flip:seed=… keeps its own seed
+    names = [*also, *ts]
+    items = None
     with perturbed(bench.model, ts, op, seed=None if own_seed else seed) as rec:
-        scores = bench.cache.score_params([*also, *ts])
-    return scores.nll, {**rec.summary(), "start_layer": scores.start_layer,
-                        "full_forward": scores.full_forward, "forward_seconds": scores.forward_seconds}
+        scores = bench.cache.score_params(names)
+        if tasks and bench.task_cache is not None:
+            from esa.perturb.protocols.downstream import outcomes
+
+            t = bench.task_cache.score_params(names)
+            items = outcomes(bench.tasks, t.nll, t.n_scored, t.n_correct)
+    return Trial(scores.nll, {**rec.summary(), "start_layer": scores.start_layer, "full_forward": scores.full_forward,
+                              "forward_seconds": scores.forward_seconds}, items)
 
 
 def baseline_metrics(bench: Bench) -> dict:
@@ -165,13 +199,16 @@ class Arm:
     nll: np.ndarray | None = None  # (W,) mean over repeats
     per_seed: np.ndarray | None = None  # (S, W)
     records: list[dict] = field(default_factory=list)
+    task_outcomes: list[dict] = field(default_factory=list)  # per repeat: task → downstream.ItemOutcomes
 
     def run(self, bench: Bench) -> Arm:
         rows = []
         for seed, ts in self.sets:
-            nll, record = trial(bench, ts, self.op, seed)
-            rows.append(nll)
-            self.records.append({"seed": seed, **record})
+            t = trial(bench, ts, self.op, seed, tasks=True)
+            rows.append(t.nll)
+            self.records.append({"seed": seed, **t.record})
+            if t.tasks is not None:
+                self.task_outcomes.append(t.tasks)
         self.per_seed = np.stack(rows)  # (S, W)
         with np.errstate(invalid="ignore"):
             self.nll = self.per_seed.mean(axis=0)

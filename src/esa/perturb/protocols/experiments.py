@@ -11,6 +11,7 @@ from esa.models import LoadedModel
 from esa.perturb.bits import parse_bit
 from esa.perturb.ops import OPS, make_op, parse_op
 from esa.perturb.protocols.choose import bottom_k, check_controls, resolve_controls, resolve_targets
+from esa.perturb.protocols.downstream import downstream
 from esa.perturb.protocols.common import (DOSE_PARAM, MAX_LISTED, Arm, DoseConfig, PerturbConfig, adjust,
                                           base_arrays, build_cache, compare, header, make_bench, ratio, repeats,
                                           seed_spread, split_arrays)
@@ -46,6 +47,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
         if {pert, ref} <= set(by):  # e.g. --controls bottom_k alone has no random_k arm
             comps.append(compare(bench, f"{pert} vs {ref}", by[pert].nll, by[ref].nll, against=ref))
     comps, deltas = split_arrays(adjust(comps))
+    down, task_arrays = downstream(bench, [(a, by[a]) for a in by], comps)
     mean = {c["name"].split(" vs ")[0]: c["mean_delta_nll"] for c in comps if c["against"] == "baseline"}
     ratios = {"target_over_random": ratio(mean["target"], mean["random_k"]) if "random_k" in mean else None,
               "random_over_bottom": (ratio(mean["random_k"], mean["bottom_k"])
@@ -53,9 +55,9 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
     doc = {**header(bench, "esa.perturb/1", cfg),
            "targets": {"spec": cfg.targets, "kind": res.kind, **res.extra},
            "arms": [{**a.describe(bench.model), "seed_spread": seed_spread(bench, a)} for a in by.values()],
-           "comparisons": comps, "separation": ratios, "notes": bench.notes,
-           "wall_seconds": time.perf_counter() - start}
-    arrays = {**base_arrays(bench), **deltas, **{f"{a}_nll": by[a].nll for a in by},
+           "comparisons": comps, "separation": ratios, **({"downstream": down} if down else {}),
+           "notes": bench.notes, "wall_seconds": time.perf_counter() - start}
+    arrays = {**base_arrays(bench), **deltas, **task_arrays, **{f"{a}_nll": by[a].nll for a in by},
               **{f"{a}_nll_per_seed": by[a].per_seed for a in by}}
     return doc, arrays
 
@@ -103,7 +105,7 @@ def dose_experiment(lm: LoadedModel, cfg: DoseConfig) -> tuple[dict, dict[str, n
                 parse_bit(bench.model.get_parameter(name).dtype, parse_value(v))
     controls = [(s, random_k(bench.model, res.targets, s)) for s in cfg.control_seeds]
     build_cache(bench, [res.targets] + [ts for _, ts in controls])
-    rows, comps, arrays = [], [], base_arrays(bench)
+    rows, comps, arrays, named = [], [], base_arrays(bench), []
     for i, op in enumerate(ops):
         arms = [Arm("target", repeats(res.targets, op, cfg.control_seeds, cfg.data.seed), op).run(bench)]
         if controls:
@@ -111,16 +113,19 @@ def dose_experiment(lm: LoadedModel, cfg: DoseConfig) -> tuple[dict, dict[str, n
         row = {"value": getattr(op, param), "op": op.describe()}
         for arm in arms:
             comps.append(compare(bench, f"{arm.name} @ {param}={row['value']}", arm.nll, bench.cache.baseline.nll))
+            named.append((comps[-1]["name"], arm))
             row[arm.name] = comps[-1]
             row[f"{arm.name}_seeds"] = seed_spread(bench, arm)
             row[f"{arm.name}_trials"] = arm.records
             arrays[f"{arm.name}_nll__{i}"] = arm.per_seed
         rows.append(row)
     comps, deltas = split_arrays(adjust(comps))
+    down, task_arrays = downstream(bench, named, comps)
     doc = {**header(bench, "esa.dose_response/1", cfg), "parameter": param,
            "targets": {"spec": cfg.targets, "kind": res.kind, "n_elements": res.targets.n_elements,
                        "elements": res.order.head(MAX_LISTED).to_dict("records"), **res.extra},
-           "rows": rows, "notes": bench.notes, "wall_seconds": time.perf_counter() - start}
-    return doc, {**arrays, **deltas}
+           "rows": rows, **({"downstream": down} if down else {}), "notes": bench.notes,
+           "wall_seconds": time.perf_counter() - start}
+    return doc, {**arrays, **deltas, **task_arrays}
 
 

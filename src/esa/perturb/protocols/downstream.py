@@ -1,0 +1,181 @@
+"""Downstream damage: zero-shot accuracy of perturbed models, paired item by item with the unperturbed one.
+
+A protocol run may name zero-shot tasks (:attr:`~esa.perturb.protocols.EvalConfig.tasks`). Their items are
+loaded once and every (context, continuation) request becomes one window for the prefix cache
+(:func:`request_windows`): ``input_ids = (context + continuation)[-(L+1):]`` with only the continuation's
+positions scored — the window's summed NLL is minus the continuation's log-likelihood and "every scored token is
+the argmax" is lm-eval's ``is_greedy``, so the numbers equal :func:`esa.evals.zeroshot.evaluate_task`'s (a test
+holds them to 1e-5). The cache's build run is the unperturbed reference; each trial re-runs only the layers from
+the first perturbed one, for the windows and the task items alike.
+
+Per arm and task (:func:`task_comparison`): accuracy (and acc_norm) vs the reference with a paired item
+bootstrap CI of Δ accuracy, the exact McNemar test on the discordant items (one repeat) or the Wilcoxon
+signed-rank test on the per-item repeat-averaged differences (several repeats: control seeds, noise seeds), and
+the mean Δ log-likelihood of the gold answer (bootstrap-t CI, Wilcoxon p). Items whose log-likelihood becomes
+non-finite are counted (``n_nonfinite``): a collapse is a result. Their p-values join the run's one
+multiple-comparison family (``p_wilcoxon_holm`` / ``_bh`` and ``p_mcnemar_holm`` / ``_bh``).
+
+Options of one item are separate windows: the item's shared context is not computed once for all of its options
+(that would need a KV cache per item); across trials the prefix before the first perturbed layer is reused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from esa.data.windows import Window
+from esa.evals.tasks import TaskData, load_task_data
+from esa.evals.zeroshot import DEFAULT_MAX_LENGTH, Request, build_requests, item_scores
+from esa.models import max_positions
+from esa.stats import holm, benjamini_hochberg, paired_accuracy, paired_bootstrap_diff, paired_loglik, wilcoxon_p
+
+
+@dataclass
+class TaskSet:
+    """One task's items as prefix-cache windows; ``offset`` = index of its first window in the cache."""
+
+    data: TaskData
+    requests: list[Request]
+    offset: int
+
+
+def request_windows(requests: list[Request], max_length: int) -> list[Window]:
+    """One window per request: the last L+1 tokens of context + continuation, the continuation scored."""
+    out = []
+    for req in requests:
+        ids = (req.context + req.continuation)[-(max_length + 1):]
+        scored = torch.zeros(len(ids), dtype=torch.bool)
+        scored[len(ids) - len(req.continuation):] = True
+        out.append(Window(torch.tensor(ids, dtype=torch.long), scored, doc=req.item, start=0))
+    return out
+
+
+def load_tasks(lm, tasks: tuple[tuple[str, str | None], ...], limit: int | None, seed: int
+               ) -> tuple[list[TaskSet], list[Window]]:
+    """Each task's items (a seeded subsample of ``limit``) and all their windows, task after task."""
+    max_length = max_positions(lm.model) or DEFAULT_MAX_LENGTH
+    sets, windows = [], []
+    for name, path in tasks:
+        data = load_task_data(name, path, limit, seed)
+        requests = build_requests(lm.tokenizer, data, max_length)
+        sets.append(TaskSet(data, requests, len(windows)))
+        windows += request_windows(requests, max_length)
+    return sets, windows
+
+
+@dataclass(frozen=True)
+class ItemOutcomes:
+    """Per item of one task under one model state: correct (N,), correct_norm (N,) or None, gold ll (N,)."""
+
+    correct: np.ndarray
+    correct_norm: np.ndarray | None
+    gold_ll: np.ndarray
+
+
+def outcomes(sets: list[TaskSet], nll: np.ndarray, n_scored: np.ndarray, n_correct: np.ndarray
+             ) -> dict[str, ItemOutcomes]:
+    """Task name → its items' outcomes, from the task windows' scores (summed NLL, scored and argmax counts)."""
+    out = {}
+    for s in sets:
+        part = slice(s.offset, s.offset + len(s.requests))
+        scores = item_scores(s.data, s.requests, -nll[part], n_correct[part] == n_scored[part])
+        norm = [x.correct_norm for x in scores]
+        out[s.data.task.name] = ItemOutcomes(
+            np.array([x.correct for x in scores], dtype=bool),
+            None if any(v is None for v in norm) else np.array(norm, dtype=bool),
+            np.array([x.loglikelihoods[x.gold] for x in scores], dtype=float))
+    return out
+
+
+def _accuracy(ref: np.ndarray, repeats: list[np.ndarray], n_boot: int, seed: int) -> dict:
+    """Δ accuracy of the repeat-averaged perturbed correctness vs the reference (paired over items)."""
+    if len(repeats) == 1:
+        return {**paired_accuracy(ref, repeats[0], n_boot=n_boot, seed=seed), "test": "mcnemar_exact"}
+    pert = np.mean(np.stack(repeats).astype(float), axis=0)  # (N,) share of repeats correct
+    low, high = paired_bootstrap_diff(ref.astype(float), pert, n_boot=n_boot, seed=seed)
+    return {"n_items": len(ref), "acc_baseline": float(ref.mean()), "acc_perturbed": float(pert.mean()),
+            "delta_acc": float(pert.mean() - ref.mean()), "ci_low": low, "ci_high": high, "ci_method": "percentile",
+            "p_wilcoxon": wilcoxon_p(pert - ref.astype(float)), "test": "wilcoxon (repeat-averaged items)",
+            "repeats_acc": [float(r.mean()) for r in repeats]}
+
+
+def task_comparison(name: str, task: str, ref: ItemOutcomes, repeats: list[ItemOutcomes], n_boot: int,
+                    seed: int) -> dict:
+    """One arm on one task vs the unperturbed model: acc, acc_norm, gold log-likelihood (module docstring)."""
+    gold = np.mean(np.stack([r.gold_ll for r in repeats]), axis=0)
+    out = {"name": f"{name} · {task}", "arm": name, "task": task,
+           "acc": _accuracy(ref.correct, [r.correct for r in repeats], n_boot, seed),
+           "loglik": paired_loglik(ref.gold_ll, gold, n_boot=n_boot, seed=seed)}
+    if ref.correct_norm is not None:
+        out["acc_norm"] = _accuracy(ref.correct_norm, [r.correct_norm for r in repeats], n_boot, seed)
+    out["n_nonfinite"] = out["loglik"]["n_nonfinite_perturbed"]
+    return out
+
+
+def macro(comparisons: list[dict], arm: str) -> dict | None:
+    """Mean Δ accuracy over the tasks of one arm (None with fewer than two tasks)."""
+    rows = [c for c in comparisons if c["arm"] == arm]
+    if len(rows) < 2:
+        return None
+    return {"arm": arm, "n_tasks": len(rows), "delta_acc": float(np.mean([c["acc"]["delta_acc"] for c in rows])),
+            "tasks": [c["task"] for c in rows]}
+
+
+def tests_of(comparisons: list[dict]) -> list[tuple[dict, str]]:
+    """(statistics dict, p-value key) of every test the task comparisons made, for one correction family."""
+    found = []
+    for c in comparisons:
+        for part in ("acc", "acc_norm", "loglik"):
+            stats = c.get(part) or {}
+            found += [(stats, key) for key in ("p_mcnemar", "p_wilcoxon") if key in stats]
+    return found
+
+
+def adjust_with(nll_comparisons: list[dict], task_comparisons: list[dict]) -> None:
+    """Holm and BH across every test of the run — the ΔNLL Wilcoxon tests and all task tests — as one family."""
+    family = [(c, "p_wilcoxon") for c in nll_comparisons] + tests_of(task_comparisons)
+    p = [float(stats[key]) for stats, key in family]
+    if not p:
+        return
+    for suffix, fn in (("holm", holm), ("bh", benjamini_hochberg)):
+        for (stats, key), q in zip(family, fn(p)):
+            stats[f"{key}_{suffix}"] = float(q)
+
+
+def task_info(bench) -> list[dict]:
+    """What each task's items are: name, counts, source and the generator of a corpus-derived task."""
+    return [{"task": s.data.task.name, "n_items": len(s.data.items), "n_total": s.data.n_total,
+             "n_requests": len(s.requests), "limit": s.data.limit, "seed": s.data.seed, "source": s.data.source,
+             "generator": getattr(s.data, "generator", None),
+             "reference": {"acc": float(bench.task_reference[s.data.task.name].correct.mean())}}
+            for s in bench.tasks]
+
+
+def downstream(bench, arms: list[tuple[str, object]], nll_comparisons: list[dict]
+               ) -> tuple[dict | None, dict[str, np.ndarray]]:
+    """The ``downstream`` part of a protocol document for ``arms`` ((comparison name, Arm) pairs), with its
+    per-item arrays; adjusts every p-value of the run as one family. (None, {}) when the run names no tasks."""
+    if not bench.tasks:
+        return None, {}
+    d, comps, arrays = bench.data, [], {}
+    for s in bench.tasks:
+        task = s.data.task.name
+        arrays[f"task__{task}__reference_gold_ll"] = bench.task_reference[task].gold_ll
+        for name, arm in arms:
+            repeats = [rep[task] for rep in arm.task_outcomes]
+            comps.append(task_comparison(name, task, bench.task_reference[task], repeats, d.n_boot, d.seed))
+            key = re_key(name)
+            arrays[f"task__{task}__{key}_gold_ll"] = np.stack([r.gold_ll for r in repeats])  # (S, N)
+            arrays[f"task__{task}__{key}_correct"] = np.stack([r.correct for r in repeats])  # (S, N)
+    adjust_with(nll_comparisons, comps)
+    macros = [m for m in (macro(comps, name) for name, _ in arms) if m is not None]
+    return {"tasks": task_info(bench), "comparisons": comps, "macro": macros}, arrays
+
+
+def re_key(name: str) -> str:
+    """An array-name-safe form of a comparison name: ``target @ factor=2`` → ``target_factor_2``."""
+    return re.sub(r"\W+", "_", name).strip("_")
