@@ -20,7 +20,8 @@ SECTIONS = {  # one section per kind that has one; baseline comes from the study
     "sensitivity": {"scorers": ["magnitude"], "k": 8},
     "superweights": {"context_len": 32, "max_samples": 2},
     "perturbation": {"targets": [{"name": "top", "ranking": "magnitude", "k": 4}], "ops": [{"op": "zero"}],
-                     "controls": ["random_k", "bottom_k"]},
+                     "controls": ["random_k", "bottom_k"], "tasks": ["piqa"],
+                     "task_data": {"piqa": str(FIX / "piqa.jsonl")}, "task_limit": 4},
     "dose_response": {"targets": [{"name": "top", "ranking": "magnitude", "k": 4}],
                       "ops": [{"op": "scale", "values": [0.0, 2.0]}]},
     "bitscan": {"targets": [{"name": "top", "ranking": "magnitude", "k": 2}], "top_n": 2, "bits": ["sign"],
@@ -80,3 +81,18 @@ def test_expand_plan_execute_report_for_every_kind(contract_db, tmp_path):
     for kind in kinds.ordered():
         assert not kind.report.title or f"## {kind.report.title}" in text, kind.name
     assert "Runs of kind" not in text  # no kind fell back to the generic table
+
+
+def test_perturbation_with_tasks_stores_and_reports_downstream_damage(contract_db, tmp_path):
+    """The perturbation section's tasks: one paired comparison per arm on the same 4 items, in the report."""
+    from esa.store import Reader
+
+    study, db, _ = contract_db
+    with Reader(db) as reader:
+        (run,) = reader.runs("contract", "perturbation", completed=True)
+    down = run.metrics["downstream"]
+    assert {c["arm"] for c in down["comparisons"]} == {"target", "random_k", "bottom_k"}
+    assert all(c["task"] == "piqa" and c["acc"]["n_items"] == 4 for c in down["comparisons"])
+    assert run.config["tasks"] == [["piqa", str(FIX / "piqa.jsonl")]] and run.config["task_limit"] == 4
+    md, _ = write_study_report(db, tmp_path / "report")
+    assert "Zero-shot accuracy under perturbation" in md.read_text()

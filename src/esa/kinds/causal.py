@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -49,6 +49,9 @@ class ProtocolSettings:
     n_boot: int = 10_000  # bootstrap-t resamples per mean-ΔNLL CI
     calib_samples: int = 4  # windows for super-weight detection, none of them evaluated
     collapse_ppl: float | None = None  # collapsed: PPL above this (None → esa.stats.DEFAULT_COLLAPSE_PPL)
+    tasks: tuple[str, ...] = ()  # zero-shot tasks scored under every perturbation, paired item by item
+    task_data: dict[str, str] = field(default_factory=dict)  # task → local JSONL in the dataset's schema
+    task_limit: int | None = None  # items per task (seeded subsample by the run's seed); None: every item
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +78,9 @@ class CausalRun(KindRun):
     n_boot: int = 10_000
     calib_samples: int = 4
     collapse_ppl: float | None = None
-    inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of user files the target reads
+    tasks: tuple[tuple[str, str | None], ...] = ()  # (zero-shot task, local JSONL or None)
+    task_limit: int | None = None
+    inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of user files the target and tasks read
 
 
 def causal_fields(study: Study, section, model: ModelSpec, t, k: int | None, dataset: str, ctx: int, seed: int,
@@ -84,12 +89,21 @@ def causal_fields(study: Study, section, model: ModelSpec, t, k: int | None, dat
     return {"model": model, "target": t.name, "spec": t.spec, "ranking": t.ranking, "k": k, "dataset": dataset,
             "context_len": ctx, "seed": seed, "max_eval_tokens": study.max_eval_tokens,
             "batch_tokens": study.batch_tokens, "ranking_run": ranking_run, **settings(section),
-            "inputs": input_hashes(t.spec, bottom_ranking)}
+            "tasks": tuple((name, section.task_data.get(name)) for name in section.tasks),
+            "task_limit": section.task_limit,
+            "inputs": input_hashes(t.spec, bottom_ranking) + task_hashes(section.task_data)}
 
 
 def settings(section) -> dict:
-    """The :class:`ProtocolSettings` of ``section`` as run keyword arguments."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(ProtocolSettings)}
+    """The statistics settings of ``section`` (:class:`ProtocolSettings`) as run keyword arguments."""
+    return {name: getattr(section, name) for name in ("n_boot", "calib_samples", "collapse_ppl")}
+
+
+def task_hashes(task_data: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """(path, sha256) of every local task file — a rewritten file is a new run."""
+    from esa.hashing import sha256_file
+
+    return tuple((path, sha256_file(Path(path))) for _, path in sorted(task_data.items()) if Path(path).is_file())
 
 
 def referenced_files(spec: str | None, ranking_file: str | None = None) -> list[Path]:
@@ -120,6 +134,10 @@ def input_hashes(spec: str | None, ranking_file: str | None = None) -> tuple[tup
 
 
 def _check_settings(section, where: str) -> None:
+    from esa.kinds.zeroshot import check_tasks
+
+    check_tasks(section.tasks, section.task_data, where)
+    require(section.task_limit is None or section.task_limit >= 1, f"{where}.task_limit: ≥ 1 item, or omit it")
     require(section.n_boot >= 100, f"{where}.n_boot must be ≥ 100 (bootstrap resamples per CI)")
     require(section.calib_samples >= 1, f"{where}.calib_samples must be ≥ 1")
     require(section.collapse_ppl is None or section.collapse_ppl > 1, f"{where}.collapse_ppl must be > 1 (or null)")
@@ -190,7 +208,7 @@ def eval_config(run):
     from esa.perturb.protocols import EvalConfig
 
     data = EvalConfig(run.dataset, run.context_len, run.max_eval_tokens, run.seed, run.batch_tokens,
-                      run.calib_samples, run.n_boot)
+                      run.calib_samples, run.n_boot, tasks=run.tasks, task_limit=run.task_limit)
     return data if run.collapse_ppl is None else dataclasses.replace(data, collapse_ppl=run.collapse_ppl)
 
 

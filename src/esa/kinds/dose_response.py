@@ -166,7 +166,8 @@ def _dose_metrics(doc: dict) -> dict:
                 row[f"{arm}_n_changed"] = [t["n_changed"] for t in r[f"{arm}_trials"]]
         rows.append(row)
     return {"parameter": doc["parameter"], "op": doc["config"]["op"], "rows": rows, "comparisons": comps,
-            "n_elements": doc["targets"]["n_elements"], **_common(doc)}
+            "n_elements": doc["targets"]["n_elements"], **_common(doc),
+            **({"downstream": doc["downstream"]} if "downstream" in doc else {})}
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:

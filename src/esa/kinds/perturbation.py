@@ -200,7 +200,8 @@ def _metrics(doc: dict) -> dict:
             "mean_delta_nll": target.get("mean_delta_nll"), "collapsed": target.get("collapsed"),
             "comparisons": comps, "separation": doc["separation"], "arms": arms, "baseline": doc["baseline"],
             "data": data, "targets": {k: v for k, v in doc["targets"].items() if k not in ("spec", "ranking")},
-            "notes": doc["notes"], "wall_seconds": doc["wall_seconds"]}
+            "notes": doc["notes"], "wall_seconds": doc["wall_seconds"],
+            **({"downstream": doc["downstream"]} if "downstream" in doc else {})}
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:

@@ -84,16 +84,21 @@ class ZeroShotRun(KindRun):
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def check_tasks(tasks: tuple[str, ...], task_data: dict[str, str], where: str) -> None:
+    """Task names known (or well-formed corpus-derived names), listed once, and ``task_data`` only for them."""
+    for i, name in enumerate(tasks):
+        require(name in TASKS, f"{where}.tasks[{i}]: " + suggest(name, TASKS.names(), "task"))
+    require(len(set(tasks)) == len(tasks), f"{where}.tasks: a task is listed twice")
+    for name, path in task_data.items():
+        require(name in tasks, f"{where}.task_data.{name}: not one of the section's tasks; "
+                 + suggest(name, list(tasks), "task") + " Add it to tasks, or remove its task_data")
+        require(bool(path.strip()), f"{where}.task_data.{name}: give the path of a JSONL file")
+
+
 def check(section: ZeroShotSection, study: Study, where: str) -> None:
     """Names and numbers only: no task data is read (a hub-only task may be cached, or fail at execution)."""
     require(bool(section.tasks), f"{where}.tasks: list at least one task, e.g. [piqa, arc_easy]")
-    for i, name in enumerate(section.tasks):
-        require(name in TASKS, f"{where}.tasks[{i}]: " + suggest(name, TASKS.names(), "task"))
-    require(len(set(section.tasks)) == len(section.tasks), f"{where}.tasks: a task is listed twice")
-    for name, path in section.task_data.items():
-        require(name in section.tasks, f"{where}.task_data.{name}: not one of the section's tasks; "
-                 + suggest(name, list(section.tasks), "task") + " Add it to tasks, or remove its task_data")
-        require(bool(path.strip()), f"{where}.task_data.{name}: give the path of a JSONL file")
+    check_tasks(section.tasks, section.task_data, where)
     require(section.limit is None or section.limit >= 1, f"{where}.limit: ≥ 1 item, or omit it for every item")
     require(len(set(section.seeds)) == len(section.seeds) and all(s >= 0 for s in section.seeds),
              f"{where}.seeds: distinct seeds ≥ 0, got {list(section.seeds)}")

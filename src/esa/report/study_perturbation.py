@@ -11,6 +11,7 @@ have fewer windows than the CI needs (:data:`esa.stats.MIN_WINDOWS`), and draws 
 from __future__ import annotations
 
 from esa.report.html import Block, Bullets, Figure, Paragraph, Table
+from esa.report.study_downstream import downstream_blocks
 from esa.report.study_plots import comparison_plot
 from esa.report.study_report import ALPHA, Run, _comparisons, _p_holm, fnum, generic_section, run_label
 from esa.runs import as_float
@@ -72,4 +73,5 @@ def causal_section(runs: list[Run]) -> list[Block]:
     caveat = few_windows_caveat(rows)
     intro += f" ⚠ {caveat} Their CIs are marked † in the table." if caveat else ""
     return [Paragraph(intro), table, *([Bullets(tuple(v))] if (v := _verdicts(rows)) else []),
-            Figure("causal_validation.png", comparison_plot(rows), "Mean ΔNLL per comparison (95 % CI)")]
+            Figure("causal_validation.png", comparison_plot(rows), "Mean ΔNLL per comparison (95 % CI)"),
+            *downstream_blocks(runs)]
