@@ -91,3 +91,14 @@ def test_dose_response_has_downstream_per_value(lm, data):
     assert "target @ factor=1 · piqa" in names and "target @ factor=0 · lambada_openai" in names
     identity = next(c for c in doc["downstream"]["comparisons"] if c["name"] == "target @ factor=1 · piqa")
     assert identity["acc"]["delta_acc"] == 0.0 and identity["loglik"]["mean_delta_loglik"] == 0.0
+
+
+def test_bitscan_scores_items_for_each_single_flip(lm, data):
+    from esa.perturb.protocols import BitscanConfig, bitscan_experiment
+
+    doc, arrays = bitscan_experiment(lm, BitscanConfig(f"{DOWN}[1,2]", 1, ("sign", "30"), 1, 2, data))
+    comps = doc["downstream"]["comparisons"]
+    assert [c["arm"] for c in comps if c["task"] == "piqa"] == [c["label"] for c in doc["cells"]]
+    assert all(c["acc"]["test"] == "mcnemar_exact" for c in comps)
+    correct = [k for k in arrays if k.startswith("task__piqa__") and k.endswith("_correct")]
+    assert len(correct) == len(doc["cells"]) and all(arrays[k].shape[0] == 1 for k in correct)  # one repeat each

@@ -99,7 +99,7 @@ def _bitscan_metrics(doc: dict) -> dict:
     weights = [{k: w[k] for k in ("param", "row", "col", "flat", "value", "label") if k in w}
                for w in doc["weights"]]
     return {"weights": weights, "bits": doc["bits"], "comparisons": comps, "greedy": doc["greedy"],
-            **_common(doc)}
+            **_common(doc), **({"downstream": doc["downstream"]} if "downstream" in doc else {})}
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:

@@ -215,4 +215,4 @@ def bitscan_section(runs: list[Run]) -> list[Block]:
     return [Paragraph(intro), Table(FLIP_HEADER, table), Table(GREEDY_HEADER, tuple(_greedy_cells(r) for r in done)),
             Bullets(tuple(sentences)),
             Figure("bitscan_greedy.png", greedy_plot(curves), "Perplexity after each greedily added bit flip "
-                   "(step 0: unperturbed); dashed lines: collapse thresholds")]
+                   "(step 0: unperturbed); dashed lines: collapse thresholds"), *downstream_blocks(runs)]

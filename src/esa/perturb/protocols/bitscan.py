@@ -17,6 +17,7 @@ from esa.perturb.bits import flip_bit, layout, parse_bit
 from esa.perturb.context import perturbed
 from esa.perturb.ops import make_op
 from esa.perturb.protocols.choose import Resolved, resolve_targets
+from esa.perturb.protocols.downstream import downstream
 from esa.perturb.protocols.common import (BitscanConfig, Bench, base_arrays, build_cache, compare, header,
                                           make_bench, trial)
 from esa.perturb.protocols.experiments import parse_value
@@ -143,9 +144,11 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
         for pos in positions:
             flips.append(Flip(i, w["param"], int(w["flat"]), pos, f"{w['label']} bit {layout(dtype).name_of(pos)}"))
     build_cache(bench, [f.targets for f in flips])
-    cells = []
+    cells, items = [], []
     for f in flips:
-        f.nll = trial(bench, f.targets, f.op, 0).nll
+        t = trial(bench, f.targets, f.op, 0, tasks=True)
+        f.nll = t.nll
+        items.append((f.label, [t.tasks] if t.tasks is not None else []))
         c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
         value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
         cells.append({"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),
@@ -153,13 +156,15 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
                                            "few_windows", "delta_nll_per_token", "ppl_perturbed", "collapsed",
                                            "n_nonfinite_perturbed")}})
     grid = np.array([c["mean_delta_nll"] for c in cells]).reshape(len(weights), len(cfg.bits))  # (N, bits)
+    down, task_arrays = downstream(bench, items, cells)  # single flips only, not the greedy steps
     greedy = greedy_collapse(bench, flips, cfg.max_flips, cfg.greedy_pool)
     doc = {**header(bench, "esa.bitscan/1", cfg),
            "targets": {"spec": cfg.targets, "kind": res.kind, **res.extra},
            "weights": weights.to_dict("records"),
            "bits": [{"spec": b, "position": f.bit} for b, f in zip(cfg.bits, flips)],
-           "cells": cells, "greedy": greedy, "notes": bench.notes, "wall_seconds": time.perf_counter() - start}
-    return doc, {**base_arrays(bench), "grid_mean_delta_nll": grid,
+           "cells": cells, "greedy": greedy, **({"downstream": down} if down else {}), "notes": bench.notes,
+           "wall_seconds": time.perf_counter() - start}
+    return doc, {**base_arrays(bench), **task_arrays, "grid_mean_delta_nll": grid,
                  "flip_nll": np.stack([f.nll for f in flips])}
 
 

@@ -137,7 +137,7 @@ def tests_of(comparisons: list[dict]) -> list[tuple[dict, str]]:
 
 def adjust_with(nll_comparisons: list[dict], task_comparisons: list[dict]) -> None:
     """Holm and BH across every test of the run — the ΔNLL Wilcoxon tests and all task tests — as one family."""
-    family = [(c, "p_wilcoxon") for c in nll_comparisons] + tests_of(task_comparisons)
+    family = [(c, "p_wilcoxon") for c in nll_comparisons if "p_wilcoxon" in c] + tests_of(task_comparisons)
     p = [float(stats[key]) for stats, key in family]
     if not p:
         return
@@ -155,18 +155,19 @@ def task_info(bench) -> list[dict]:
             for s in bench.tasks]
 
 
-def downstream(bench, arms: list[tuple[str, object]], nll_comparisons: list[dict]
+def downstream(bench, arms: list[tuple[str, list[dict]]], nll_comparisons: list[dict]
                ) -> tuple[dict | None, dict[str, np.ndarray]]:
-    """The ``downstream`` part of a protocol document for ``arms`` ((comparison name, Arm) pairs), with its
-    per-item arrays; adjusts every p-value of the run as one family. (None, {}) when the run names no tasks."""
+    """The ``downstream`` part of a protocol document for ``arms`` — (comparison name, per-repeat outcomes:
+    task → :class:`ItemOutcomes`) pairs — with its per-item arrays; adjusts every p-value of the run as one
+    family. (None, {}) when the run names no tasks."""
     if not bench.tasks:
         return None, {}
     d, comps, arrays = bench.data, [], {}
     for s in bench.tasks:
         task = s.data.task.name
         arrays[f"task__{task}__reference_gold_ll"] = bench.task_reference[task].gold_ll
-        for name, arm in arms:
-            repeats = [rep[task] for rep in arm.task_outcomes]
+        for name, per_repeat in arms:
+            repeats = [rep[task] for rep in per_repeat]
             comps.append(task_comparison(name, task, bench.task_reference[task], repeats, d.n_boot, d.seed))
             key = re_key(name)
             arrays[f"task__{task}__{key}_gold_ll"] = np.stack([r.gold_ll for r in repeats])  # (S, N)

@@ -47,7 +47,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
         if {pert, ref} <= set(by):  # e.g. --controls bottom_k alone has no random_k arm
             comps.append(compare(bench, f"{pert} vs {ref}", by[pert].nll, by[ref].nll, against=ref))
     comps, deltas = split_arrays(adjust(comps))
-    down, task_arrays = downstream(bench, [(a, by[a]) for a in by], comps)
+    down, task_arrays = downstream(bench, [(a, by[a].task_outcomes) for a in by], comps)
     mean = {c["name"].split(" vs ")[0]: c["mean_delta_nll"] for c in comps if c["against"] == "baseline"}
     ratios = {"target_over_random": ratio(mean["target"], mean["random_k"]) if "random_k" in mean else None,
               "random_over_bottom": (ratio(mean["random_k"], mean["bottom_k"])
@@ -113,7 +113,7 @@ def dose_experiment(lm: LoadedModel, cfg: DoseConfig) -> tuple[dict, dict[str, n
         row = {"value": getattr(op, param), "op": op.describe()}
         for arm in arms:
             comps.append(compare(bench, f"{arm.name} @ {param}={row['value']}", arm.nll, bench.cache.baseline.nll))
-            named.append((comps[-1]["name"], arm))
+            named.append((comps[-1]["name"], arm.task_outcomes))
             row[arm.name] = comps[-1]
             row[f"{arm.name}_seeds"] = seed_spread(bench, arm)
             row[f"{arm.name}_trials"] = arm.records
