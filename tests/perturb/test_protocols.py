@@ -225,15 +225,39 @@ def test_smollm2_super_weights_beat_random_control(smol):
 
 
 def test_magnitude_bottom_k_skips_zeros_and_targets(lm):
-    from esa.perturb.protocols.choose import _bottom_magnitude
+    from esa.perturb.protocols.choose import _magnitude_matched
 
     w = lm.model.get_parameter(DOWN).detach().reshape(-1)
     order = torch.argsort(w.abs())
     targets = from_coordinates(lm.model, [(DOWN, int(order[0]) // 128, int(order[0]) % 128)])  # the smallest
     zeroed = {DOWN: order[1:3]}  # the next two become exact zeros: a no-op control if chosen
     with perturbed(lm.model, zeroed, make_op("zero")):
-        bottom = _bottom_magnitude(lm.model, targets.union({DOWN: order[3:4]}))
+        bottom = _magnitude_matched(lm.model, targets.union({DOWN: order[3:4]}), largest=False)
     assert bottom[DOWN].tolist() == sorted(order[4:6].tolist())
+
+
+def test_largest_k_is_each_tensors_largest_magnitude_non_targets(lm, data):
+    """largest_k vs a brute-force sort: per target tensor, as many of the largest |W| as it holds targets, none
+    of them a target (the largest weight itself is a target here, so it must be skipped)."""
+    from esa.perturb.protocols.choose import largest_k
+    from esa.perturb.protocols.common import make_bench
+
+    up = "model.layers.0.mlp.up_proj.weight"
+    picks = []
+    for name, n in ((DOWN, 3), (up, 2)):
+        flat = torch.argsort(lm.model.get_parameter(name).detach().abs().reshape(-1), descending=True)
+        cols = lm.model.get_parameter(name).shape[1]
+        picks += [(name, int(i) // cols, int(i) % cols) for i in flat[[0, 5, 9][:n]]]
+    targets = from_coordinates(lm.model, picks)
+    bench = make_bench(lm, data)
+    res = type("R", (), {"targets": targets})()
+    ts, how = largest_k(bench, res)
+    for name, idx in targets.items():
+        mag = lm.model.get_parameter(name).detach().abs().reshape(-1).clone()
+        mag[idx] = -1.0
+        want = torch.argsort(mag, descending=True)[: len(idx)]
+        assert sorted(ts[name].tolist()) == sorted(want.tolist()) and not set(ts[name].tolist()) & set(idx.tolist())
+    assert "largest-|W|" in how
 
 
 def test_dose_ops_keep_float_values_from_library_callers():

@@ -10,7 +10,9 @@ run's id (``depends_on``), so a new ranking means a new perturbation run. Contro
   non-zero weights under the same scorer (the ranking's floor table, :func:`esa.perturb.targets.lowest_of`);
 * ranking target with ``bottom: true``: ``random_k`` only (the target *is* the bottom);
 * ``spec: superweights``: ``random_k``; ``bottom_k`` = the k smallest non-zero |W| of the same tensors;
-* any other spec: ``random_k`` only (a glob or coordinate set has no ranking to take a floor from).
+* any other spec: ``random_k`` only (a glob or coordinate set has no ranking to take a floor from);
+* any target: ``largest_k`` = per target tensor, as many of its largest-|W| other weights (super weights vs as
+  many of the largest non-super weights, the super-weight paper's comparison at matched count).
 
 Metrics: every paired comparison (mean ΔNLL, bootstrap-t CI, Wilcoxon/t-test p-values with Holm and BH, PPL
 ratio, collapsed), separation ratios, per-arm sizes and seeds, the baseline, notes; ``perplexity`` is the target
@@ -32,12 +34,12 @@ from esa.kinds.causal import (CausalRun, ProtocolSettings, _check_settings, caus
                               execute_protocol)
 from esa.kinds.sensitivity import sensitivity_run
 from esa.models import LoadedModel, ModelSpec
+from esa.perturb.protocols.common import CONTROLS
 from esa.registry import suggest
 from esa.report.study_perturbation import causal_section
 from esa.runs import as_float
 from esa.study import Study, check_dataset, model_specs, require
 
-CONTROLS = ("random_k", "bottom_k")  # size-matched random weights; the least-sensitive k of the same tensors
 
 
 # ------------------------------------------------------------------------------------------------- section

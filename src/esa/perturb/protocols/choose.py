@@ -113,19 +113,31 @@ def resolve_targets(bench: Bench, spec: str) -> Resolved:
     return Resolved(ts, kind, ts.to_frame(bench.model))
 
 
-def _bottom_magnitude(model, like: TargetSet) -> TargetSet:
-    """Per tensor, as many of the smallest non-zero |W| as ``like`` has there, none of ``like``'s own.
+def _magnitude_matched(model, like: TargetSet, largest: bool) -> TargetSet:
+    """Per tensor, as many of the smallest non-zero (or the largest) |W| as ``like`` has there, none of
+    ``like``'s own.
 
-    Exact zeros are skipped (while enough others remain): zeroing or scaling them would change nothing, making
-    the control a no-op rather than "the least important weights".
+    Smallest: exact zeros are skipped (while enough others remain): zeroing or scaling them would change
+    nothing, making the control a no-op rather than "the least important weights".
     """
     table, entries = param_table(model), []
     for name, idx in like.items():
         mag = resolve_param(table, name)[1].detach().reshape(-1).abs().float().clone()  # (numel,)
-        mag[mag == 0] = math.inf
-        mag[idx.to(mag.device)] = math.nan  # topk(largest=False) ranks NaN last, after the zeros
-        entries.append((name, torch.topk(mag, len(idx), largest=False).indices.cpu()))
+        if largest:
+            mag[idx.to(mag.device)] = -math.inf  # never one of the targets themselves
+        else:
+            mag[mag == 0] = math.inf
+            mag[idx.to(mag.device)] = math.nan  # topk(largest=False) ranks NaN last, after the zeros
+        entries.append((name, torch.topk(mag, len(idx), largest=largest).indices.cpu()))
     return TargetSet(entries)
+
+
+def largest_k(bench: Bench, res: Resolved) -> tuple[TargetSet, str]:
+    """The largest_k control: per target tensor, as many of its largest-|W| weights as it holds targets, none
+    of the targets — for super weights, "as many of the largest non-super weights" (the super-weight paper's
+    comparison at matched count)."""
+    return (_magnitude_matched(bench.model, res.targets, largest=True),
+            "per target tensor, as many of its largest-|W| weights as it holds targets, none of them a target")
 
 
 def bottom_k(bench: Bench, res: Resolved, ranking: str | None) -> tuple[TargetSet, str]:
@@ -137,7 +149,7 @@ def bottom_k(bench: Bench, res: Resolved, ranking: str | None) -> tuple[TargetSe
     """
     path = ranking or res.extra.get("ranking")
     if path is None:  # check_controls allows this only for super weights
-        return (_bottom_magnitude(bench.model, res.targets),
+        return (_magnitude_matched(bench.model, res.targets, largest=False),
                 "per target tensor, as many of its smallest non-zero |W| as it holds targets (magnitude bottom-k)")
     ts = lowest_of(bench.model, load_ranking(bench, path, floor=True), res.targets)
     return ts, (f"per target tensor, as many of its lowest-scoring non-zero weights as it holds targets, under "

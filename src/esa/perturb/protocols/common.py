@@ -21,7 +21,9 @@ from esa.perturb.targets import TargetSet
 from esa.provenance import provenance
 from esa.stats import DEFAULT_COLLAPSE_PPL, aggregate_seeds, benjamini_hochberg, holm, paired_compare
 
-CONTROLS = ("random_k", "bottom_k")
+CONTROLS = ("random_k", "bottom_k", "largest_k")  # size-matched per target tensor (esa.perturb.protocols.choose):
+#   random_k: random other elements (one draw per control seed); bottom_k: the lowest-scoring non-zero ones;
+#   largest_k: the largest-|W| other ones (super weights vs as many of the largest non-super weights)
 STOCHASTIC_OPS = ("gauss_noise", "uniform_noise", "random_bit_flip")  # repeated once per control seed
 DOSE_PARAM = {"scale": "factor", "gauss_noise": "sigma", "uniform_noise": "width", "bit_flip": "bit",
               "set": "value", "random_bit_flip": "prob"}  # the parameter a dose-response sweeps

@@ -10,7 +10,7 @@ from esa.errors import EsaError
 from esa.models import LoadedModel
 from esa.perturb.bits import parse_bit
 from esa.perturb.ops import OPS, make_op, parse_op
-from esa.perturb.protocols.choose import bottom_k, check_controls, resolve_controls, resolve_targets
+from esa.perturb.protocols.choose import bottom_k, largest_k, check_controls, resolve_controls, resolve_targets
 from esa.perturb.protocols.downstream import downstream
 from esa.perturb.protocols.common import (DOSE_PARAM, MAX_LISTED, Arm, DoseConfig, PerturbConfig, adjust,
                                           base_arrays, build_cache, compare, header, make_bench, ratio, repeats,
@@ -35,6 +35,9 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
         ts, how = bottom_k(bench, res, cfg.ranking)
         arms.append(Arm("bottom_k", repeats(ts, op, cfg.control_seeds, cfg.data.seed), op, how))
         bench.notes.append(f"bottom_k: {how}")
+    if "largest_k" in controls:
+        ts, how = largest_k(bench, res)
+        arms.append(Arm("largest_k", repeats(ts, op, cfg.control_seeds, cfg.data.seed), op, how))
     build_cache(bench, [ts for arm in arms for _, ts in arm.sets])
     by = {arm.name: arm.run(bench) for arm in arms}
     for arm in arms:
@@ -43,7 +46,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
                                "exactly 0 there by construction")
     base = bench.cache.baseline.nll
     comps = [compare(bench, f"{a} vs baseline", by[a].nll, base) for a in by]
-    for pert, ref in (("target", "random_k"), ("random_k", "bottom_k")):
+    for pert, ref in (("target", "random_k"), ("random_k", "bottom_k"), ("target", "largest_k")):
         if {pert, ref} <= set(by):  # e.g. --controls bottom_k alone has no random_k arm
             comps.append(compare(bench, f"{pert} vs {ref}", by[pert].nll, by[ref].nll, against=ref))
     comps, deltas = split_arrays(adjust(comps))
