@@ -294,7 +294,7 @@ class TaskResult:
     task: str
     metrics: dict
     items: list[ItemScore]
-    config: dict  # n, n_total, limit, seed, seed_invariant, source, split, max_length, token_budget
+    config: dict  # n, n_total, limit, seed, seed_invariant, source, split, max_length, token_budget, generator
 
     def to_dict(self, with_items: bool = True) -> dict:
         out = {"task": self.task, "metrics": self.metrics, "config": self.config}
@@ -328,6 +328,7 @@ def evaluate_task(
         "max_length": max_length,
         "token_budget": token_budget,
         "bootstrap_iters": bootstrap_iters if "perplexity" in data.task.metrics else None,
+        **({"generator": data.generator} if data.generator else {}),  # corpus-derived tasks' provenance
     }
     return TaskResult(data.task.name, task_metrics(data, scores, bootstrap_iters), scores, config)
 
@@ -373,6 +374,13 @@ def run_tasks(
     return [evaluate_task(model, tokenizer, d, token_budget) for d in data]
 
 
+def items_stem(task: str) -> str:
+    """A file-name-safe stem for a task's per-item file: ``corpus_mc:/data/x.txt`` → ``corpus_mc_data_x.txt``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_")
+
+
 def write_results(out_dir, results: list[TaskResult], provenance: dict) -> dict:
     """``zeroshot.json`` (metrics, config, provenance) and ``<task>.items.jsonl`` (one ItemScore per line)."""
     import json
@@ -382,7 +390,7 @@ def write_results(out_dir, results: list[TaskResult], provenance: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for r in results:
-        path = out / f"{r.task}.items.jsonl"
+        path = out / f"{items_stem(r.task)}.items.jsonl"
         path.write_text("".join(json.dumps(asdict(s)) + "\n" for s in r.items))
         paths[r.task] = path.name
     summary = {

@@ -3,6 +3,8 @@
 Every row is turned into its :class:`~esa.evals.tasks.spec.Prompt` while loading, so a malformed row fails at
 once with its ``file:line``. ``limit`` with ``seed`` picks a seeded subsample (the seed chooses *which* items;
 kept in dataset order); ``item_id`` is the row's index in the full split, so two runs pair on items.
+Corpus-derived tasks (``corpus_cloze:CORPUS``, ``corpus_mc:CORPUS``) generate their rows from the corpus
+(:mod:`esa.evals.tasks.corpus`) instead of reading the hub, and record the generator in ``TaskData.generator``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from esa.errors import EsaError
+from esa.evals.tasks import corpus
 from esa.evals.tasks.definitions import TASKS
 from esa.evals.tasks.spec import Prompt, TaskSpec
 
@@ -34,6 +37,7 @@ class TaskData:
     limit: int | None
     seed: int
     seed_invariant: bool  # True when every row is used, so the seed changes nothing
+    generator: dict | None = None  # corpus-derived tasks: corpus, parameters, rows_sha256 (corpus.generate)
 
 
 def _schema_hint(spec: TaskSpec) -> str:
@@ -112,9 +116,14 @@ def load_task_data(
 ) -> TaskData:
     """Read, validate and (optionally) subsample one task's rows."""
     spec = TASKS.get(name)
+    generator = None
     if data_path is not None:
         path = Path(data_path).expanduser()
         items, source = _read_jsonl(spec, path), f"file:{path.resolve()}"
+    elif corpus.is_corpus_task(name):
+        made = corpus.generate(name)
+        items = [TaskItem(i, f"{name}[{i}]", _prompt(spec, row, f"{name}[{i}]")) for i, row in enumerate(made.rows)]
+        source, generator = made.source, made.provenance
     else:
         items = _read_hub(spec)
         source = f"hf:{spec.hub_path}/{spec.hub_config or 'default'}:{spec.split}"
@@ -127,4 +136,5 @@ def load_task_data(
         limit,
         seed,
         seed_invariant=len(keep) == len(items),
+        generator=generator,
     )

@@ -9,10 +9,37 @@ from __future__ import annotations
 
 import re
 
+from esa.errors import EsaError
+from esa.evals.tasks import corpus
 from esa.evals.tasks.spec import TaskSpec, greedy, multiple_choice, partial
-from esa.registry import Registry
+from esa.registry import Registry, suggest
 
-TASKS: Registry[TaskSpec] = Registry("task")
+
+class TaskRegistry(Registry[TaskSpec]):
+    """The registered tasks, plus corpus-derived names (``corpus_cloze:CORPUS``, ``corpus_mc:CORPUS``; see
+    :mod:`esa.evals.tasks.corpus`) resolved on demand. ``names()`` lists only the registered tasks.
+
+    ``name in TASKS`` is True for a well-formed corpus-derived name and raises its one-line EsaError for a
+    malformed one (bad parameter, unknown corpus), so a study check reports the real problem.
+    """
+
+    def get(self, name: str) -> TaskSpec:
+        if corpus.is_corpus_task(name):
+            return corpus.task_spec(name)
+        if name not in self._items:
+            raise EsaError(suggest(name, list(self._items), self.what)
+                           + " Or a corpus-derived task: corpus_cloze:CORPUS or corpus_mc:CORPUS, e.g. "
+                           "corpus_mc:python-docs.")
+        return self._items[name]
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and corpus.is_corpus_task(name):
+            corpus.parse(name)  # raises the one-line EsaError of a malformed name
+            return True
+        return super().__contains__(name)
+
+
+TASKS = TaskRegistry("task")
 
 
 def _add(spec: TaskSpec) -> None:
