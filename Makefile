@@ -75,8 +75,10 @@ extended-core: venv
 	  --context-lens 2048 --long-context 8192 16384 --eval-suites hellaswag piqa boolq arc_e \
 	  --seeds 0 --dtype bf16 --out-dir $(OUT)/extended-core
 
+# The study report of one results database: an esa baseline --out-dir (its esa.db) or a study's .db
+REPORT_DB ?= $(OUT)/smoke
 report: venv
-	$(ESA) report $(OUT)/*/ --out $(OUT)/report
+	$(ESA) report $(REPORT_DB) --out $(OUT)/report
 
 # Studies from the research plan (need the hub and a GPU: hub models, wikitext-2/c4); results in runs/<study>.db
 phase1 phase2 scaling full-research: venv

@@ -13,6 +13,7 @@ import esa.baseline as baseline
 import esa.perturb.protocols.common as common
 import esa.scaling as scaling
 import esa.sensitivity.calibration as calibration
+from esa.data.corpora import load_corpus
 from esa.errors import EsaError
 from esa.models import Fingerprint, LoadedModel, ModelSpec
 from esa.perturb.protocols import EvalConfig, make_bench
@@ -65,7 +66,7 @@ def _pad_at_every_site(lm, corpus, tmp_path, monkeypatch) -> list:
     data = EvalConfig(dataset=corpus, context_len=32, max_eval_tokens=124, calib_samples=2)
     bench = make_bench(lm, data)
     cfg = baseline.BaselineConfig(ModelSpec(), max_eval_tokens=124, batch_tokens=1024)
-    calls = (lambda: baseline.evaluate_cell(lm, baseline.load_corpus(corpus), cfg, 32, 0, tmp_path),
+    calls = (lambda: baseline.evaluate_cell(lm, load_corpus(corpus), cfg, 32, 0, tmp_path),
              lambda: scaling._baseline(bench), lambda: common.build_cache(bench, []),
              lambda: calibration.calibration_batches(lm.tokenizer, calibration.CalibrationSpec(corpus, 2, 32)))
     for call in calls:
@@ -100,13 +101,15 @@ def test_every_former_site_refuses_a_long_context_with_the_one_message(tiny_lm, 
     assert str(exc.value) == f"context length 1024 exceeds tiny's maximum of 512 positions; use {flag} ≤ 512"
 
 
-def test_baseline_run_refuses_a_long_context_before_reading_data(tiny_lm, tmp_path, monkeypatch):
-    monkeypatch.setattr(baseline, "load_model", lambda spec: tiny_lm)
-    monkeypatch.setattr(baseline, "load_corpus", lambda *a: pytest.fail("read data before the check"))
-    cfg = baseline.BaselineConfig(ModelSpec(), context_lens=(32, 1024), datasets=("x",))
+def test_baseline_run_refuses_a_long_context_before_reading_data(tiny_lm, monkeypatch):
+    from esa.kinds.base import RunContext
+    from esa.kinds.baseline import KIND, BaselineRun
+
+    monkeypatch.setattr("esa.kinds.baseline.load_corpus", lambda *a: pytest.fail("read data before the check"))
+    run = BaselineRun(ModelSpec(), "x", 1024, 0, "chunks", None, "auto", 256, 512)
     with pytest.raises(EsaError, match="^context length 1024 exceeds tiny's maximum of 512 positions; "
                                        "use --context-lens ≤ 512$"):
-        baseline.run_model(ModelSpec(), cfg, tmp_path, overwrite=False)
+        KIND.execute(tiny_lm, run, RunContext())
 
 
 def test_only_esa_models_compares_a_length_with_max_positions():

@@ -178,12 +178,11 @@ def test_study_rows_artifacts_and_headline_numbers(tiny_db):
 
 
 def test_store_matches_esa_baseline_per_window(tiny_db, tiny_dir, tmp_path):
-    from esa.baseline import BaselineConfig, run_baseline
-    from esa.models import ModelSpec
-
-    cfg = BaselineConfig(ModelSpec(str(tiny_dir / "model")), "smoke", (str(tiny_dir / "corpus.txt"),), (32,), (1,),
-                         max_eval_tokens=256, batch_tokens=512)
-    (run_dir,) = run_baseline(cfg, [str(tiny_dir / "model")], tmp_path)
+    model = tiny_dir / "model"
+    assert main(["--no-progress", "baseline", "--model", str(model), "--datasets", str(tiny_dir / "corpus.txt"),
+                 "--context-lens", "32", "--seeds", "1", "--max-eval-tokens", "256", "--batch-tokens", "512",
+                 "--out-dir", str(tmp_path)]) == 0
+    run_dir = tmp_path / model.name
     entry = json.loads((run_dir / "results.json").read_text())["entries"][0]
     reference = np.load(run_dir / entry["per_window_file"])
     with Store(tiny_db) as store:

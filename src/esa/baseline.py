@@ -1,14 +1,18 @@
 """Honest baselines: perplexity family, token accuracy, throughput and memory per (model, dataset, context, seed).
 
-A run evaluates one model on every requested dataset × context length × seed and writes a run directory::
+:func:`score_cell` evaluates one (dataset, ctx, seed) cell; the run kinds ``baseline`` and ``long_context``
+(:mod:`esa.kinds.baseline`) execute it and store :func:`cell_metrics` and the per-window arrays. ``esa baseline``
+runs those kinds as a one-off study and exports each model's stored rows (:func:`export_run_dir`) to a run
+directory::
 
     <out>/<model-slug>/manifest.json    resolved config, provenance, model fingerprint
     <out>/<model-slug>/results.json     one entry per (dataset, ctx, seed) + seed aggregates (schema below)
     <out>/<model-slug>/per_window/<dataset>__ctx<T>__seed<S>.npz   nll, n_scored, n_correct, window_index
+    <out>/<model-slug>/zeroshot/<task>.items.jsonl                 one ItemScore per scored item
 
 ``results.json`` schema ``esa.baseline.v1``: ``{"schema", "model", "profile", "entries": [...],
-"aggregates": [...], "warnings": [...]}``; an entry holds dataset, corpus_source, context_len, method, stride,
-bos, seed, seed_invariant, windows_available, long_context, metrics (see
+"aggregates": [...], "zeroshot": {...}, "warnings": [...]}``; an entry holds dataset, corpus_source,
+context_len, method, stride, bos, seed, seed_invariant, windows_available, long_context, metrics (see
 :func:`esa.evals.perplexity.perplexity_metrics`), peak_memory, mfu, sanity and per_window_file. Non-finite
 numbers are stored as the strings ``"nan"``/``"inf"``.
 """
@@ -22,15 +26,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 
-from esa.data.corpora import Corpus, for_method, load_corpus
+from esa.data.corpora import Corpus, for_method
 from esa.data.windows import corpus_windows, scored_text_counts, select_windows
 from esa.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
 from esa.evals.resources import mfu, peak_memory, reset_peak_memory
-from esa.models import LoadedModel, ModelSpec, check_context, load_model, pad_id
-from esa.provenance import provenance
-from esa.runs import staged_run_dir, write_arrays, write_json
+from esa.models import LoadedModel, ModelSpec, pad_id
+from esa.registry import suggest
+from esa.runs import as_float, staged_run_dir, write_arrays, write_json
 from esa.sanity import repetition_rate, sanity_warnings
 from esa.stats import aggregate_seeds
 
@@ -83,8 +88,9 @@ class BaselineConfig:
     zeroshot_limit: int | None = None  # items per task (seeded subsample by the first seed); None = all
 
     def resolved(self) -> BaselineConfig:
+        """Every empty field filled from the profile; zero-shot task names canonical (``arc_e`` → ``arc_easy``)."""
         if self.profile not in PROFILES:
-            raise EsaError(f"unknown --baseline profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+            raise EsaError("--baseline: " + suggest(self.profile, list(PROFILES), "profile"))
         p = PROFILES[self.profile]
         return BaselineConfig(
             self.model, self.profile, self.datasets or p.datasets, self.context_lens or p.context_lens,
@@ -100,7 +106,7 @@ def model_slug(name: str) -> str:
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One evaluated (dataset, ctx, seed) cell, as stored in results.json."""
 
     dataset: str
@@ -108,12 +114,12 @@ class _Entry:
     context_len: int
     method: str
     stride: int | None
-    bos: str
+    bos: str  # as resolved for the model: always | never
     seed: int
     seed_invariant: bool
     windows_available: int
     long_context: bool
-    metrics: dict
+    metrics: dict  # esa.evals.perplexity.perplexity_metrics
     peak_memory: dict
     mfu: float | None
     sanity: dict
@@ -121,9 +127,15 @@ class _Entry:
     warnings: list[str] = field(default_factory=list)
 
 
-def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int, seed: int,
-                  run_dir: Path, long_context: bool = False) -> _Entry:
-    """Evaluate one (dataset, ctx, seed) cell and save its per-window arrays."""
+def per_window_file(dataset: str, ctx: int, seed: int) -> str:
+    """Where a cell's per-window arrays go in a run directory."""
+    return f"per_window/{model_slug(dataset)}__ctx{ctx}__seed{seed}.npz"
+
+
+def score_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int, seed: int,
+               long_context: bool = False) -> tuple[Entry, dict[str, np.ndarray]]:
+    """Evaluate one (dataset, ctx, seed) cell: its entry and per-window arrays ``nll``, ``n_scored``,
+    ``n_correct``, ``window_index`` (W,) each. A long-context cell runs one window per forward (budget = ctx)."""
     tok = lm.tokenizer
     corpus = for_method(corpus, cfg.method)  # gptq / lm-eval rolling read their own rows
     ws = corpus_windows(tok, corpus, cfg.method, ctx, stride=cfg.stride, bos=cfg.bos)
@@ -139,13 +151,61 @@ def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int
     warnings = sanity_warnings(rep, metrics["perplexity"], metrics["token_accuracy"])
     if scores.n_nonfinite:
         warnings.append(f"{scores.n_nonfinite} window(s) had non-finite loss (kept in the totals)")
-    rel = f"per_window/{model_slug(corpus.name)}__ctx{ctx}__seed{seed}.npz"
-    write_arrays(run_dir / rel, nll=scores.nll, n_scored=scores.n_scored, n_correct=scores.n_correct,
-                 window_index=sel.indices)
-    return _Entry(corpus.name, corpus.source, ctx, cfg.method, cfg.stride, ws.bos, seed, sel.seed_invariant,
+    arrays = {"nll": scores.nll, "n_scored": scores.n_scored, "n_correct": scores.n_correct,
+              "window_index": sel.indices}
+    entry = Entry(corpus.name, corpus.source, ctx, cfg.method, cfg.stride, ws.bos, seed, sel.seed_invariant,
                   sel.available_windows, long_context, metrics, peak_memory(lm.device),
                   mfu(lm.fingerprint.n_params, metrics["tokens_per_second"] or 0.0, lm.device),
-                  {"repetition_rate": rep, "warnings": warnings}, rel, warnings)
+                  {"repetition_rate": rep, "warnings": warnings}, per_window_file(corpus.name, ctx, seed), warnings)
+    return entry, arrays
+
+
+def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int, seed: int,
+                  run_dir: Path, long_context: bool = False) -> Entry:
+    """:func:`score_cell`, with the per-window arrays saved under ``run_dir / entry.per_window_file``."""
+    entry, arrays = score_cell(lm, corpus, cfg, ctx, seed, long_context)
+    write_arrays(Path(run_dir) / entry.per_window_file, **arrays)
+    return entry
+
+
+# ------------------------------------------------------------------------------- stored cells and back
+EXTRA_METRICS = ("corpus_source", "bos_resolved", "seed_invariant", "windows_available", "peak_memory", "mfu",
+                 "sanity", "long_context")  # what a stored cell holds beside perplexity_metrics
+
+
+def cell_metrics(entry: Entry) -> dict:
+    """The metrics a ``baseline`` run stores for a cell: the perplexity metrics and the entry's own fields
+    (the ``long_context`` kind adds ``long_context: true``)."""
+    return {**entry.metrics, "corpus_source": entry.corpus_source, "bos_resolved": entry.bos,
+            "seed_invariant": entry.seed_invariant, "windows_available": entry.windows_available,
+            "peak_memory": entry.peak_memory, "mfu": entry.mfu, "sanity": entry.sanity}
+
+
+def stored_entry(config: dict, metrics: dict) -> Entry:
+    """:func:`cell_metrics`' inverse: the entry of a stored ``baseline`` or ``long_context`` run (its run config
+    and metrics). The entry's warnings are its sanity warnings, as :func:`score_cell` makes them."""
+    m = metrics
+    ctx, seed = config["context_len"], config["seed"]
+    return Entry(config["dataset"], m["corpus_source"], ctx, config["method"], config["stride"], m["bos_resolved"],
+                 seed, m["seed_invariant"], m["windows_available"], bool(m.get("long_context")),
+                 {k: v for k, v in m.items() if k not in EXTRA_METRICS}, m["peak_memory"], m["mfu"], m["sanity"],
+                 per_window_file(config["dataset"], ctx, seed), list(m["sanity"]["warnings"]))
+
+
+def grid_order(cells: list[tuple[Entry, dict]], cfg: BaselineConfig) -> list[tuple[Entry, dict]]:
+    """(entry, arrays) pairs in results order — per dataset: context × seed, then the long contexts — keeping
+    only the first seed of a cell that scored the whole split (the other seeds would repeat it exactly)."""
+    by = {(e.dataset, e.context_len, e.seed, e.long_context): (e, a) for e, a in cells}
+    out = []
+    for dataset in cfg.datasets:
+        for ctx in cfg.context_lens:
+            for seed in cfg.seeds:
+                cell = by.get((dataset, ctx, seed, False))
+                out += [cell] if cell else []
+                if cell and cell[0].seed_invariant:
+                    break
+        out += [by[k] for k in ((dataset, ctx, cfg.seeds[0], True) for ctx in cfg.long_context) if k in by]
+    return out
 
 
 AGGREGATE_SCALES = {"perplexity": "log", "token_accuracy": "linear", "bits_per_byte": "linear"}  # aggregate_seeds
@@ -159,11 +219,11 @@ def _mean_ci(values: list[float], scale: str) -> dict:
     return {"mean": agg.mean, "ci95": ci, "scale": scale}
 
 
-def aggregate(entries: list[_Entry]) -> list[dict]:
+def aggregate(entries: list[Entry]) -> list[dict]:
     """Per (dataset, ctx): centre and t-based 95 % CI across seeds for perplexity, token accuracy and bits per
     byte. Perplexity is aggregated on the log scale (``scale: "log"``): its ``mean`` is the geometric mean across
     seeds and its CI the exponentiated t-interval of log perplexity, so both bounds are positive."""
-    groups: dict[tuple, list[_Entry]] = {}
+    groups: dict[tuple, list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.dataset, e.context_len, e.method, e.long_context), []).append(e)
     out = []
@@ -172,74 +232,39 @@ def aggregate(entries: list[_Entry]) -> list[dict]:
                "seeds": [e.seed for e in cell], "seed_invariant": all(e.seed_invariant for e in cell),
                "scored_tokens": [e.metrics["scored_tokens"] for e in cell]}
         for key, scale in AGGREGATE_SCALES.items():
-            row[key] = _mean_ci([e.metrics[key] for e in cell], scale)
+            row[key] = _mean_ci([as_float(e.metrics[key]) for e in cell], scale)
         out.append(row)
     return out
 
 
-def run_model(spec: ModelSpec, cfg: BaselineConfig, out_dir: Path, overwrite: bool) -> Path:
-    """Evaluate one model over the config's grid; returns its run directory (replaced only on success)."""
-    final = Path(out_dir) / model_slug(spec.name)
-    with staged_run_dir(final, overwrite) as run_dir:
-        lm = load_model(spec)
-        for ctx in cfg.context_lens + cfg.long_context:
-            check_context(lm, ctx)
-        corpora = [load_corpus(name, cfg.method) for name in cfg.datasets]
-        tasks = _load_tasks(cfg)  # before any scoring, so missing task data fails fast
-        entries = _evaluate_grid(lm, corpora, cfg, run_dir)
-        zeroshot = _evaluate_tasks(lm, tasks, cfg, run_dir)
-        manifest = {"config": asdict(cfg), "model": lm.fingerprint.to_dict(), "provenance": provenance(lm.device)}
-        results = {"schema": SCHEMA, "model": lm.fingerprint.to_dict(), "profile": cfg.profile,
-                   "entries": [asdict(e) for e in entries], "aggregates": aggregate(entries),
-                   "zeroshot": zeroshot,
+# ------------------------------------------------------------------------------------------------ export
+def export_run_dir(final: Path, cfg: BaselineConfig, cells: list[tuple[Entry, dict]], tasks: list,
+                   fingerprint: dict, provenance: dict) -> Path:
+    """Write one model's run directory (schema above) from its stored rows; ``final`` is replaced only once the
+    new one is complete.
+
+    Args:
+        cfg: the resolved config, its ``model`` this model's spec (stored as the manifest's ``config``).
+        cells: (entry, per-window arrays) of every stored cell, any order (:func:`grid_order` orders them).
+        tasks: the zero-shot :class:`~esa.evals.zeroshot.TaskResult` of each of ``cfg.eval_suites``, in order.
+        fingerprint, provenance: the model's fingerprint and the provenance stored with its runs.
+    """
+    cells = grid_order(cells, cfg)
+    entries = [e for e, _ in cells]
+    with staged_run_dir(Path(final), overwrite=True) as run_dir:  # the database is the record: replace exports
+        for entry, arrays in cells:
+            write_arrays(run_dir / entry.per_window_file, **arrays)
+        zeroshot = {}
+        for result in tasks:
+            rel = f"zeroshot/{result.task}.items.jsonl"
+            (run_dir / "zeroshot").mkdir(exist_ok=True)
+            (run_dir / rel).write_text("".join(json.dumps(asdict(s)) + "\n" for s in result.items))
+            zeroshot[result.task] = {"metrics": result.metrics, "config": result.config, "items_file": rel}
+        results = {"schema": SCHEMA, "model": fingerprint, "profile": cfg.profile,
+                   "entries": [asdict(e) for e in entries], "aggregates": aggregate(entries), "zeroshot": zeroshot,
                    "warnings": [f"{e.dataset} ctx={e.context_len} seed={e.seed}: {w}" for e in entries
                                 for w in e.warnings]}
-        write_json(run_dir / "manifest.json", manifest)
+        write_json(run_dir / "manifest.json", {"config": asdict(cfg), "model": fingerprint,
+                                               "provenance": provenance})
         write_json(run_dir / "results.json", results)
-    return final
-
-
-def _load_tasks(cfg: BaselineConfig) -> list:
-    from esa.evals.tasks import load_task_data
-
-    paths = dict(cfg.task_data)
-    unknown = sorted(set(paths) - set(cfg.eval_suites))
-    if unknown:
-        raise EsaError(f"--task-data names {', '.join(unknown)}, which is not in --eval-suites")
-    return [load_task_data(t, paths.get(t), cfg.zeroshot_limit, cfg.seeds[0]) for t in cfg.eval_suites]
-
-
-def _evaluate_tasks(lm: LoadedModel, tasks: list, cfg: BaselineConfig, run_dir: Path) -> dict:
-    """Zero-shot metrics per task; per-item scores go to ``zeroshot/<task>.items.jsonl`` for pairing."""
-    from esa.evals.zeroshot import evaluate_task
-
-    out = {}
-    for data in tasks:
-        result = evaluate_task(lm.model, lm.tokenizer, data, token_budget=cfg.batch_tokens)
-        rel = f"zeroshot/{result.task}.items.jsonl"
-        (run_dir / "zeroshot").mkdir(exist_ok=True)
-        (run_dir / rel).write_text("".join(json.dumps(asdict(s)) + "\n" for s in result.items))
-        out[result.task] = {"metrics": result.metrics, "config": result.config, "items_file": rel}
-    return out
-
-
-def _evaluate_grid(lm: LoadedModel, corpora: list[Corpus], cfg: BaselineConfig, run_dir: Path) -> list[_Entry]:
-    entries: list[_Entry] = []
-    for corpus in corpora:
-        for ctx in cfg.context_lens:
-            for seed in cfg.seeds:
-                entry = evaluate_cell(lm, corpus, cfg, ctx, seed, run_dir)
-                entries.append(entry)
-                if entry.seed_invariant:  # whole split evaluated: other seeds would repeat it exactly
-                    break
-        for ctx in cfg.long_context:
-            entries.append(evaluate_cell(lm, corpus, cfg, ctx, cfg.seeds[0], run_dir, long_context=True))
-    return entries
-
-
-def run_baseline(cfg: BaselineConfig, models: list[str], out_dir: Path, overwrite: bool = False) -> list[Path]:
-    """Run the baseline for each model name; returns the run directories."""
-    cfg = cfg.resolved()
-    return [run_model(ModelSpec(m, cfg.model.dtype, cfg.model.device, cfg.model.revision,
-                                cfg.model.trust_remote_code, cfg.model.allow_pickle), cfg, out_dir, overwrite)
-            for m in models]
+    return Path(final)

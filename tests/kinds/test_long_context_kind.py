@@ -110,7 +110,7 @@ def test_expand_without_the_section_is_empty(study_dir):
 def test_execute_stores_what_baseline_long_context_computes(tiny_lm, study_dir, tmp_path, ctx):
     run = _run(study_dir, ctx)
     metrics, arrays = KIND.execute(tiny_lm, run, RunContext())
-    # `esa baseline --long-context CTX`: the resolved config, the corpus as run_model reads it, evaluate_cell
+    # the pre-engine `esa baseline --long-context CTX`: resolved config, corpus read for the method, evaluate_cell
     cfg = BaselineConfig(run.model, "smoke", (run.dataset,), (64,), (run.seed,), max_eval_tokens=600,
                          long_context=(ctx,)).resolved()
     entry = evaluate_cell(tiny_lm, load_corpus(run.dataset, cfg.method), cfg, ctx, cfg.seeds[0], tmp_path,

@@ -207,15 +207,26 @@ def test_study_filter_and_one_line_errors(study_db, tmp_path, capsys):
     assert foreign.read_bytes() == before and not (tmp_path / "x").exists()
 
 
-def test_run_directories_still_get_the_baseline_report(tiny_dir, tmp_path):
-    from esa.baseline import BaselineConfig, run_baseline
-    from esa.models import ModelSpec
-
-    cfg = BaselineConfig(ModelSpec(str(tiny_dir / "model")), "smoke", (str(tiny_dir / "corpus.txt"),), (32,), (0,),
-                         max_eval_tokens=64, batch_tokens=512)
-    (run_dir,) = run_baseline(cfg, [str(tiny_dir / "model")], tmp_path / "runs")
-    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
-    assert (tmp_path / "rep" / "baseline_report.md").is_file() and not (tmp_path / "rep" / "report.html").exists()
+def test_a_baseline_out_dir_gets_the_study_report_of_its_database(tiny_dir, tmp_path, capsys):
+    """`esa report OUT` (or OUT/<model>) renders the esa.db that `esa baseline --out-dir OUT` wrote; a run
+    directory of the pre-engine command, without a database, is refused in one line naming the remedy."""
+    model = tiny_dir / "model"
+    out = tmp_path / "runs"
+    assert main(["--no-progress", "baseline", "--model", str(model), "--datasets", str(tiny_dir / "corpus.txt"),
+                 "--context-lens", "32", "--seeds", "0", "--max-eval-tokens", "64", "--batch-tokens", "512",
+                 "--out-dir", str(out)]) == 0
+    for arg, rep in ((out, tmp_path / "rep"), (out / model.name, tmp_path / "rep2")):
+        assert main(["report", str(arg), "--out", str(rep)]) == 0
+        assert (rep / "report.html").is_file() and not (rep / "baseline_report.md").exists()
+        assert "## Executive summary: baselines" in (rep / "report.md").read_text()
+    legacy = tmp_path / "legacy"
+    shutil.copytree(out / model.name, legacy / model.name)
+    capsys.readouterr()
+    for arg in (legacy, legacy / model.name):
+        assert main(["report", str(arg), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "without a results database (esa.db)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------- audit issue 10: intervals that can be trusted

@@ -1,11 +1,21 @@
-"""``esa baseline``: perplexity family, token accuracy, throughput and memory for one or more models."""
+"""``esa baseline``: perplexity family, token accuracy, throughput and memory for one or more models.
+
+A one-off study on the engine: the flags (a profile's budgets filled in, :meth:`BaselineConfig.resolved`)
+become a study with kinds ``baseline`` (models × datasets × context lengths × seeds), ``long_context`` (with
+``--long-context``) and ``zeroshot`` (with ``--eval-suites``), run into ``<out-dir>/esa.db`` — rerunning resumes,
+completed runs are not computed again; ``--overwrite`` starts a fresh database — and each model's run directory
+``<out-dir>/<model-slug>/`` is exported from the stored rows (:func:`esa.baseline.export_run_dir`).
+``esa report <out-dir>`` renders the database.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from esa.baseline import PROFILES, BaselineConfig, run_baseline
+from esa.baseline import PROFILES, SUITE_ALIASES, BaselineConfig
 from esa.data.windows import METHODS
+from esa.errors import EsaError
 from esa.models import ModelSpec
 
 
@@ -28,7 +38,8 @@ def register(subparsers) -> None:
                               description="Profiles — " + _profiles_help())
     p.add_argument("--model", nargs="+", default=["smollm2-135m"],
                    help="suite alias (see `esa check-models`), hub id, local dir or .gguf file; several allowed")
-    p.add_argument("--baseline", default="smoke", choices=list(PROFILES), help="profile: token budgets")
+    p.add_argument("--baseline", default="smoke", metavar="PROFILE",
+                   help=f"profile: token budgets, one of {', '.join(PROFILES)} (default smoke)")
     p.add_argument("--datasets", nargs="+", default=[], help="corpus names or .txt/.jsonl paths")
     p.add_argument("--context-lens", nargs="+", type=int, default=[], help="window lengths in tokens")
     p.add_argument("--seeds", nargs="+", type=int, default=[], help="seeds choose which windows are scored")
@@ -42,28 +53,32 @@ def register(subparsers) -> None:
                    help="extra context lengths evaluated at batch size 1 with chunked log-softmax")
     p.add_argument("--eval-suites", nargs="*", default=[],
                    help="zero-shot tasks: hellaswag piqa boolq arc_easy (arc_e) arc_challenge (arc_c) winogrande "
-                        "lambada_openai sciq")
+                        "lambada_openai (lambada) sciq")
     p.add_argument("--task-data", nargs="*", default=[], metavar="TASK=PATH",
                    help="local JSONL per task in the dataset's own schema (offline runs)")
-    p.add_argument("--zeroshot-limit", type=int, default=None, help="items per task (seeded subsample)")
+    p.add_argument("--zeroshot-limit", type=int, default=None,
+                   help="items per task (a subsample chosen by the first seed)")
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path("runs/baseline"), help="where run directories go")
-    p.add_argument("--overwrite", action="store_true", help="replace existing results in the run directory")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/baseline"),
+                   help="results database esa.db and one run directory per model, exported from it")
+    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from a fresh database (else a rerun resumes: completed runs are reused)")
     p.set_defaults(func=run)
 
 
 def config_from_args(args) -> BaselineConfig:
+    """The resolved config of the flags (the first model's spec; the others share its settings)."""
     spec = ModelSpec(args.model[0], args.dtype, args.device, args.revision, args.trust_remote_code,
                      args.allow_pickle)
     max_tokens = None if args.max_eval_tokens == 0 else args.max_eval_tokens
     return BaselineConfig(spec, args.baseline, tuple(args.datasets), tuple(args.context_lens), tuple(args.seeds),
                           args.method, args.stride, args.bos, max_tokens, args.batch_tokens,
                           tuple(args.long_context), tuple(args.eval_suites), _task_data(args.task_data),
-                          args.zeroshot_limit)
+                          args.zeroshot_limit).resolved()
 
 
 def _task_data(items: list[str]) -> tuple[tuple[str, str], ...]:
-    from esa.baseline import SUITE_ALIASES
     from esa.evals.zeroshot import parse_task_data
 
     canonical = []
@@ -73,11 +88,89 @@ def _task_data(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(parse_task_data(canonical).items())
 
 
+def check_tasks(cfg: BaselineConfig) -> None:
+    """Fail on a task typo, a --task-data of a task not evaluated, or a task with neither --task-data nor a
+    readable hub split — before any model is loaded or scored."""
+    from esa.evals.tasks import TASKS, load_task_data
+
+    for name in cfg.eval_suites:
+        TASKS.get(name)
+    paths = dict(cfg.task_data)
+    unknown = sorted(set(paths) - set(cfg.eval_suites))
+    if unknown:
+        raise EsaError(f"--task-data names {', '.join(unknown)}, which is not in --eval-suites")
+    for name in (t for t in cfg.eval_suites if t not in paths):
+        load_task_data(name, None, cfg.zeroshot_limit, cfg.seeds[0])  # the hub split, or the remedy
+
+
+def one_off_study(cfg: BaselineConfig, models: list[str]):
+    """The study ``esa baseline`` runs: every model with the first one's settings, the resolved grid, the long
+    contexts (first seed) and the zero-shot tasks (items chosen by the first seed, as many as --zeroshot-limit)."""
+    from esa.study import parse_study
+
+    m = cfg.model
+    study = {"name": "esa-baseline",
+             "models": [{"name": name, "dtype": m.dtype, "device": m.device, "revision": m.revision,
+                         "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle}
+                        for name in models],
+             "datasets": list(cfg.datasets), "context_lens": list(cfg.context_lens), "seeds": list(cfg.seeds),
+             "method": cfg.method, "stride": cfg.stride, "bos": cfg.bos, "max_eval_tokens": cfg.max_eval_tokens,
+             "batch_tokens": cfg.batch_tokens,
+             "kinds": ["baseline"] + ["long_context"] * bool(cfg.long_context) + ["zeroshot"] * bool(cfg.eval_suites)}
+    if cfg.long_context:
+        study["long_context"] = {"context_lens": list(cfg.long_context)}
+    if cfg.eval_suites:
+        study["zeroshot"] = {"tasks": list(cfg.eval_suites), "task_data": dict(cfg.task_data),
+                             "limit": cfg.zeroshot_limit, "seeds": [cfg.seeds[0]]}
+    return parse_study(study, "esa baseline")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """The nearest existing folder at or above ``path`` must be a writable directory (nothing is created)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise EsaError(f"output directory {path} is not writable ({existing} is not a writable directory); "
+                       f"choose another {flag}")
+
+
+def export(outcome, cfg: BaselineConfig, out_dir: Path) -> list[Path]:
+    """Each model's run directory ``<out-dir>/<model-slug>/`` from the one-off study's stored rows."""
+    import dataclasses
+
+    from esa.baseline import export_run_dir, model_slug, stored_entry
+    from esa.kinds.zeroshot import task_result
+    from esa.study import model_specs
+
+    dirs = []
+    for spec in model_specs(outcome.study):
+        cells = [h for kind in ("baseline", "long_context") for h in outcome.of(kind) if h.run.model == spec]
+        tasks = [task_result(h.row, h.arrays) for h in outcome.of("zeroshot") if h.run.model == spec]
+        first = min((h.row for h in cells), key=lambda r: r.started_at)
+        dirs.append(export_run_dir(out_dir / model_slug(spec.name), dataclasses.replace(cfg, model=spec),
+                                   [(stored_entry(h.row.config, h.row.metrics), h.arrays) for h in cells], tasks,
+                                   first.model, first.provenance or {}))
+    return dirs
+
+
 def run(args) -> int:
     from rich.console import Console
 
-    dirs = run_baseline(config_from_args(args), args.model, args.out_dir, args.overwrite)
+    from esa.baseline import model_slug
+    from esa.commands.study import progress_printer
+    from esa.executors.one_off import check_out_dir, run_one_off
+
+    cfg = config_from_args(args)
+    check_tasks(cfg)
+    study = one_off_study(cfg, args.model)
+    out = Path(args.out_dir)
+    db = Path(args.db or out / "esa.db")
+    check_out_dir(out, db, tuple(f"{model_slug(m)}/results.json" for m in args.model), args.overwrite,
+                  "esa baseline")
+    _check_writable(out, "--out-dir")
+    _check_writable(db.parent, "--db")
     console = Console()
-    for d in dirs:
-        console.print(f"results: {d / 'results.json'}")
+    outcome = run_one_off(study, db, "esa baseline", args.overwrite, progress_printer(console))
+    for d in export(outcome, cfg, out):
+        console.print(f"results: {d / 'results.json'}", soft_wrap=True)
+    console.print(f"database: {db} (`esa report {db}`)", soft_wrap=True)
     return 0

@@ -1,11 +1,9 @@
-"""``esa report``: reports computed only from stored results.
+"""``esa report``: a study report (``report.md`` + PNGs and a self-contained ``report.html``) computed only from a
+results database (:mod:`esa.report.study_report`).
 
-* ``esa report study.db [--study NAME] --out DIR`` — a results database (an SQLite file written by
-  ``esa run``): ``report.md`` + PNGs and a self-contained ``report.html`` (:mod:`esa.report.study_report`).
-* ``esa report RUNDIR… --out DIR`` — run directories of ``esa baseline``: ``baseline_report.md`` + PNG.
-
-The two are told apart by the argument: an SQLite file (or a path ending in .db/.sqlite/.sqlite3) is a
-results database, anything else a run directory.
+The argument is the database itself (an SQLite file written by ``esa run``, or a path ending in
+.db/.sqlite/.sqlite3), or an output directory of a command that keeps its database there (``esa baseline
+--out-dir OUT`` writes ``OUT/esa.db``), or one model's run directory ``OUT/<model>/`` inside it.
 """
 
 from __future__ import annotations
@@ -13,20 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from esa.errors import EsaError
-from esa.report.baseline_report import write_baseline_report
 from esa.report.study_report import is_sqlite_file, write_study_report
 
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+DB_NAME = "esa.db"  # the database a one-off command writes into its --out-dir
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="write a study report (report.md + report.html) from a results "
-                                             "database, or baseline_report.md from run directories")
-    p.add_argument("runs", nargs="+", type=Path, metavar="DB_OR_RUNDIR",
-                   help="a results database (study.db) or run directories (or parents holding several)")
+                                             "database, or from an esa baseline --out-dir holding esa.db")
+    p.add_argument("runs", nargs="+", type=Path, metavar="DB_OR_OUT_DIR",
+                   help="a results database (study.db), or an output directory holding esa.db (esa baseline)")
     p.add_argument("--out", type=Path, default=None,
-                   help="report directory (default: <db stem>-report next to the database, or runs/report)")
-    p.add_argument("--study", default=None, help="only this study's runs (database reports; name or id)")
+                   help="report directory (default: <db stem>-report next to the database)")
+    p.add_argument("--study", default=None, help="only this study's runs (name or id)")
     p.set_defaults(func=run)
 
 
@@ -34,17 +32,33 @@ def _is_db(path: Path) -> bool:
     return is_sqlite_file(path) or (path.suffix in DB_SUFFIXES and not path.is_dir())
 
 
+def database_of(path: Path) -> Path:
+    """The results database that ``path`` names: itself, ``path/esa.db``, or — for a model's run directory
+    ``OUT/<model>/`` of ``esa baseline`` — ``OUT/esa.db``."""
+    if _is_db(path):
+        return path
+    if not path.is_dir():
+        raise EsaError(f"{path} does not exist; pass a results database (.db) or an output directory holding "
+                       f"{DB_NAME}")
+    run_dir = (path / "results.json").is_file()
+    for db in (path / DB_NAME, *([path.parent / DB_NAME] if run_dir else [])):
+        if db.is_file():
+            return db
+    if run_dir or any(path.glob("*/results.json")):
+        out = path.parent if run_dir else path
+        raise EsaError(f"{path} holds run directories of an older `esa baseline` without a results database "
+                       f"({DB_NAME}); rerun `esa baseline … --out-dir {out} --overwrite` (it writes {out / DB_NAME}), "
+                       f"then `esa report {out}`")
+    raise EsaError(f"{path} holds no results database ({DB_NAME}); pass a .db file or an output directory of "
+                   "esa baseline")
+
+
 def run(args) -> int:
-    dbs = [p for p in args.runs if _is_db(p)]
-    if dbs and len(args.runs) > 1:
-        raise EsaError(f"pass one results database ({dbs[0]}) or run directories, not both or several databases")
-    if dbs:
-        out = args.out or dbs[0].parent / f"{dbs[0].stem}-report"
-        md, page = write_study_report(dbs[0], out, args.study)
-        print(f"report: {md}\nreport: {page}")
-        return 0
-    if args.study is not None:
-        raise EsaError("--study applies to a results database; run directories hold no studies")
-    path = write_baseline_report(args.runs, args.out or Path("runs/report"))
-    print(f"report: {path}")
+    if len(args.runs) > 1:
+        raise EsaError(f"pass one results database or output directory, not {len(args.runs)}: "
+                       f"{' '.join(map(str, args.runs))}")
+    db = database_of(args.runs[0])
+    out = args.out or db.parent / f"{db.stem}-report"
+    md, page = write_study_report(db, out, args.study)
+    print(f"report: {md}\nreport: {page}")
     return 0

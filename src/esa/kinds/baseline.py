@@ -1,5 +1,5 @@
 """Run kind ``baseline``: one model on one dataset at one context length with one seed — the perplexity family,
-token accuracy, throughput and peak memory of the unperturbed model (:func:`esa.baseline.evaluate_cell`).
+token accuracy, throughput and peak memory of the unperturbed model (:func:`esa.baseline.score_cell`).
 
 Built from the study's own top-level fields (``models × datasets × context_lens × seeds``, ``method``,
 ``bos``, ``max_eval_tokens``, ``batch_tokens``); it has no section. With ``max_eval_tokens: null`` every window
@@ -10,14 +10,12 @@ seed-invariant. Arrays: per-window ``nll``, ``n_scored``, ``n_correct``, ``windo
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from esa.baseline import BaselineConfig, evaluate_cell
+from esa.baseline import BaselineConfig, cell_metrics, score_cell
 from esa.data.corpora import Corpus, load_corpus
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind, no_check
 from esa.models import LoadedModel, ModelSpec, check_context
@@ -67,17 +65,12 @@ def corpus(ctx: RunContext, name: str) -> Corpus:
 
 def evaluate_stored_cell(lm: LoadedModel, run, ctx: RunContext, cfg: BaselineConfig, long_context: bool = False
                          ) -> tuple[dict, dict[str, np.ndarray]]:
-    """One cell of ``esa baseline`` (:func:`esa.baseline.evaluate_cell`) as a run's (metrics, arrays)."""
+    """One cell of ``esa baseline`` (:func:`esa.baseline.score_cell`) as a run's (metrics, arrays); the
+    context length is checked against the model before any data is read."""
     check_context(lm, run.context_len)
-    with tempfile.TemporaryDirectory(prefix="esa-run-") as tmp:
-        entry = evaluate_cell(lm, corpus(ctx, run.dataset), cfg, run.context_len, run.seed, Path(tmp),
-                              long_context=long_context)
-        with np.load(Path(tmp) / entry.per_window_file) as z:
-            arrays = {k: z[k] for k in z.files}  # (W,) each: nll, n_scored, n_correct, window_index
-    metrics = {**entry.metrics, "corpus_source": entry.corpus_source, "bos_resolved": entry.bos,
-               "seed_invariant": entry.seed_invariant, "windows_available": entry.windows_available,
-               "peak_memory": entry.peak_memory, "mfu": entry.mfu, "sanity": entry.sanity}
-    return metrics, arrays
+    entry, arrays = score_cell(lm, corpus(ctx, run.dataset), cfg, run.context_len, run.seed,
+                               long_context=long_context)
+    return cell_metrics(entry), arrays  # arrays (W,) each: nll, n_scored, n_correct, window_index
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:

@@ -7,8 +7,8 @@ A study asks for it with a ``long_context:`` section::
       datasets: [wikitext-2]             # omit: the study's datasets
       max_eval_tokens: 262144            # scored tokens per run; omit: the study's; null: the whole split
 
-One :class:`LongContextRun` per model × dataset × context length, executing exactly what ``esa baseline
---long-context`` does: :func:`esa.baseline.evaluate_cell` with ``long_context=True`` (micro-batch budget = T,
+One :class:`LongContextRun` per model × dataset × context length — what ``esa baseline --long-context`` runs:
+:func:`esa.baseline.score_cell` with ``long_context=True`` (micro-batch budget = T,
 so one window per forward and the peak memory is that of a single window), with the study's method, stride
 and BOS. The length is checked against the model's positions by :func:`esa.models.check_context`.
 
