@@ -149,14 +149,13 @@ def _mc_prompt():
 
 
 @lru_cache(maxsize=256)
-def task_spec(name: str) -> TaskSpec:
-    """The TaskSpec of a corpus-derived name: cloze reuses lambada_openai's prompt, kind and metrics."""
-    from esa.evals.tasks.definitions import TASKS
-
+def task_spec(name: str, cloze_base: TaskSpec) -> TaskSpec:
+    """The TaskSpec of a corpus-derived name: cloze reuses ``cloze_base``'s (lambada_openai's) prompt, kind and
+    metrics — the registry passes it in, so this module never imports the task definitions."""
     task = parse(name)
     where = "esa.evals.tasks.corpus generator"
     if task.kind == "corpus_cloze":
-        return replace(TASKS.get("lambada_openai"), name=name, hub_path=where, hub_config=None,
+        return replace(cloze_base, name=name, hub_path=where, hub_config=None,
                        split="generated", fields=("text",))
     return TaskSpec(name=name, hub_path=where, hub_config=None, split="generated",
                     fields=("context", "options", "gold"), prompt=_mc_prompt())

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from esa.errors import EsaError
-from esa.evals.tasks import corpus
+from esa.evals.tasks.corpus import generate, is_corpus_task
 from esa.evals.tasks.definitions import TASKS
 from esa.evals.tasks.spec import Prompt, TaskSpec
 
@@ -120,8 +120,8 @@ def load_task_data(
     if data_path is not None:
         path = Path(data_path).expanduser()
         items, source = _read_jsonl(spec, path), f"file:{path.resolve()}"
-    elif corpus.is_corpus_task(name):
-        made = corpus.generate(name)
+    elif is_corpus_task(name):
+        made = generate(name)
         items = [TaskItem(i, f"{name}[{i}]", _prompt(spec, row, f"{name}[{i}]")) for i, row in enumerate(made.rows)]
         source, generator = made.source, made.provenance
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from esa.errors import EsaError
-from esa.evals.tasks import corpus
+from esa.evals.tasks.corpus import is_corpus_task, parse, task_spec
 from esa.evals.tasks.spec import TaskSpec, greedy, multiple_choice, partial
 from esa.registry import Registry, suggest
 
@@ -24,8 +24,8 @@ class TaskRegistry(Registry[TaskSpec]):
     """
 
     def get(self, name: str) -> TaskSpec:
-        if corpus.is_corpus_task(name):
-            return corpus.task_spec(name)
+        if is_corpus_task(name):
+            return task_spec(name, self._items["lambada_openai"])
         if name not in self._items:
             raise EsaError(suggest(name, list(self._items), self.what)
                            + " Or a corpus-derived task: corpus_cloze:CORPUS or corpus_mc:CORPUS, e.g. "
@@ -33,8 +33,8 @@ class TaskRegistry(Registry[TaskSpec]):
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:
-        if isinstance(name, str) and corpus.is_corpus_task(name):
-            corpus.parse(name)  # raises the one-line EsaError of a malformed name
+        if isinstance(name, str) and is_corpus_task(name):
+            parse(name)  # raises the one-line EsaError of a malformed name
             return True
         return super().__contains__(name)
 
