@@ -45,6 +45,12 @@ def _common(p, stem: str) -> None:
     p.add_argument("--model", default="smollm2-135m", help="suite alias, hub id, local dir or .gguf file")
     p.add_argument("--targets", default="superweights", help=TARGETS_HELP)
     add_eval_args(p)
+    p.add_argument("--tasks", nargs="*", default=[],
+                   help="zero-shot tasks scored under every perturbation, paired item by item with the unperturbed "
+                        "model (e.g. piqa, corpus_mc:python-docs, corpus_cloze:python-docs)")
+    p.add_argument("--task-data", nargs="*", default=[], metavar="TASK=PATH",
+                   help="read TASK from a local JSONL in the dataset's own schema instead of the hub")
+    p.add_argument("--task-limit", type=int, default=None, help="items per task (seeded by --seed)")
     add_model_args(p)
     p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"),
                    help="output directory: results database esa.db, and the JSON, .npz and plot exported from it")
@@ -156,7 +162,10 @@ def one_off_study(args, kind: str, section: dict):
 
     model = {"name": args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
              "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
-    settings = {"n_boot": args.n_boot, "calib_samples": args.calib_samples, "collapse_ppl": args.collapse_ppl}
+    from esa.evals.zeroshot import parse_task_data
+
+    settings = {"n_boot": args.n_boot, "calib_samples": args.calib_samples, "collapse_ppl": args.collapse_ppl,
+                "tasks": list(args.tasks), "task_data": parse_task_data(args.task_data), "task_limit": args.task_limit}
     return parse_study({"name": f"esa-{STEMS[kind]}", "models": [model], "datasets": [args.dataset],
                         "context_lens": [args.context_len], "seeds": [args.seed],
                         "max_eval_tokens": None if args.max_eval_tokens == 0 else args.max_eval_tokens,

@@ -55,4 +55,61 @@ def downstream_blocks(runs: list[Run]) -> list[Block]:
              "item-bootstrap CI (percentile); p: exact McNemar on the discordant items (one repeat) or Wilcoxon on "
              "repeat-averaged items (several), Holm-adjusted with every ΔNLL and task test of the run. Non-finite: "
              "items whose gold log-likelihood became non-finite (a collapse, counted, not hidden).")
-    return [Paragraph(intro), Table(HEADER, tuple(rows))]
+    return [Paragraph(intro), Table(HEADER, tuple(rows)), *paper_table(runs)]
+
+
+PAPER_ARMS = (("target", "super weights"), ("largest_k", "as many largest-|W| non-super weights"),
+              ("random_k", "as many random weights"))
+
+
+def _comparisons_by_name(run: Run) -> dict:
+    comps = run.metrics.get("comparisons") or {}
+    return comps if isinstance(comps, dict) else {c["name"]: c for c in comps}
+
+
+def _paper_rows(run: Run) -> list[tuple]:
+    """One row per arm of a super-weight run: PPL with ΔNLL CI and p, then per task acc with Δ CI and p."""
+    comps, down = _comparisons_by_name(run), run.metrics.get("downstream") or {}
+    tasks = [t["task"] for t in down.get("tasks", [])]
+    sizes = {a["name"]: a["n_elements"] for a in run.metrics.get("arms", [])}
+    rows = []
+    for arm, label in PAPER_ARMS:
+        c = comps.get(f"{arm} vs baseline")
+        if c is None:
+            continue
+        p_ppl = as_float(c.get("p_wilcoxon_holm", c.get("p_wilcoxon")))
+        ppl = (f"{fnum(as_float(c['ppl_perturbed']))} (ΔNLL {as_float(c['mean_delta_nll']):+.3f} "
+               f"[{as_float(c['ci_low']):+.3f}, {as_float(c['ci_high']):+.3f}], p {p_ppl:.2g})")
+        cells = []
+        for task in tasks:
+            d = next((x for x in down["comparisons"] if x["arm"] == arm and x["task"] == task), None)
+            if d is None:
+                cells.append("—")
+                continue
+            a = d["acc"]
+            _, p = _p(a)
+            cells.append(f"{fnum(as_float(a['acc_perturbed']))} (Δ {as_float(a['delta_acc']):+.3f} "
+                         f"[{as_float(a['ci_low']):+.3f}, {as_float(a['ci_high']):+.3f}], p {p:.2g})")
+        rows.append((run_label(run), f"{label} ({sizes.get(arm, '?')})", ppl, *cells))
+    return rows
+
+
+def paper_table(runs: list[Run]) -> list[Block]:
+    """The super-weight paper's table: super weights vs as many largest-magnitude non-super weights vs random
+    weights, perplexity and accuracy per task — for every completed ``spec: superweights`` run with tasks."""
+    chosen = [r for r in runs if r.status == "completed" and (r.config.get("spec") or "").strip() == "superweights"
+              and (r.metrics.get("downstream") or {}).get("tasks")]
+    blocks: list[Block] = []
+    for r in chosen:
+        tasks = [t["task"] for t in r.metrics["downstream"]["tasks"]]
+        refs = {t["task"]: t["reference"]["acc"] for t in r.metrics["downstream"]["tasks"]}
+        header = ("run", "weights perturbed (count)", "perplexity (ΔNLL [95% CI], p)",
+                  *[f"{task_label(t)} acc, unperturbed {refs[t]:.3f} (Δ [95% CI], p)" for t in tasks])
+        blocks.append(Table(header, tuple(_paper_rows(r))))
+    if not blocks:
+        return []
+    intro = ("Super weights against the same number of the largest-magnitude *other* weights of the same tensors "
+             "(largest_k) and of random weights (random_k), under the same op, on the same windows and items — "
+             "the comparison of the super-weight paper at matched count. p: Holm-adjusted within the run "
+             "(Wilcoxon for perplexity; McNemar, or Wilcoxon over repeat-averaged items, for accuracy).")
+    return [Paragraph(intro), *blocks]
