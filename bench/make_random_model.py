@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from esa.tiny import random_model
+from esa.models.tiny import random_model
 
 # Shapes of public models (their config.json), vocabulary excepted.
 ARCHS = {

@@ -48,7 +48,7 @@ import time
 import numpy as np
 import torch
 
-from esa.architectures import as_out_in, chunked_head, decoder_layers, mlp_out_modules
+from esa.models.architectures import as_out_in, chunked_head, decoder_layers, mlp_out_modules
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, select_windows
 from esa.evals.perplexity import score_batch

@@ -53,7 +53,7 @@ def pytest_deselected(items):
 
 
 def pytest_report_collectionfinish(config, start_path, items):
-    """One line naming how many tests of each tier run (tests/test_tiers.py reads it)."""
+    """One line naming how many tests of each tier run (tests/architecture/test_tiers.py reads it)."""
     def fmt(counts):
         return ", ".join(f"{t} {counts[t]}" for t in ("unit", *TIERS) if counts.get(t)) or "none"
 
@@ -153,13 +153,13 @@ def _words_corpus(path):
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
-    """A tiny random Llama (esa.tiny, seed 0) saved with the embedded SmolLM2 tokenizer: loadable by --model.
+    """A tiny random Llama (esa.models.tiny, seed 0) saved with the embedded SmolLM2 tokenizer: loadable by --model.
 
     Shared by the whole session: tests must not write into it."""
     from transformers import AutoTokenizer
 
     from esa.models import resolve_source
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     path = tmp_path_factory.mktemp("tiny_llama")
     tiny_model("llama", seed=0).save_pretrained(path)

@@ -15,8 +15,9 @@ import pkgutil
 import sys
 
 import esa.commands
-from esa import __version__, progress
-from esa.errors import EsaError
+from esa import __version__
+from esa.core import progress
+from esa.core.errors import EsaError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats as sps
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 DEFAULT_COLLAPSE_PPL = 1000.0
 _BOOT_BLOCK = 4_000_000  # max elements of one resample block (bounds memory to ~32 MB per float64 array)

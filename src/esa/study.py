@@ -28,10 +28,10 @@ from typing import Any
 import yaml
 
 from esa import kinds
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import DTYPES, SUITE, ModelSpec
-from esa.registry import suggest
-from esa.schema import SHORTHAND, coerce, parse_section
+from esa.core.registry import suggest
+from esa.core.schema import SHORTHAND, coerce, parse_section
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def tiny_pair(tiny_llama_dir, tmp_path_factory):
     """The session's tiny Llama (seed 0) and a second one (seed 1), both with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer
 
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     second = tmp_path_factory.mktemp("tiny1")
     tiny_model("llama", seed=1).save_pretrained(second)

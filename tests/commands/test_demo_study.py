@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from esa.commands.demo import run_demo_study
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 pytestmark = pytest.mark.model  # the demo study runs the embedded SmolLM2
 

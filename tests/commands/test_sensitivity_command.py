@@ -181,7 +181,7 @@ def test_flags_enter_the_run_config(tiny_llama_dir, corpus):
 
 
 def test_section_checks_the_new_fields():
-    from esa.errors import EsaError
+    from esa.core.errors import EsaError
     from esa.study import parse_study
 
     study = {"name": "s", "models": ["smollm2-135m"], "datasets": ["python-docs"], "context_lens": [32]}

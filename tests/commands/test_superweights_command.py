@@ -33,7 +33,7 @@ def planted_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from esa.models import resolve_source
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     path = tmp_path_factory.mktemp("planted")
     model = tiny_model("llama", seed=0)

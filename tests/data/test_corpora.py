@@ -4,7 +4,7 @@ import time
 import pytest
 
 from esa.data.corpora import load_corpus
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 
 def test_python_docs_is_the_pydoc_topics_text(python_docs):

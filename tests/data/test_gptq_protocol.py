@@ -13,7 +13,7 @@ import pytest
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import corpus_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 
 def reference_windows(tokenizer, parquet: str, dataset: str, seqlen: int) -> list[list[int]]:

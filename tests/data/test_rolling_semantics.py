@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from esa.data.windows import make_windows, rolling_windows
 from esa.evals.perplexity import evaluate_windows
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 PREFIX = 1  # a prefix id that no fixture token uses, so contexts are unambiguous
 

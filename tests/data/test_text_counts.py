@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from esa.baseline import BaselineConfig, evaluate_cell
+from esa.evals.baseline import BaselineConfig, evaluate_cell
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, scored_text_counts
 from esa.models import ModelSpec

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from esa.data.windows import chunk_windows, make_windows, rolling_windows, select_windows, sliding_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 
 def _scored_positions(windows):

@@ -11,7 +11,7 @@ import torch
 
 from esa.data.windows import Window
 from esa.evals.perplexity import collate, score_batch
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 PAD = 0
 

@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks import TASKS, load_task_data
 from esa.evals.tasks import corpus as ct
 from esa.evals.zeroshot import evaluate_task
-from esa.hashing import sha256_file
-from esa.tiny import tiny_model
+from esa.core.hashing import sha256_file
+from esa.models.tiny import tiny_model
 
 CLOZE, MC = "corpus_cloze:python-docs", "corpus_mc:python-docs"
 CLOZE_KEYS = {"text", "doc", "paragraph"}
@@ -44,7 +44,7 @@ def test_names_parse_with_defaults_and_parameters():
 
 def test_names_work_wherever_a_task_name_does():
     from esa.kinds.zeroshot import KIND
-    from esa.schema import parse_section
+    from esa.core.schema import parse_section
 
     assert CLOZE in TASKS and MC in TASKS and "corpus_mc:python-docs:k=4" in TASKS
     assert CLOZE not in TASKS.names()  # names() stays the registered lm-eval tasks
@@ -80,7 +80,7 @@ def test_an_unknown_task_mentions_the_corpus_scheme():
 
 def test_a_study_check_reports_the_malformed_parameter():
     from esa.kinds.zeroshot import KIND
-    from esa.schema import parse_section
+    from esa.core.schema import parse_section
 
     section = parse_section(KIND.schema, {"tasks": ["corpus_mc:python-docs:span=0"]}, "study.zeroshot")
     with pytest.raises(EsaError, match=r"span='0' must be an integer ≥ 1"):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from esa.data.windows import make_windows, select_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals import perplexity as ppl_mod
 from esa.evals.perplexity import collate, evaluate_windows, perplexity_metrics
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 
 def _reference_nll(model, windows):

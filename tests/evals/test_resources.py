@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals import resources
 from esa.evals.resources import mfu
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks import TASKS, Prompt, TaskData, TaskItem, load_task_data, subsample, task_names
 from esa.evals.zeroshot import (
     Request,
@@ -25,7 +25,7 @@ from esa.evals.zeroshot import (
     task_metrics,
     write_results,
 )
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -73,7 +73,7 @@ def test_rows_equal_a_direct_protocol_call_and_weights_are_restored(causal_db, t
     from esa.kinds.dose_response import dose_config
     from esa.models import ModelSpec, load_model
     from esa.perturb.protocols import bitscan_experiment, dose_experiment
-    from esa.runs import as_float
+    from esa.core.files import as_float
 
     lm = load_model(ModelSpec(str(tiny_dir / "model")))
     fp = lm.fingerprint.to_dict()

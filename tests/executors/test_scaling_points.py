@@ -1,5 +1,5 @@
 """scaling_point runs through run_study: a 2-model ladder (the embedded SmolLM2-135M and a tiny random Llama
-saved with the SmolLM2 tokenizer) with tiny budgets. The stored rows must be what esa.scaling.measure_model
+saved with the SmolLM2 tokenizer) with tiny budgets. The stored rows must be what esa.scaling.fits.measure_model
 returns for the same model and protocol, the per-window arrays must be stored, and a rerun must skip."""
 
 import json
@@ -49,7 +49,7 @@ def test_the_runner_is_registered():
 
 def test_stored_rows_equal_the_direct_per_model_measurement(ladder, smol):
     from esa.models import load_model
-    from esa.scaling import measure_model
+    from esa.scaling.fits import measure_model
 
     study, db = ladder
     stored = _stored(db)

@@ -2,7 +2,7 @@
 
 The ``cuda-bf16`` case (gpu tier, skipped without CUDA) is the bench script's run at a modest real shape
 (D 1024, L 4, the SmolLM2 vocabulary: ≈ 95M parameters, fits any GPU); the ``cpu-fp32`` case runs the same
-test bodies on esa.tiny's 2-layer shape in the unit tier, so every CI run exercises them. Each test calls
+test bodies on esa.models.tiny's 2-layer shape in the unit tier, so every CI run exercises them. Each test calls
 what the CLI command calls:
 
 * ``esa sensitivity``  → :func:`esa.sensitivity.ranking.score_and_rank` (grad_x_weight, global top-k)
@@ -31,14 +31,14 @@ from esa.perturb.protocols import BitscanConfig, EvalConfig, PerturbConfig, bits
 from esa.sensitivity.calibration import CalibrationSpec, calibration_batches
 from esa.sensitivity.ranking import read_ranking, score_and_rank, write_ranking
 from esa.sensitivity.scorers import ScoreOptions, select_params
-from esa.tiny import TINY_CONFIGS, random_model
+from esa.models.tiny import TINY_CONFIGS, random_model
 
 
 @dataclass(frozen=True)
 class Case:
     device: str
     dtype: str  # fp32 | bf16 (Fingerprint spelling)
-    config: dict  # esa.tiny.random_model config; vocab_size comes from the tokenizer
+    config: dict  # esa.models.tiny.random_model config; vocab_size comes from the tokenizer
     dataset: str | None  # corpus name; None: the synthetic `corpus` fixture (fast to tokenize)
     context_len: int  # tokens per window, for calibration and evaluation alike
     eval_tokens: int  # scored tokens of the perturbation run (the bitscan uses half)
@@ -70,7 +70,7 @@ def lm(case, tokenizer) -> LoadedModel:
     with torch.device(case.device):
         model = random_model({**case.config, "vocab_size": len(tokenizer)}, seed=0, dtype=DTYPES[case.dtype])
     n = sum(p.numel() for p in model.parameters())
-    fp = Fingerprint("random-llama", "esa.tiny", f"seed-0-D{D}", n, case.dtype, "llama",
+    fp = Fingerprint("random-llama", "esa.models.tiny", f"seed-0-D{D}", n, case.dtype, "llama",
                      case.config["max_position_embeddings"])
     return LoadedModel(model, tokenizer, fp, torch.device(case.device))
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from esa.models import Fingerprint, LoadedModel
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 
 def tiny_loaded(tokenizer, seed: int) -> LoadedModel:
-    """A tiny random Llama (esa.tiny, ``seed``) with the given tokenizer, on CPU, fingerprinted by its seed."""
+    """A tiny random Llama (esa.models.tiny, ``seed``) with the given tokenizer, on CPU, fingerprinted by seed."""
     model = tiny_model("llama", seed=seed)
-    fp = Fingerprint("tiny-llama", "esa.tiny", f"seed-{seed}", sum(p.numel() for p in model.parameters()), "fp32",
+    n = sum(p.numel() for p in model.parameters())
+    fp = Fingerprint("tiny-llama", "esa.models.tiny", f"seed-{seed}", n, "fp32",
                      "llama", 512)
     return LoadedModel(model, tokenizer, fp, torch.device("cpu"))
 

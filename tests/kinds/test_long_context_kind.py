@@ -7,16 +7,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from esa.baseline import BaselineConfig, evaluate_cell
+from esa.evals.baseline import BaselineConfig, evaluate_cell
 from esa.data.corpora import load_corpus
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds import get
 from esa.kinds.base import RunContext
 from esa.kinds.long_context import FROM_STUDY, KIND, LongContextRun, LongContextSection
 from esa.models import ModelSpec, load_model
 from esa.report.html import Table, to_markdown
 from esa.report.study_report import Run, fnum
-from esa.schema import parse_section
+from esa.core.schema import parse_section
 from esa.study import parse_study
 
 TIMING = ("tokens_per_second", "forward_seconds")  # measured, so never equal between two evaluations

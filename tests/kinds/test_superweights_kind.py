@@ -10,7 +10,7 @@ import pytest
 from esa.executors import run_study
 from esa.kinds.superweights import KIND
 from esa.report.study_report import load_runs
-from esa.schema import parse_section
+from esa.core.schema import parse_section
 from esa.sensitivity.superweight_run import SuperWeightRun, window_batch
 from esa.sensitivity.superweights import Thresholds, find_super_weights
 from esa.study import expand, parse_study
@@ -24,7 +24,7 @@ def _study(**section):
 
 
 def test_section_is_strict_and_checked():
-    from esa.errors import EsaError
+    from esa.core.errors import EsaError
 
     with pytest.raises(EsaError, match="unknown key 'iteration'"):
         parse_section(KIND.schema, {"iteration": 2}, "study.superweights")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.zeroshot import run_tasks
 from esa.kinds import get
 from esa.kinds.base import RunContext
@@ -15,7 +15,7 @@ from esa.kinds.zeroshot import KIND, ZeroShotRun, ZeroShotSection
 from esa.models import ModelSpec, load_model
 from esa.report.html import Table, to_markdown
 from esa.report.study_report import Run, fnum
-from esa.schema import parse_section
+from esa.core.schema import parse_section
 from esa.study import parse_study
 
 FIX = Path(__file__).resolve().parents[1] / "evals" / "fixtures"  # the tasks' offline items (≥ 20 each)

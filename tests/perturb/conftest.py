@@ -2,7 +2,7 @@
 
 import pytest
 
-from esa.tiny import TINY_CONFIGS, random_model, tiny_model
+from esa.models.tiny import TINY_CONFIGS, random_model, tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb import bits
 from esa.perturb.ops import make_op
 

@@ -15,7 +15,7 @@ import torch
 from esa.cli import main
 from esa.perturb.protocols import EvalConfig, PerturbConfig, make_bench
 from esa.perturb.protocols.choose import bottom_k, resolve_controls, resolve_targets
-from esa.runs import read_json
+from esa.core.files import read_json
 from esa.sensitivity.ranking import score_and_rank, write_ranking
 from esa.sensitivity.scorers import select_params
 
@@ -62,7 +62,7 @@ def test_a_ranking_without_floor_is_refused_not_tail_sampled(smol, tmp_path):
                          tail_stats=False)
     path = write_ranking(res.table, tmp_path / "old", smol.fingerprint.to_dict())[0]  # as older ESA wrote it
     bench = make_bench(smol, EvalConfig("python-docs", context_len=64, max_eval_tokens=63))
-    from esa.errors import EsaError
+    from esa.core.errors import EsaError
 
     with pytest.raises(EsaError, match="no floor table"):
         bottom_k(bench, resolve_targets(bench, f"topk:{path}:5"), None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb import OPS, PerturbationError, make_op, perturbed
 from esa.perturb import context as ctx
 from esa.perturb.bits import INT_VIEW

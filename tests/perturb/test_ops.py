@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb import OPS, make_op, parse_op, perturbed
 from esa.perturb.ops import GaussNoise, RandomBitFlip, Scale
 

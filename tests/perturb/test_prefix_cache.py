@@ -10,13 +10,13 @@ import torch
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import Window, make_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import collate, evaluate_windows, score_batch, score_states
 from esa.perturb.context import perturbed
 from esa.perturb.ops import make_op
 from esa.perturb.prefix_cache import PrefixCache, start_layer
 from esa.perturb.targets import TargetSet
-from esa.tiny import TINY_CONFIGS, random_model
+from esa.models.tiny import TINY_CONFIGS, random_model
 
 RTOL = 1e-5
 LAYER_KEY = {"llama": "num_hidden_layers", "gpt_neox": "num_hidden_layers", "gpt2": "n_layer"}
@@ -158,7 +158,7 @@ def test_bad_layers_raise(windows):
 def test_unknown_family_falls_back_with_warning(windows, caplog):
     opt = {"model_type": "opt", "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "word_embed_proj_dim": 64, "max_position_embeddings": 512}
-    model = random_model(opt)  # a family esa.architectures does not map
+    model = random_model(opt)  # a family esa.models.architectures does not map
     with caplog.at_level(logging.WARNING, logger="esa.perturb.prefix_cache"):
         cache = PrefixCache(model, windows, pad_id=1, layers=[1])
     assert not cache.supported and "opt" in cache.reason

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import evaluate_windows
 from esa.perturb import from_coordinates, from_ranking, make_op, perturbed
 from esa.perturb.protocols import (BitscanConfig, DoseConfig, EvalConfig, PerturbConfig, bitscan_experiment,

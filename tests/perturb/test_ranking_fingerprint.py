@@ -15,12 +15,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import Fingerprint
 from esa.perturb.protocols import EvalConfig, PerturbConfig, perturb_experiment
 from esa.perturb.targets import from_ranking
 from esa.sensitivity.ranking import COLUMNS, meta_path, read_ranking, write_ranking
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 from helpers.models import tiny_loaded
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # tiny Llama: (out 64, in 128)

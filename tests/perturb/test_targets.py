@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb import targets as T
 
 DOWN = "model.layers.1.mlp.down_proj.weight"  # (64, 128) in the tiny Llama

@@ -1,4 +1,4 @@
-"""The study report's Scaling section: numbers and fits equal to esa.scaling's on the stored rows, the
+"""The study report's Scaling section: numbers and fits equal to esa.scaling.fits's on the stored rows, the
 log–log figure, one-model ladders, and ladders kept apart by protocol."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from esa.report.html import Figure, Paragraph, Table
 from esa.report.study_report import Run, load_runs, write_study_report
 from esa.report.study_scaling import ladders, num, scaling_section
-from esa.scaling import fit_power_law, fit_trends
+from esa.scaling.fits import fit_power_law, fit_trends
 
 STATS = ["perplexity", "bits_per_byte", "magnitude_top_share"]  # no super-weight search or perturbation
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +23,7 @@ def ladder_db(tmp_path_factory):
     from esa.executors import run_study
     from esa.models import resolve_source
     from esa.study import parse_study
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     path = tmp_path_factory.mktemp("scaling-report")
     tokenizer = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")[1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esa.sensitivity.calibration import Batch, batches_from_ids
-from esa.tiny import VOCAB
+from esa.models.tiny import VOCAB
 
 
 def random_batches(n: int = 4, T: int = 12, batch_size: int = 2, seed: int = 0, holes: bool = True):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import score_batch
 from esa.sensitivity.scorers import (
     ScoreOptions,
@@ -15,7 +15,7 @@ from esa.sensitivity.scorers import (
     score_parameters,
     select_params,
 )
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 from .conftest import random_batches
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.sensitivity.ranking import COLUMNS, read_ranking, write_ranking
 from esa.sensitivity.stability import TailStats, compare_rankings, jaccard, seed_overlap
 

@@ -10,12 +10,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from esa.architectures import as_out_in, mlp_out_modules
-from esa.errors import EsaError
+from esa.models.architectures import as_out_in, mlp_out_modules
+from esa.core.errors import EsaError
 from esa.sensitivity import superweights as sw
 from esa.sensitivity.superweight_plots import plot_activation_profile
 from esa.sensitivity.superweights import Thresholds, find_super_weights
-from esa.tiny import TINY_CONFIGS, VOCAB, random_model
+from esa.models.tiny import TINY_CONFIGS, VOCAB, random_model
 
 LAYERS = 6  # enough layers for "median across layers" to mean something
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from esa.architectures import mlp_out_modules, mlp_residual_modules
+from esa.models.architectures import mlp_out_modules, mlp_residual_modules
 from esa.sensitivity.superweights import Thresholds, find_super_weights
-from esa.tiny import VOCAB, random_model
+from esa.models.tiny import VOCAB, random_model
 
 GEMMA3 = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)

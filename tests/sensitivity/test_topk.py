@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from esa.architectures import as_out_in
-from esa.errors import EsaError
+from esa.models.architectures import as_out_in
+from esa.core.errors import EsaError
 from esa.sensitivity import ranking
 from esa.sensitivity.scorers import score_parameters, select_params
 from esa.sensitivity.topk import TopK, check_k, tensor_topk
-from esa.tiny import tiny_model
+from esa.models.tiny import tiny_model
 
 from .conftest import random_batches
 

@@ -4,7 +4,7 @@ A one-off study on the engine: the flags (a profile's budgets filled in, :meth:`
 become a study with kinds ``baseline`` (models × datasets × context lengths × seeds), ``long_context`` (with
 ``--long-context``) and ``zeroshot`` (with ``--eval-suites``), run into ``<out-dir>/esa.db`` — rerunning resumes,
 completed runs are not computed again; ``--overwrite`` starts a fresh database — and each model's run directory
-``<out-dir>/<model-slug>/`` is exported from the stored rows (:func:`esa.baseline.export_run_dir`).
+``<out-dir>/<model-slug>/`` is exported from the stored rows (:func:`esa.evals.baseline.export_run_dir`).
 ``esa report <out-dir>`` renders the database.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from esa.baseline import PROFILES, SUITE_ALIASES, BaselineConfig
+from esa.evals.baseline import PROFILES, SUITE_ALIASES, BaselineConfig
 from esa.data.windows import METHODS
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import ModelSpec
 
 
@@ -137,7 +137,7 @@ def export(outcome, cfg: BaselineConfig, out_dir: Path) -> list[Path]:
     """Each model's run directory ``<out-dir>/<model-slug>/`` from the one-off study's stored rows."""
     import dataclasses
 
-    from esa.baseline import export_run_dir, model_slug, stored_entry
+    from esa.evals.baseline import export_run_dir, model_slug, stored_entry
     from esa.kinds.zeroshot import task_result
     from esa.study import model_specs
 
@@ -155,7 +155,7 @@ def export(outcome, cfg: BaselineConfig, out_dir: Path) -> list[Path]:
 def run(args) -> int:
     from rich.console import Console
 
-    from esa.baseline import model_slug
+    from esa.evals.baseline import model_slug
     from esa.commands.study import progress_printer
     from esa.executors.one_off import check_out_dir, run_one_off
 

@@ -10,7 +10,7 @@ def register(subparsers) -> None:
 
 def _available(source: str) -> str:
     if source.startswith("embedded:"):
-        from esa.embedded import missing
+        from esa.models.embedded import missing
 
         hint = missing(source)
         return "yes (installed from PyPI)" if hint is None else f"no: {hint}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 DEMO_STUDY = Path(__file__).resolve().parents[3] / "studies" / "demo.yaml"  # in a source checkout
 

@@ -114,7 +114,7 @@ def _console():
 
 
 def _num(x, fmt: str = ".4g") -> str:
-    from esa.runs import as_float
+    from esa.core.files import as_float
 
     return format(as_float(x), fmt)
 
@@ -179,7 +179,7 @@ def run_and_export(args, kind: str, section: dict) -> dict:
     from esa.commands.study import progress_printer
     from esa.executors.one_off import check_out_dir, run_one_off
     from esa.perturb import plots
-    from esa.runs import write_arrays, write_json
+    from esa.core.files import write_arrays, write_json
 
     out, stem = Path(args.out_dir), STEMS[kind]
     db = args.db or out / "esa.db"

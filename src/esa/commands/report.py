@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.report.study_report import is_sqlite_file, write_study_report
 
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")

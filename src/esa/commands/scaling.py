@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    from esa.scaling import ScalingConfig
+    from esa.scaling.fits import ScalingConfig
 
     return ScalingConfig(tuple(args.models), eval_config(args), args.op, tuple(args.control_seeds), args.tail_fraction,
                          args.x_axis, args.dtype, args.device, tuple(args.statistics))
@@ -91,7 +91,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from esa.commands.study import progress_printer  # the same progress lines as `esa run`
-    from esa.scaling_ladder import run_scaling
+    from esa.scaling.ladder import run_scaling
 
     out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, progress_printer(Console()))
     _print(doc, out_dir)

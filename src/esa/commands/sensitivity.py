@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.sensitivity.ranking import read_ranking
 from esa.sensitivity.scorers import SCORERS
 from esa.sensitivity.stability import compare_rankings

@@ -115,7 +115,7 @@ def run(args) -> int:
 
 
 def results(args) -> int:
-    from esa.errors import EsaError
+    from esa.core.errors import EsaError
     from esa.store import export, study_names
 
     if not args.db.is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.sensitivity.superweights import Thresholds
 
 OWNED = ("superweights.json", "superweights.png")  # an earlier esa superweights run's exports

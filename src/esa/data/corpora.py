@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from esa.errors import EsaError
-from esa.registry import Registry, suggest
+from esa.core.errors import EsaError
+from esa.core.registry import Registry, suggest
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 METHODS = ("chunks", "gptq", "rolling", "sliding")
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from esa import progress
-from esa.architectures import chunked_head
+from esa.core import progress
+from esa.models.architectures import chunked_head
 from esa.data.windows import Window
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.resources import is_oom, timed
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ def is_oom(exc: BaseException) -> bool:
 
     ``torch.OutOfMemoryError`` covers CUDA; other backends raise a plain ``RuntimeError`` whose text says so
     (``"MPS backend out of memory"``, ``"DefaultCPUAllocator: can't allocate memory: you tried to allocate …"``).
-    An :class:`esa.errors.EsaError` is never an allocator failure, even when its message mentions memory.
+    An :class:`esa.core.errors.EsaError` is never an allocator failure, even when its message mentions memory.
     """
     if isinstance(exc, torch.OutOfMemoryError):
         return True

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from esa import progress
-from esa.architectures import chunked_head
-from esa.errors import EsaError
+from esa.core import progress
+from esa.models.architectures import chunked_head
+from esa.core.errors import EsaError
 from esa.evals.resources import is_oom
 from esa.evals.tasks import TaskData
 from esa.models import max_positions

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors.core import (EventFn, PlanRow, RunContext, Summary, commit, execute_run, group_by_model,
                                 known_complete, load_dependencies, model_identity, model_key, plan, quiet,
                                 release, resolved_config, run_id, run_key, summary_line)
 from esa.executors.local import run_local
 from esa.executors.ray_executor import run_ray
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.store import Store
 from esa.study import expand
 

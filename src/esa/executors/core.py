@@ -35,7 +35,7 @@ from pathlib import Path
 
 
 from esa import kinds
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import RunContext
 from esa.models import SUITE, LoadedModel, ModelSpec, resolve_source
 from esa.store import RunRecord, Store, sha256_json, utc_now

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors.core import (EventFn, RunContext, Summary, commit, execute_run, group_by_model,
                                 known_complete, load_dependencies, model_key, release, run_key)
 from esa.models import ModelSpec, load_model
-from esa.provenance import provenance
+from esa.core.provenance import provenance
 from esa.store import Store, new_holder
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors.core import EventFn, quiet, run_key
 from esa.store import Reader, StoredRun, sha256_json
 from esa.study import Study, expand

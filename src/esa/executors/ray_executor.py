@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors.core import (EventFn, Summary, commit, group_by_model, known_complete, load_dependencies,
                                 model_key, run_key)
 from esa.store import LeaseKeeper, Store, new_holder
@@ -39,7 +39,7 @@ class ModelWorker:
 
     def __init__(self, spec) -> None:
         from esa.models import load_model
-        from esa.provenance import provenance
+        from esa.core.provenance import provenance
 
         self.lm = load_model(spec)
         self.prov = provenance(self.lm.device)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import RunKind
-from esa.registry import suggest
+from esa.core.registry import suggest
 
 KIND_MODULES: dict[str, str] = {  # registry order breaks ties of the dependency order
     "baseline": "esa.kinds.baseline",

@@ -88,7 +88,7 @@ class RunKind:
     version: int  # semantic version: bump when the same config would store numbers that mean something else
     about: str  # one line: what a run of this kind measures
     section: str | None  # the study file's key for this kind's section; None: built from the study's own fields
-    schema: type | None  # frozen dataclass of that section (strict: esa.schema.parse_section)
+    schema: type | None  # frozen dataclass of that section (strict: esa.core.schema.parse_section)
     check: Callable[[Any, Any, str], None]  # (section, study, where) → None or EsaError; types already checked
     expand: Callable[[Any], list]  # study → its runs of this kind, model-major
     depends_on: tuple[str, ...]  # kinds whose runs this kind's runs may depend on (a DAG; sorted topologically)

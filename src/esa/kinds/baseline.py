@@ -1,5 +1,5 @@
 """Run kind ``baseline``: one model on one dataset at one context length with one seed — the perplexity family,
-token accuracy, throughput and peak memory of the unperturbed model (:func:`esa.baseline.score_cell`).
+token accuracy, throughput and peak memory of the unperturbed model (:func:`esa.evals.baseline.score_cell`).
 
 Built from the study's own top-level fields (``models × datasets × context_lens × seeds``, ``method``,
 ``bos``, ``max_eval_tokens``, ``batch_tokens``); it has no section. With ``max_eval_tokens: null`` every window
@@ -15,12 +15,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.baseline import BaselineConfig, cell_metrics, score_cell
+from esa.evals.baseline import BaselineConfig, cell_metrics, score_cell
 from esa.data.corpora import Corpus, load_corpus
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind, no_check
 from esa.models import LoadedModel, ModelSpec, check_context
 from esa.report.study_baseline import baseline_section
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, model_specs
 
 
@@ -65,7 +65,7 @@ def corpus(ctx: RunContext, name: str) -> Corpus:
 
 def evaluate_stored_cell(lm: LoadedModel, run, ctx: RunContext, cfg: BaselineConfig, long_context: bool = False
                          ) -> tuple[dict, dict[str, np.ndarray]]:
-    """One cell of ``esa baseline`` (:func:`esa.baseline.score_cell`) as a run's (metrics, arrays); the
+    """One cell of ``esa baseline`` (:func:`esa.evals.baseline.score_cell`) as a run's (metrics, arrays); the
     context length is checked against the model before any data is read."""
     check_context(lm, run.context_len)
     entry, arrays = score_cell(lm, corpus(ctx, run.dataset), cfg, run.context_len, run.seed,

@@ -26,7 +26,7 @@ from esa.kinds.causal import (CausalRun, CausalTarget, ProtocolSettings, _cells,
 from esa.models import LoadedModel
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.report.study_causal import bitscan_section
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, require
 
 

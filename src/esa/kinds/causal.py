@@ -21,12 +21,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import KindRun, RunContext
 from esa.kinds.sensitivity import SensitivityRun, dependency_ranking_file, sensitivity_run
 from esa.models import LoadedModel, ModelSpec
-from esa.registry import suggest
-from esa.runs import as_float
+from esa.core.registry import suggest
+from esa.core.files import as_float
 from esa.study import Study, check_dataset, model_specs, require
 
 
@@ -101,7 +101,7 @@ def settings(section) -> dict:
 
 def task_hashes(task_data: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """(path, sha256) of every local task file — a rewritten file is a new run."""
-    from esa.hashing import sha256_file
+    from esa.core.hashing import sha256_file
 
     return tuple((path, sha256_file(Path(path))) for _, path in sorted(task_data.items()) if Path(path).is_file())
 
@@ -128,7 +128,7 @@ def check_files(spec: str | None, ranking_file: str | None, where: str) -> None:
 
 def input_hashes(spec: str | None, ranking_file: str | None = None) -> tuple[tuple[str, str], ...]:
     """(path, sha256) of every file :func:`referenced_files` names — part of the run's config."""
-    from esa.hashing import sha256_file
+    from esa.core.hashing import sha256_file
 
     return tuple((str(f), sha256_file(f)) for f in referenced_files(spec, ranking_file))
 

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import ReportSection, RunContext, RunKind
 from esa.kinds.causal import (CausalRun, CausalTarget, ProtocolSettings, _cells, _check_bits, _check_places,
                               _check_settings, _check_targets, _common, _ranking_run, _targets, causal_fields,
@@ -42,9 +42,9 @@ from esa.kinds.causal import (CausalRun, CausalTarget, ProtocolSettings, _cells,
 from esa.kinds.perturbation import op_spec
 from esa.models import LoadedModel
 from esa.perturb.protocols import DOSE_PARAM
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.report.study_causal import dose_section
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, require
 
 

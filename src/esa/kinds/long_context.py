@@ -8,7 +8,7 @@ A study asks for it with a ``long_context:`` section::
       max_eval_tokens: 262144            # scored tokens per run; omit: the study's; null: the whole split
 
 One :class:`LongContextRun` per model × dataset × context length — what ``esa baseline --long-context`` runs:
-:func:`esa.baseline.score_cell` with ``long_context=True`` (micro-batch budget = T,
+:func:`esa.evals.baseline.score_cell` with ``long_context=True`` (micro-batch budget = T,
 so one window per forward and the peak memory is that of a single window), with the study's method, stride
 and BOS. The length is checked against the model's positions by :func:`esa.models.check_context`.
 
@@ -25,13 +25,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.baseline import BaselineConfig
+from esa.evals.baseline import BaselineConfig
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.kinds.baseline import evaluate_stored_cell
 from esa.models import LoadedModel, ModelSpec
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, check_dataset, model_specs, require
 
 KIND_NAME = "long_context"

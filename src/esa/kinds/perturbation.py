@@ -28,16 +28,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import ReportSection, RunContext, RunKind
 from esa.kinds.causal import (CausalRun, ProtocolSettings, _check_settings, causal_fields, check_files, eval_config,
                               execute_protocol)
 from esa.kinds.sensitivity import sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.perturb.protocols.common import CONTROLS
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.report.study_perturbation import causal_section
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, check_dataset, model_specs, require
 
 

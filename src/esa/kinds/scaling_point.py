@@ -1,4 +1,4 @@
-"""Run kind ``scaling_point``: one model of a size ladder, measured with the protocol of :mod:`esa.scaling`.
+"""Run kind ``scaling_point``: one model of a size ladder, measured with the protocol of :mod:`esa.scaling.fits`.
 
 Study section ``scaling:`` (:class:`ScalingSection`): every model of the study's ``models`` list is one point.
 Example (``studies/scaling.yaml``)::
@@ -9,13 +9,13 @@ Example (``studies/scaling.yaml``)::
       context_len: 512          # omit: the study's first context length
       max_eval_tokens: 65536    # omit: the study's max_eval_tokens
 
-The fields mirror :class:`esa.scaling.ScalingConfig` and its :class:`~esa.perturb.protocols.EvalConfig`;
+The fields mirror :class:`esa.scaling.fits.ScalingConfig` and its :class:`~esa.perturb.protocols.EvalConfig`;
 ``models``, ``dtype``, ``device`` and ``batch_tokens`` come from the study. Resolution of the defaults:
 ``dataset`` → the study's first dataset, ``context_len`` → its first context length, ``seed`` → its first seed
 (one point per model, not per seed: a ladder compares models on one protocol), ``max_eval_tokens`` → the
-study's (null: every window), ``statistics`` → all, in :data:`esa.scaling.STATISTICS` order.
+study's (null: every window), ``statistics`` → all, in :data:`esa.scaling.fits.STATISTICS` order.
 
-Execution: :func:`esa.scaling.measure_model` — the same function ``esa scaling`` uses — baseline, super weights,
+Execution: :func:`esa.scaling.fits.measure_model` — the same function ``esa scaling`` uses — baseline, super weights,
 super weights vs ``random_k`` perturbed, heavy-tail share, on the point's own seeded ``chunks`` windows. Metrics:
 the scaling row (model, n_params, perplexity, bits_per_byte, super-weight count/layer/depth, sw_/random_ ΔNLL
 with CIs and PPL ratios, sw_over_random, magnitude_top_share, data, notes) plus ``perturbation``: the full
@@ -32,13 +32,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.perturb.protocols import STOCHASTIC_OPS, EvalConfig
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.report.study_scaling import scaling_section
-from esa.scaling import X_AXES, ScalingConfig, measurements, resolve_statistics
+from esa.scaling.fits import X_AXES, ScalingConfig, measurements, resolve_statistics
 from esa.study import Study, check_dataset, model_specs, require
 
 DETECTION_PASSES = 2  # super-weight searches per point: the row's own and the perturbation's target resolution
@@ -48,7 +48,7 @@ DETECTION_PASSES = 2  # super-weight searches per point: the row's own and the p
 class ScalingSection:
     """One scaling point per model of the study; ``None`` fields take the study's value."""
 
-    statistics: tuple[str, ...] = ()  # esa.scaling.STATISTICS keys to measure and fit; empty → all
+    statistics: tuple[str, ...] = ()  # esa.scaling.fits.STATISTICS keys to measure and fit; empty → all
     op: str = "zero"  # perturbation of the super weights and of the size-matched random_k control
     control_seeds: tuple[int, ...] = (0, 1, 2)  # random_k draws
     tail_fraction: float = 0.001  # heavy-tail share: the top 0.1 % of |W|
@@ -112,7 +112,7 @@ class ScalingPointRun(KindRun):
 
 
     def scaling_config(self) -> ScalingConfig:
-        """The :class:`ScalingConfig` of a one-model ladder that :func:`esa.scaling.measure_model` runs."""
+        """The :class:`ScalingConfig` of a one-model ladder that :func:`esa.scaling.fits.measure_model` runs."""
         data = EvalConfig(self.dataset, self.context_len, self.max_eval_tokens, self.seed, self.batch_tokens,
                           self.calib_samples, self.n_boot)
         return ScalingConfig((self.model.name,), data, self.op, self.control_seeds, self.tail_fraction,
@@ -149,7 +149,7 @@ def expand(study: Study) -> list[ScalingPointRun]:
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
     """Measure one model of the ladder with ``run``'s protocol (``ctx`` is unused: the bench loads its own
     corpus, and a scaling point depends on no other run)."""
-    from esa.scaling import measure_model
+    from esa.scaling.fits import measure_model
 
     row, doc, arrays = measure_model(lm, run.scaling_config())
     return {**row, "perturbation": doc}, arrays

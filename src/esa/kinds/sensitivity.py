@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec, check_context
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.report.study_sensitivity import sensitivity_section
 from esa.sensitivity.scorers import SCORERS
 from esa.study import Study, check_dataset, model_specs, require

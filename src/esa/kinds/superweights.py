@@ -22,8 +22,8 @@ from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum, run_label
-from esa.errors import EsaError
-from esa.runs import as_float
+from esa.core.errors import EsaError
+from esa.core.files import as_float
 from esa.sensitivity.superweights import Thresholds
 from esa.study import Study, check_dataset, model_specs, require
 

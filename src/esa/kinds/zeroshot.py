@@ -38,16 +38,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks import TASKS, load_task_data
 from esa.evals.zeroshot import ItemScore, TaskResult, evaluate_task
-from esa.hashing import sha256_file
+from esa.core.hashing import sha256_file
 from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
 from esa.models import LoadedModel, ModelSpec
-from esa.registry import suggest
+from esa.core.registry import suggest
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.study import Study, model_specs, require
 
 KIND_NAME = "zeroshot"

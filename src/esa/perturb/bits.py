@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 # same-width signed integer dtype used to reinterpret the bytes (torch has no uint16/uint32 XOR everywhere)
 INT_VIEW: dict[torch.dtype, torch.dtype] = {

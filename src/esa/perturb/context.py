@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb.ops import Op
 from esa.perturb.targets import param_table, resolve_param
 

@@ -30,9 +30,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb.bits import flip_bit, layout, mask_of, parse_bit, xor_bits
-from esa.registry import Registry, suggest
+from esa.core.registry import Registry, suggest
 
 RELATIVE_TO = ("weight", "tensor_std")
 

@@ -12,7 +12,7 @@ cached one records exactly what the model's own ``forward`` passed — so Llama-
 ``(hidden, cache, mask, encoder_hidden_states)``; its learned position embeddings are already in the residual)
 are replayed without re-implementing their ``forward``. The cache run uses ``use_cache=False`` so no KV cache is
 captured. After building, a replay from the shallowest cached layer is compared with the cache run's own scores
-(``verify``); if they differ, or the family is unknown to :mod:`esa.architectures`, or no final norm is found,
+(``verify``); if they differ, or the family is unknown to :mod:`esa.models.architectures`, or no final norm is found,
 every trial falls back to a full forward, a warning is logged and results carry ``full_forward=True``.
 
 Layer numbering: ``layer L`` means "the input of decoder layer L", for 0 < L < n_layers, and ``L = n_layers``
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from esa.architectures import chunked_head, decoder_layers, family_of, layer_index, module_role
+from esa.models.architectures import chunked_head, decoder_layers, family_of, layer_index, module_role
 from esa.data.windows import Window
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import WindowScores, collate, score_batch, score_states
 from esa.evals.resources import timed
 
@@ -210,7 +210,7 @@ class PrefixCache:
 
     def _unsupported_reason(self) -> str:
         if family_of(self.model) is None:
-            return f"model_type {self.model.config.model_type!r} has no module map in esa.architectures"
+            return f"model_type {self.model.config.model_type!r} has no module map in esa.models.architectures"
         if chunked_head(self.model) is None or _final_norm(self.model) is None:
             return "no separable final norm / LM head for this architecture"
         if not self.layers:

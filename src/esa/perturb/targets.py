@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 _COORD = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*\[\s*([^\]]*)\]\s*$")
 

@@ -1,8 +1,8 @@
 """Scaling plots: each statistic vs parameter count on log–log axes, model names at the points, fitted line.
 
-Reads only a ``scaling.json`` document (:mod:`esa.scaling`), so a stored run can be re-plotted::
+Reads only a ``scaling.json`` document (:mod:`esa.scaling.fits`), so a stored run can be re-plotted::
 
-    plot_scaling(esa.runs.read_json("runs/scaling/scaling.json"), Path("runs/scaling"))
+    plot_scaling(esa.core.files.read_json("runs/scaling/scaling.json"), Path("runs/scaling"))
 
 A statistic whose value is missing, non-finite or ≤ 0 for a model (no super weights; a random_k ΔNLL below 0)
 cannot sit on a log axis: that model is left out of the panel and counted in its title. Uses matplotlib's

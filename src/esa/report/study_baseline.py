@@ -10,7 +10,7 @@ import math
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table
 from esa.report.study_plots import baseline_perplexity_plot
 from esa.report.study_report import Run, fbound, fmt_agg, fnum
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.stats import aggregate_seeds
 
 BASELINE_HEADER = ("model", "dtype", "dataset", "ctx", "method", "seeds", "scored tokens",

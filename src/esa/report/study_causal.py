@@ -30,7 +30,7 @@ from esa.report.study_causal_plots import dose_plot, dose_vs_k_plot, greedy_plot
 from esa.report.study_report import ALPHA, Run, fnum, generic_section
 from esa.kinds.causal import severity
 from esa.perturb.protocols.bitscan import greedy_verdict
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.stats import few_windows, few_windows_caveat, interval_phrase
 
 

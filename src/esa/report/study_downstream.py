@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum, run_label
-from esa.runs import as_float
+from esa.core.files import as_float
 
 HEADER = ("run", "arm", "task", "items", "acc before → after", "Δ acc", "95% CI", "test", "p (Holm)",
           "Δ gold log-lik", "non-finite")

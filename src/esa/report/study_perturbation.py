@@ -14,7 +14,7 @@ from esa.report.html import Block, Bullets, Figure, Paragraph, Table
 from esa.report.study_downstream import downstream_blocks
 from esa.report.study_plots import comparison_plot
 from esa.report.study_report import ALPHA, Run, _comparisons, _p_holm, fnum, generic_section, run_label
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.stats import few_windows, few_windows_caveat, interval_phrase
 
 COMPARISON_HEADER = ("run", "comparison", "mean ΔNLL (nats/token)", "95% CI", "PPL ratio",

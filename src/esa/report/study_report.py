@@ -18,7 +18,7 @@ render. Order:
    metrics, so no stored run is ever hidden. This module never imports a kind: kinds import it.
 
 Every sentence is formatted from stored numbers. A run's metrics are JSON with non-finite numbers stored as
-"nan"/"inf" strings (decoded with :func:`esa.runs.as_float`).
+"nan"/"inf" strings (decoded with :func:`esa.core.files.as_float`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa import kinds
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table, to_html, to_markdown
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.stats import SeedAggregate, few_windows_caveat
 from esa.store import SQLITE_MAGIC, Reader, StoredRun
 

@@ -9,7 +9,7 @@ have changed) and models are ordered by size. Each ladder with ≥ 2 models show
 * a per-model table: parameters, bits per byte, perplexity, super-weight count and depth, mean ΔNLL/token of
   the perturbed super weights (target) and of the size-matched random_k control with bootstrap-t 95 % CIs, the
   PPL ratio of the target, and the heavy-tail share;
-* the fits of :func:`esa.scaling.fit_trends` — the very function ``esa scaling`` uses — computed here from the
+* the fits of :func:`esa.scaling.fits.fit_trends` — the very function ``esa scaling`` uses — computed here from the
   stored rows: slope with its t-based 95 % CI (undefined with 2 models), intercept, R², the models used, or
   the reason there is no fit;
 * the log–log overview figure of :mod:`esa.report.scaling_plots`, model names at the points.
@@ -25,8 +25,8 @@ import math
 
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table
 from esa.report.study_report import Run
-from esa.runs import as_float
-from esa.scaling import STATISTICS, ladder_document, measurements
+from esa.core.files import as_float
+from esa.scaling.fits import STATISTICS, ladder_document, measurements
 
 KIND = "scaling_point"
 LABELS = {s.key: s.label for s in STATISTICS}
@@ -39,7 +39,7 @@ def _protocol(run: Run) -> str:
 
 def ladders(runs: list[Run]) -> list[dict]:
     """Completed scaling points grouped by protocol: ``{"config", "runs", "doc"}`` per ladder, where ``doc`` is
-    :func:`esa.scaling.ladder_document` of the stored rows (each row's ``model`` = the study's model name)."""
+    :func:`esa.scaling.fits.ladder_document` of the stored rows (each row's ``model`` = the study's model name)."""
     groups: dict[str, dict[str, Run]] = {}
     for r in sorted((r for r in runs if r.kind == KIND and r.status == "completed"), key=lambda r: r.started_at):
         groups.setdefault(_protocol(r), {})[r.model_name] = r  # newest row of a model wins

@@ -37,7 +37,7 @@ import pandas as pd
 from esa.report.html import Block, Bullets, Figure, Heading, Paragraph, Table
 from esa.report.study_plots import layer_role_heatmap_png
 from esa.report.study_report import Run, fmt_agg, fnum, generic_section
-from esa.runs import as_float
+from esa.core.files import as_float
 from esa.sensitivity.plots import layer_role_counts
 from esa.sensitivity.ranking import read_ranking
 from esa.sensitivity.stability import compare_rankings, seed_overlap

@@ -18,7 +18,7 @@ import torch
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, select_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import collate
 from esa.models import pad_id as default_pad_id
 

@@ -5,7 +5,7 @@ A ranking table has one row per selected weight and the columns
 =========  ==============================================================================================
 ``param``  the ``named_parameters()`` name
 ``layer``  decoder-layer index (null for embeddings and other non-layer parameters)
-``role``   module role from :func:`esa.architectures.module_role` (``mlp_down``, ``attn_q`` …)
+``role``   module role from :func:`esa.models.architectures.module_role` (``mlp_down``, ``attn_q`` …)
 ``row``    output index in the (out, in) convention — GPT-2 ``Conv1D`` weights, stored (in, out), are
            transposed here, so ``row``/``col`` always mean W[out, in] as in ``nn.Linear``
 ``col``    input index (null for 1-D parameters such as biases and norms, whose index is ``row``)
@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from esa import progress
-from esa.architectures import layer_index, module_role
-from esa.errors import EsaError
+from esa.core import progress
+from esa.models.architectures import layer_index, module_role
+from esa.core.errors import EsaError
 from esa.sensitivity.calibration import Batch
 from esa.sensitivity.scorers import ScoreOptions, is_conv1d, linear_consumers, score_parameters
 from esa.sensitivity.stability import TailStats

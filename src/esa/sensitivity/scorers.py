@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esa.architectures import module_role
-from esa.errors import EsaError
-from esa.registry import Registry
+from esa.models.architectures import module_role
+from esa.core.errors import EsaError
+from esa.core.registry import Registry
 from esa.sensitivity.calibration import Batch
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.sensitivity.superweights import Thresholds
 
 

@@ -6,7 +6,7 @@ into residual channel ``r`` — a *massive activation* (Sun et al. 2024) that st
 that attention relies on. Zeroing that single weight destroys the model.
 
 The MLP's contribution to the residual stream, ``z``, is observed where the family map says
-(``esa.architectures.mlp_residual_modules``): the projection's own output ``z = y = W x`` (Llama, GPT-NeoX,
+(``esa.models.architectures.mlp_residual_modules``): the projection's own output ``z = y = W x`` (Llama, GPT-NeoX,
 GPT-2), or ``z = post_feedforward_layernorm(y) = g ⊙ y / rms(y)`` (Gemma-2/3, OLMo-2), whose learned gains ``g``
 can turn a modest ``y`` into a massive residual write. One forward pass (no grad) records, per layer,
 
@@ -58,8 +58,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from esa.architectures import as_out_in, decoder_layers, family_of, mlp_out_modules, mlp_residual_modules
-from esa.errors import EsaError
+from esa.models.architectures import as_out_in, decoder_layers, family_of, mlp_out_modules, mlp_residual_modules
+from esa.core.errors import EsaError
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def find_super_weights(model: nn.Module, input_ids: torch.Tensor, *, attention_m
     """Locate super-weight candidates and massive residual activations (see the module docstring).
 
     Args:
-        model: a causal LM of a family known to ``esa.architectures``.
+        model: a causal LM of a family known to ``esa.models.architectures``.
         input_ids: (B, T) token ids; padded positions (``attention_mask == 0``) are ignored.
         thresholds: detection thresholds, recorded in the report.
         iterate: after each round, zero the weights just found and search again (Yu et al. find further

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 MODES = ("global", "per_layer")
 

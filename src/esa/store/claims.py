@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.store.sqlite import _transaction
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esa.errors import EsaError
-from esa.runs import _jsonable
+from esa.core.errors import EsaError
+from esa.core.files import _jsonable
 from esa.store.claims import (CLAIMS_TABLE, LEASE_SECONDS, LeaseKeeper, _check_lease, _host_id, _live, _renew)
 from esa.store.reader import read_arrays, read_frame
 from esa.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, _batches, _inspect, _transaction

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.store.sqlite import _inspect
 
 IN_STUDY = (" run_id IN (SELECT sr.run_id FROM study_runs sr JOIN studies s ON s.study_id = sr.study_id "

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 APPLICATION_ID = 0x45534131  # "ESA1" — PRAGMA application_id of every ESA results database
 SCHEMA_VERSION = 2  # PRAGMA user_version; bump with an entry in esa.store.db.MIGRATIONS when the tables change

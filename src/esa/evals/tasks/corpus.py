@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks.spec import TaskSpec, multiple_choice
 
 GENERATOR_VERSION = 1  # bump when the same name would generate different rows
@@ -94,7 +94,7 @@ def _usage(kind: str) -> str:
 def _check_corpus(name: str, corpus: str) -> None:
     """The names load_corpus accepts, checked without reading anything (a path is checked when read)."""
     from esa.data.corpora import LOCAL_SUFFIXES, corpus_names
-    from esa.registry import suggest
+    from esa.core.registry import suggest
 
     if corpus in corpus_names() or corpus.endswith(LOCAL_SUFFIXES) or "/" in corpus or "=" in corpus:
         return

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks.corpus import generate, is_corpus_task
 from esa.evals.tasks.definitions import TASKS
 from esa.evals.tasks.spec import Prompt, TaskSpec

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.tasks.corpus import is_corpus_task, parse, task_spec
 from esa.evals.tasks.spec import TaskSpec, greedy, multiple_choice, partial
-from esa.registry import Registry, suggest
+from esa.core.registry import Registry, suggest
 
 
 class TaskRegistry(Registry[TaskSpec]):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import LoadedModel
 from esa.perturb.bits import flip_bit, layout, parse_bit
 from esa.perturb.context import perturbed

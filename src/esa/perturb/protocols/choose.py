@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb.protocols.common import CONTROLS, Bench, PerturbConfig
 from esa.perturb.targets import (TargetSet, from_coordinates, from_ranking, lowest_of, param_table,
                                  parse_targets, resolve_param)
-from esa.registry import suggest
+from esa.core.registry import suggest
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import torch
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, scored_text_counts, select_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import perplexity_metrics
 from esa.models import LoadedModel, check_context, pad_id
 from esa.perturb.context import perturbed
 from esa.perturb.prefix_cache import PrefixCache, start_layer
 from esa.perturb.targets import TargetSet
-from esa.provenance import provenance
+from esa.core.provenance import provenance
 from esa.stats import DEFAULT_COLLAPSE_PPL, aggregate_seeds, benjamini_hochberg, holm, paired_compare
 
 CONTROLS = ("random_k", "bottom_k", "largest_k")  # size-matched per target tensor (esa.perturb.protocols.choose):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import LoadedModel
 from esa.perturb.bits import parse_bit
 from esa.perturb.ops import OPS, make_op, parse_op

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa import kinds
 from esa.executors import plan, resolved_config, run_key, run_study
 from esa.perturb.ops import make_op, parse_op

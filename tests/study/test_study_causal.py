@@ -2,7 +2,7 @@
 
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors import plan, resolved_config, run_key
 from esa.study import expand, parse_study
 
@@ -103,7 +103,7 @@ def test_study_files_with_causal_sections_validate():
 
     from esa.study import load_study
 
-    root = Path(__file__).resolve().parents[1] / "studies"
+    root = Path(__file__).resolve().parents[2] / "studies"
     found = [load_study(p) for p in sorted(root.glob("*.yaml"))]
     assert any(s.section("dose_response") is not None for s in found)
     assert any(s.section("bitscan") is not None for s in found)

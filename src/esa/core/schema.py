@@ -15,8 +15,8 @@ import types
 import typing
 from typing import Any, Union
 
-from esa.errors import EsaError
-from esa.registry import suggest
+from esa.core.errors import EsaError
+from esa.core.registry import suggest
 
 SHORTHAND: dict[type, str] = {}  # dataclass → the field a bare string in its place fills
 

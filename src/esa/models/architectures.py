@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def require_family(model: nn.Module) -> Family:
     fam = family_of(model)
     if fam is None:
         raise EsaError(
-            f"model_type {model.config.model_type!r} has no module map in esa.architectures; "
+            f"model_type {model.config.model_type!r} has no module map in esa.models.architectures; "
             f"supported: {', '.join(sorted(FAMILIES))}. Add a Family entry for it."
         )
     return fam

@@ -32,7 +32,7 @@ Fewer than two usable points: no fit, and the reason is stored.
 **Where the numbers live.** :func:`measure_model` is the one per-model measurement. ``esa scaling`` runs it
 through a results database — a generated study with a ``scaling:`` section (:mod:`esa.kinds.scaling_point`),
 executed by :func:`esa.executors.run_study`, one ``scaling_point`` run per model — and then writes its files
-*from the database rows* (:mod:`esa.scaling_ladder`), so a killed ladder resumes where it stopped and
+*from the database rows* (:mod:`esa.scaling.ladder`), so a killed ladder resumes where it stopped and
 ``esa report`` shows the same numbers. ``statistics`` picks what is measured: perplexity and bits per byte
 always; super weights, the perturbation (which needs the super weights) and the heavy tail only when one of
 their statistics is requested.
@@ -59,7 +59,7 @@ import torch
 from scipy import stats as sps
 
 from esa.data.windows import scored_text_counts
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
 from esa.models import LoadedModel, pad_id
 from esa.perturb.protocols import EvalConfig, PerturbConfig, make_bench, perturb_experiment
@@ -102,7 +102,7 @@ def resolve_statistics(names) -> tuple[str, ...]:
     Raises:
         EsaError: an unknown name (with "did you mean") or a name given twice.
     """
-    from esa.registry import suggest
+    from esa.core.registry import suggest
 
     names = tuple(names)
     for name in names:
@@ -261,7 +261,7 @@ def _tail_share(model: torch.nn.Module, fraction: float) -> dict:
 
 def _detection(lm: LoadedModel, calib: torch.Tensor) -> dict:
     """Super-weight statistics from one search on the calibration windows (B, T)."""
-    from esa.architectures import decoder_layers
+    from esa.models.architectures import decoder_layers
     from esa.sensitivity.superweights import find_super_weights
 
     report = find_super_weights(lm.model, calib)
@@ -298,7 +298,7 @@ def _baseline(bench) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _non_embedding(model: torch.nn.Module) -> int:
-    from esa.architectures import module_role
+    from esa.models.architectures import module_role
 
     return sum(p.numel() for n, p in model.named_parameters() if module_role(model, n) not in ("embedding", "lm_head"))
 

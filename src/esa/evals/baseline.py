@@ -30,13 +30,13 @@ import numpy as np
 
 from esa.data.corpora import Corpus, for_method
 from esa.data.windows import corpus_windows, scored_text_counts, select_windows
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.evals.perplexity import evaluate_windows, perplexity_metrics
 from esa.evals.resources import mfu, peak_memory, reset_peak_memory
 from esa.models import LoadedModel, ModelSpec, pad_id
-from esa.registry import suggest
-from esa.runs import as_float, staged_run_dir, write_arrays, write_json
-from esa.sanity import repetition_rate, sanity_warnings
+from esa.core.registry import suggest
+from esa.core.files import as_float, staged_run_dir, write_arrays, write_json
+from esa.evals.sanity import repetition_rate, sanity_warnings
 from esa.stats import aggregate_seeds
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@
 
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors import plan, run_key
-from esa.scaling import STATISTIC_KEYS
+from esa.scaling.fits import STATISTIC_KEYS
 from esa.study import expand, load_study, parse_study
 from esa.kinds.scaling_point import ScalingPointRun
 
@@ -102,7 +102,7 @@ def test_plan_counts_every_trial_and_the_super_weight_searches():
 def test_the_shipped_scaling_study_is_a_ladder_of_every_model():
     from pathlib import Path
 
-    study = load_study(Path(__file__).parents[1] / "studies" / "scaling.yaml")
+    study = load_study(Path(__file__).parents[2] / "studies" / "scaling.yaml")
     points = _points(study)
     assert [p.model.name for p in points] == [m.name for m in study.models]
     assert {p.model.name for p in points} >= {"smollm2-135m", "pythia-70m", "pythia-12b"}

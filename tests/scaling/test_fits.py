@@ -1,4 +1,4 @@
-"""Scaling studies (esa.scaling): log–log fits against numpy/scipy, and offline ladders run end to end —
+"""Scaling studies (esa.scaling.fits): log–log fits against numpy/scipy, and offline ladders run end to end —
 a 1-model SmolLM2 ladder checked against direct computations, and a 2-point ladder (SmolLM2 + a tiny random
 Llama saved to disk) that exercises the fits and the plots."""
 
@@ -13,11 +13,11 @@ import torch
 from scipy import stats as sps
 
 from esa.cli import main
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.perturb.protocols import EvalConfig
-from esa.runs import read_json
-from esa.scaling import STATISTICS, ScalingConfig, fit_power_law, fit_trends
-from esa.scaling_ladder import run_scaling
+from esa.core.files import read_json
+from esa.scaling.fits import STATISTICS, ScalingConfig, fit_power_law, fit_trends
+from esa.scaling.ladder import run_scaling
 
 TINY_DATA = dict(max_eval_tokens=254, calib_samples=2, n_boot=200)  # 2 windows of 128 tokens
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -116,7 +116,7 @@ def _top_share(model, fraction: float) -> float:
 
 
 def test_one_model_ladder_matches_direct_computations(smol, python_docs, tmp_path, capsys):
-    from esa.baseline import BaselineConfig, evaluate_cell
+    from esa.evals.baseline import BaselineConfig, evaluate_cell
     from esa.evals.perplexity import evaluate_windows
     from esa.models import ModelSpec
     from esa.perturb import from_coordinates, make_op, perturbed
@@ -146,7 +146,7 @@ def test_one_model_ladder_matches_direct_computations(smol, python_docs, tmp_pat
 
     arrays = np.load(tmp_path / "cell" / cell.per_window_file)
     assert arrays["window_index"].tolist() == bench.info["window_indices"]  # the same windows
-    base = arrays["nll"]  # (W,) unperturbed, from esa.baseline
+    base = arrays["nll"]  # (W,) unperturbed, from esa.evals.baseline
     targets = from_coordinates(smol.model, [(w.param_name, w.row, w.col) for w in report.candidates])
     with perturbed(smol.model, targets, make_op("zero")):
         zeroed = evaluate_windows(smol.model, bench.windows, smol.tokenizer.eos_token_id, 4096).nll  # (W,)
@@ -171,16 +171,16 @@ def _killed_for_tiny_models(measure):
 
 @pytest.mark.model  # the ladder measures the embedded SmolLM2
 def test_two_point_ladder_fits_and_plots_end_to_end(tmp_path, tokenizer, monkeypatch):
-    import esa.scaling
+    import esa.scaling.fits
     from esa.store import Store
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     tiny_dir = tmp_path / "tiny-llama"
     tiny_model("llama", seed=0).save_pretrained(tiny_dir)
     tokenizer.save_pretrained(tiny_dir)
     cfg = ScalingConfig(("smollm2-135m", str(tiny_dir)), EvalConfig(**TINY_DATA), control_seeds=(0,))
     with monkeypatch.context() as m:
-        m.setattr(esa.scaling, "measure_model", _killed_for_tiny_models(esa.scaling.measure_model))
+        m.setattr(esa.scaling.fits, "measure_model", _killed_for_tiny_models(esa.scaling.fits.measure_model))
         with pytest.raises(EsaError, match="did not complete.*rerun the same command"):
             run_scaling(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "scaling.db").is_file() and not (tmp_path / "run" / "scaling.json").exists()

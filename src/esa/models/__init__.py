@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from esa.errors import EsaError
-from esa.hashing import sha256_file
-from esa.registry import Registry
+from esa.core.errors import EsaError
+from esa.core.hashing import sha256_file
+from esa.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class SuiteEntry:
-    source: str  # hub id, or "embedded:<name>" for a model installed from PyPI (esa.embedded)
+    source: str  # hub id, or "embedded:<name>" for a model installed from PyPI (esa.models.embedded)
     n_params_b: float  # nominal parameter count in billions (for plans and scaling plots)
 
 
 SUITE: Registry[SuiteEntry] = Registry("model alias")
 for _alias, _src, _n in [
     ("smollm2-135m", "embedded:smollm2", 0.135),
-    ("gemma3-270m", "embedded:gemma3", 0.268),  # optional PyPI wheels (esa.embedded); offline scaling ladder
+    ("gemma3-270m", "embedded:gemma3", 0.268),  # optional PyPI wheels (esa.models.embedded); offline scaling ladder
     ("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 8.03),
     ("mistral-7b", "mistralai/Mistral-7B-v0.3", 7.25),
     ("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 3.82),
@@ -102,8 +102,8 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path(source: str = "embedded:smollm2") -> Path:
-    """The GGUF of an ``embedded:`` suite source (a model installed from PyPI, see :mod:`esa.embedded`)."""
-    from esa.embedded import gemma3_gguf, smollm2_gguf
+    """The GGUF of an ``embedded:`` suite source (a model installed from PyPI, see :mod:`esa.models.embedded`)."""
+    from esa.models.embedded import gemma3_gguf, smollm2_gguf
 
     return smollm2_gguf() if source == "embedded:smollm2" else gemma3_gguf(cache_dir())
 

@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 T = TypeVar("T")
 

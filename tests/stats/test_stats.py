@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 
 from esa import stats
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 BASE = np.array([310.2, 295.7, 402.1, 288.0, 350.5, 333.3, 301.9, 299.4, 360.0, 315.8])
 PERT = np.array([312.9, 295.1, 409.8, 290.3, 351.0, 340.2, 303.3, 298.0, 366.6, 318.1])

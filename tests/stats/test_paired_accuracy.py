@@ -14,7 +14,7 @@ from scipy import stats as sps
 from esa import stats
 
 try:
-    from esa.errors import EsaError
+    from esa.core.errors import EsaError
 except ImportError:  # the lead may move it
     from esa.core.errors import EsaError
 

@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIERS = {"model", "slow", "lmeval", "gpu"}  # markers; an unmarked test is in the unit tier
 DEFAULT = "-m 'not slow and not lmeval and not gpu'"  # pyproject addopts: unit + model
 TARGETS = {  # make target → the -m expression it passes (none: the addopts default)

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
-from esa.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, smollm2_gguf
-from esa.errors import EsaError
-from esa.hashing import sha256_file
+from esa.models.embedded import GEMMA3_WHEELS, assemble, gemma3_gguf, smollm2_gguf
+from esa.core.errors import EsaError
+from esa.core.hashing import sha256_file
 from esa.models import resolve_source
 
 
@@ -63,7 +63,7 @@ def test_smollm2_gguf_is_found_without_importing_the_package():
 
 
 def test_missing_names_the_install_when_any_part_is_absent(monkeypatch):
-    import esa.embedded as embedded
+    import esa.models.embedded as embedded
 
     real = importlib.util.find_spec
     monkeypatch.setattr(embedded.importlib.util, "find_spec",

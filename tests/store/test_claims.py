@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.store import SCHEMA_VERSION, LeaseKeeper, RunRecord, Store, new_holder, utc_now
 from esa.store.claims import _host_id
 

@@ -1,7 +1,7 @@
 """``esa scaling`` through a results database: a generated study, executed and resumable, and the ladder's
 files written from the stored rows.
 
-:func:`run_scaling` turns a :class:`~esa.scaling.ScalingConfig` into a study (:func:`ladder_study`) whose
+:func:`run_scaling` turns a :class:`~esa.scaling.fits.ScalingConfig` into a study (:func:`ladder_study`) whose
 ``scaling:`` section makes every model one ``scaling_point`` run, and runs it with
 :func:`esa.executors.run_study` into ``--db`` (default ``<out-dir>/scaling.db``). Each model's row is committed
 as soon as it is measured, so a killed ladder loses nothing: the same command again skips the models already
@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from esa.errors import EsaError
-from esa.scaling import SCHEMA, ScalingConfig, ladder_document
+from esa.core.errors import EsaError
+from esa.scaling.fits import SCHEMA, ScalingConfig, ladder_document
 
 STUDY_NAME = "esa-scaling"  # the generated study's name in the database (``esa report --study esa-scaling``)
 OUTPUTS = ("models", "plots", "scaling.png", "scaling.json")  # replaced in this order: scaling.json last
@@ -90,7 +90,7 @@ def read_points(db: Path, study) -> tuple[list[str], list[dict]]:
 
 
 def _slug(name: str) -> str:
-    from esa.baseline import model_slug
+    from esa.evals.baseline import model_slug
 
     return model_slug(name)
 
@@ -99,7 +99,7 @@ def _write_files(stage: Path, db: Path, names: tuple[str, ...], ids: list[str], 
                  doc: dict) -> None:
     """Per-model perturbation files (from the database), scaling.json and the plots, into ``stage``."""
     from esa.report.scaling_plots import plot_scaling
-    from esa.runs import write_arrays, write_json
+    from esa.core.files import write_arrays, write_json
     from esa.store import Store
 
     with Store(db) as store:
@@ -137,7 +137,7 @@ def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False, db=None, o
     """
     from esa.executors import run_study
     from esa.models import resolve_device, resolve_source
-    from esa.provenance import provenance
+    from esa.core.provenance import provenance
 
     cfg.check()
     out_dir = Path(out_dir)

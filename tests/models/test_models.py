@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.models import (Fingerprint, LoadedModel, ModelSpec, check_context, check_dtype, load_model, pad_id,
                         resolve_source)
 
@@ -61,7 +61,7 @@ def test_fp16_refused_on_cpu():
 
 def test_local_dir_fingerprint_follows_the_weights(tmp_path, tokenizer, monkeypatch):
     from esa.models import resolve_source
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path / "cache"))
     dirs = []
@@ -77,7 +77,7 @@ def test_local_dir_fingerprint_follows_the_weights(tmp_path, tokenizer, monkeypa
 
 def test_sampled_fingerprint_above_the_full_hash_limit(tmp_path, tokenizer, monkeypatch):
     import esa.models as models
-    from esa.tiny import tiny_model
+    from esa.models.tiny import tiny_model
 
     monkeypatch.setattr(models, "FULL_HASH_LIMIT", 0)
     tiny_model("llama").save_pretrained(tmp_path / "m")
@@ -117,7 +117,7 @@ def test_any_in_vocabulary_pad_id_gives_the_same_scores():
     """Why the rule may pick any valid id: padded positions change no number (independent: unbatched scores)."""
     from esa.data.windows import Window
     from esa.evals.perplexity import evaluate_windows
-    from esa.tiny import VOCAB, tiny_model
+    from esa.models.tiny import VOCAB, tiny_model
 
     model = tiny_model("llama", seed=0)
     gen = torch.Generator().manual_seed(0)

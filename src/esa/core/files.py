@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 
 RESULT_FILES = ("results.json", "manifest.json")
 

@@ -1,11 +1,11 @@
-"""esa.runs.check_out_dir: where a command may write, and what --overwrite may replace."""
+"""esa.core.files.check_out_dir: where a command may write, and what --overwrite may replace."""
 
 from __future__ import annotations
 
 import pytest
 
-from esa.errors import EsaError
-from esa.runs import check_out_dir
+from esa.core.errors import EsaError
+from esa.core.files import check_out_dir
 
 OWNED = ("perturb.json", "bitscan.json")
 

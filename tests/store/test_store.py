@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from esa.cli import main
-from esa.errors import EsaError
+from esa.core.errors import EsaError
 from esa.executors import run_id, run_study
 from esa.store import APPLICATION_ID, SCHEMA_VERSION, RunRecord, Store, export
 from esa.study import parse_study

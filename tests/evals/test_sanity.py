@@ -1,5 +1,5 @@
 from esa.data.windows import make_windows, tokenize
-from esa.sanity import repetition_rate, sanity_warnings
+from esa.evals.sanity import repetition_rate, sanity_warnings
 
 
 def test_guard_fires_on_repeated_paragraph(tokenizer):
