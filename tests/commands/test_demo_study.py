@@ -62,4 +62,5 @@ def test_the_demo_is_one_study_with_every_kind_it_promises():
     study = load_study(DEMO_STUDY)
     assert {r.kind for r in expand(study)} == {"baseline", "zeroshot", "superweights", "sensitivity",
                                                "perturbation", "dose_response", "bitscan"}
-    assert set(study.section("perturbation").controls) == {"random_k", "bottom_k"}
+    assert set(study.section("perturbation").controls) == {"random_k", "bottom_k", "largest_k"}
+    assert study.section("perturbation").tasks and study.section("perturbation").task_limit  # downstream damage

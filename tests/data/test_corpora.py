@@ -78,7 +78,8 @@ def test_non_utf8_file_through_the_cli_is_one_line(tmp_path, tiny_llama_dir, cap
                "--context-lens", "64", "--device", "cpu", "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1
-    assert err.startswith("esa: error: corpus file") and "offset 2" in err
+    assert err.startswith("esa: error: esa baseline:") and f"corpus file {bad} is not UTF-8" in err
+    assert "offset 2" in err and not (tmp_path / "out").exists()  # a failed first attempt leaves nothing
 
 
 def _wikitext_pages(tmp_path):

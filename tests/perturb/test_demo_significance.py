@@ -24,13 +24,15 @@ from esa.study import load_study
 
 def test_demo_super_weights_significant_and_random_control_not(smol):
     section = load_study(DEMO_STUDY).section("perturbation")
-    assert section.controls == ("random_k", "bottom_k") and section.trials == 3  # what the demo runs
+    assert section.controls == ("random_k", "bottom_k", "largest_k") and section.trials == 3  # what the demo runs
     data = EvalConfig("python-docs", context_len=64, max_eval_tokens=63 * 16, seed=0, n_boot=2000)
     cfg = PerturbConfig("superweights", "zero", section.controls, control_seeds=tuple(range(section.trials)))
     doc, arrays = perturb_experiment(smol, replace(cfg, data=data))
     comps = {c["name"]: c for c in doc["comparisons"]}
-    assert doc["data"]["n_windows"] == 16 and len(comps) == 5
-    assert {a["name"] for a in doc["arms"]} == {"target", "random_k", "bottom_k"}
+    assert doc["data"]["n_windows"] == 16 and len(comps) == 7
+    assert {a["name"] for a in doc["arms"]} == {"target", "random_k", "bottom_k", "largest_k"}
+    largest = comps["target vs largest_k"]  # as many of the largest non-super weights hurt far less
+    assert largest["mean_delta_nll"] > 0 and largest["p_wilcoxon_holm"] < 0.01, largest
 
     target, random = comps["target vs baseline"], comps["random_k vs baseline"]
     assert target["mean_delta_nll"] > 0 and target["ci_low"] > 0

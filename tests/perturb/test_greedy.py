@@ -15,6 +15,7 @@ import pytest
 
 from esa.perturb.protocols import BitscanConfig
 from esa.perturb.protocols import bitscan as bs
+from esa.perturb.protocols.common import Trial
 
 N_TOKENS = np.array([10, 10])
 
@@ -36,7 +37,8 @@ def scripted(monkeypatch):
     after: dict[str, float] = {}
     monkeypatch.setattr(bs, "perturbed", lambda *a, **k: nullcontext())
     monkeypatch.setattr(bs.Flip, "targets", property(lambda self: self.label))
-    monkeypatch.setattr(bs, "trial", lambda bench, label, op, seed, also=(): (np.array([after[label]] * 2), {}))
+    monkeypatch.setattr(bs, "trial", lambda bench, label, op, seed, also=(), tasks=False:
+                        Trial(np.array([after[label]] * 2), {}))
     return after
 
 

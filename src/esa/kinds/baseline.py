@@ -25,10 +25,10 @@ from esa.study import Study, model_specs
 
 
 @dataclass(frozen=True)
-class BaselineRun(KindRun):
-    """One baseline cell: one model on one dataset at one context length with one seed."""
+class WindowCell(KindRun):
+    """What a run scoring one model's windows of one corpus holds: where (dataset, context length, seed) and
+    how the windows are cut (method, stride, BOS) and how many tokens are scored. ``long_context`` runs too."""
 
-    kind: ClassVar[str] = "baseline"
     model: ModelSpec
     dataset: str
     context_len: int
@@ -37,6 +37,13 @@ class BaselineRun(KindRun):
     stride: int | None
     bos: str
     max_eval_tokens: int | None  # None → the whole split
+
+
+@dataclass(frozen=True)
+class BaselineRun(WindowCell):
+    """One baseline cell: one model on one dataset at one context length with one seed."""
+
+    kind: ClassVar[str] = "baseline"
     batch_tokens: int
 
     def label(self) -> str:

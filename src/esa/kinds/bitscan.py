@@ -68,9 +68,8 @@ class BitscanRun(CausalRun):
     max_flips: int
     greedy_pool: int
 
-    def label(self) -> str:
-        return f"{self.model.name} bitscan {self.target} top-{self.top_n} bits={list(self.bits)} {self.dataset} " \
-               f"ctx={self.context_len} seed={self.seed}"
+    def what(self) -> str:
+        return f"bitscan {self.target} top-{self.top_n} bits={list(self.bits)}"
 
 
 

@@ -82,6 +82,13 @@ class CausalRun(KindRun):
     task_limit: int | None = None
     inputs: tuple[tuple[str, str], ...] = ()  # (path, sha256) of user files the target and tasks read
 
+    def label(self) -> str:
+        return f"{self.model.name} {self.what()} {self.dataset} ctx={self.context_len} seed={self.seed}"
+
+    def what(self) -> str:
+        """The kind's own part of the label: what is perturbed, and how."""
+        raise NotImplementedError
+
 
 def causal_fields(study: Study, section, model: ModelSpec, t, k: int | None, dataset: str, ctx: int, seed: int,
                   ranking_run, bottom_ranking: str | None = None) -> dict:

@@ -121,10 +121,9 @@ class DoseResponseRun(CausalRun):
     values: tuple  # its values, in the study's order
     control_seeds: tuple[int, ...]  # random_k draws (empty: no control arm)
 
-    def label(self) -> str:
+    def what(self) -> str:
         size = f" k={self.k}" if self.k is not None else ""
-        return f"{self.model.name} dose {self.target}{size} {self.op} {self.parameter}={list(self.values)} " \
-               f"{self.dataset} ctx={self.context_len} seed={self.seed}"
+        return f"dose {self.target}{size} {self.op} {self.parameter}={list(self.values)}"
 
 
 

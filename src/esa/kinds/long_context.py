@@ -26,9 +26,9 @@ from typing import ClassVar
 import numpy as np
 
 from esa.evals.baseline import BaselineConfig
-from esa.kinds.base import KindRun, ReportSection, RunContext, RunKind
-from esa.kinds.baseline import evaluate_stored_cell
-from esa.models import LoadedModel, ModelSpec
+from esa.kinds.base import ReportSection, RunContext, RunKind
+from esa.kinds.baseline import WindowCell, evaluate_stored_cell
+from esa.models import LoadedModel
 from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum
 from esa.core.files import as_float
@@ -48,7 +48,7 @@ class LongContextSection:
 
 
 @dataclass(frozen=True)
-class LongContextRun(KindRun):
+class LongContextRun(WindowCell):
     """One model on one dataset at one long context length, with the study's first seed.
 
     Only the first seed, as ``esa baseline --long-context``: a long window costs a whole forward on its own,
@@ -57,14 +57,6 @@ class LongContextRun(KindRun):
     """
 
     kind: ClassVar[str] = KIND_NAME
-    model: ModelSpec
-    dataset: str
-    context_len: int
-    seed: int
-    method: str
-    stride: int | None
-    bos: str
-    max_eval_tokens: int | None  # None → the whole split
 
     def label(self) -> str:
         return f"{self.model.name} {self.dataset} long ctx={self.context_len} seed={self.seed}"

@@ -30,15 +30,15 @@ import numpy as np
 
 from esa.core.errors import EsaError
 from esa.kinds.base import ReportSection, RunContext, RunKind
-from esa.kinds.causal import (CausalRun, ProtocolSettings, _check_settings, causal_fields, check_files, eval_config,
-                              execute_protocol)
+from esa.kinds.causal import (CausalRun, ProtocolSettings, _cells, _check_places, _check_settings, causal_fields,
+                              check_files, eval_config, execute_protocol)
 from esa.kinds.sensitivity import sensitivity_run
 from esa.models import LoadedModel, ModelSpec
 from esa.perturb.protocols.common import CONTROLS
 from esa.core.registry import suggest
 from esa.report.study_perturbation import causal_section
 from esa.core.files import as_float
-from esa.study import Study, check_dataset, model_specs, require
+from esa.study import Study, require
 
 
 
@@ -72,6 +72,7 @@ class PerturbationSection(ProtocolSettings):
     control_seeds: tuple[int, ...] = ()  # explicit control seeds instead of 0…trials-1
     datasets: tuple[str, ...] = ()  # evaluation corpora; empty → the study's datasets
     context_lens: tuple[int, ...] = ()  # evaluation window lengths; empty → the study's context_lens
+    seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
 
 
 def grid_points(entry: OpEntry) -> list[dict]:
@@ -114,9 +115,7 @@ def check(p: PerturbationSection, study: Study, where: str) -> None:
                 raise EsaError(f"{where}.ops[{i}] {op.op} {point}: {exc}") from exc
     for i, c in enumerate(p.controls):
         require(c in CONTROLS, f"{where}.controls[{i}]: " + suggest(c, list(CONTROLS), "control"))
-    for i, d in enumerate(p.datasets):
-        check_dataset(d, f"{where}.datasets[{i}]")
-    require(all(c >= 2 for c in p.context_lens), f"{where}.context_lens: each must be ≥ 2")
+    _check_places(p, study.seeds, where)
 
 
 # ----------------------------------------------------------------------------------------------- expansion
@@ -131,9 +130,8 @@ class PerturbationRun(CausalRun):
     control_seeds: tuple[int, ...]
     bottom_ranking: str | None = None  # a ranking file whose floor table gives bottom_k (sha256 in inputs)
 
-    def label(self) -> str:
-        return f"{self.model.name} perturb {self.target} {self.op} {self.dataset} ctx={self.context_len} " \
-               f"seed={self.seed}"
+    def what(self) -> str:
+        return f"perturb {self.target} {self.op}"
 
 
 
@@ -172,9 +170,7 @@ def expand(study: Study) -> list[PerturbationRun]:
     p = study.section("perturbation")
     if p is None:
         return []
-    seeds = study.seeds if study.max_eval_tokens is not None else study.seeds[:1]
-    return [run for spec in model_specs(study) for d in (p.datasets or study.datasets)
-            for ctx in (p.context_lens or study.context_lens) for seed in seeds for t in p.targets
+    return [run for spec, d, ctx, seed in _cells(study, p) for t in p.targets
             for run in _perturbation_runs(study, spec, t, d, ctx, seed)]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from esa.report.study_plots import _png, _short, plt  # study_plots selects the Agg backend
+from esa.report.study_plots import _png, _short, finish_axes, plt  # study_plots selects the Agg backend
 
 COLORS = {"target": "tab:red", "random_k": "tab:blue"}
 MAX_PANELS = 12  # dose-response panels per figure; the table lists every run
@@ -63,11 +63,7 @@ def dose_plot(runs: list[dict]) -> bytes:
             pts = [r for r in run["rows"] if r["arm"] == arm]
             _mark_collapse(ax, [values.index(str(p["value"])) for p in pts], [p["mean"] for p in pts])
         ax.set_xticks(range(len(values)), values, fontsize=7)
-        ax.set_xlabel(run["parameter"], fontsize=8)
-        ax.set_ylabel("mean ΔNLL (nats/token)", fontsize=8)
-        ax.set_title(_short(run["title"], 48), fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_axes(ax, run["parameter"], "mean ΔNLL (nats/token)", _short(run["title"], 48), 8)
     return _png(fig)
 
 
@@ -101,11 +97,8 @@ def dose_vs_k_plot(groups: list[dict]) -> bytes:
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=_linthresh(every))
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xlabel("k (top weights of the ranking)", fontsize=8)
-        ax.set_ylabel("mean ΔNLL (nats/token), 95% CI", fontsize=8)
-        ax.set_title(_short(g["title"], 60), fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        finish_axes(ax, "k (top weights of the ranking)", "mean ΔNLL (nats/token), 95% CI", _short(g["title"], 60),
+                    8, legend=6)
     return _png(fig)
 
 
@@ -125,11 +118,8 @@ def greedy_plot(runs: list[dict]) -> bytes:
     for run in runs:
         ppl = [run["baseline_ppl"]] + [s["ppl"] for s in run["steps"]]
         _mark_collapse(ax, list(range(len(ppl))), ppl)
-    ax.set_xlabel("bit flips applied (greedy: most damaging first)")
-    ax.set_ylabel("perplexity (log); dashed: collapse threshold")
-    ax.set_title("Bit scans: cumulative damage vs flips (red ✕: non-finite loss)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    finish_axes(ax, "bit flips applied (greedy: most damaging first)", "perplexity (log); dashed: collapse threshold",
+                "Bit scans: cumulative damage vs flips (red ✕: non-finite loss)")
     return _png(fig)
 
 

@@ -14,6 +14,7 @@ from esa.report.html import Block, Paragraph, Table
 from esa.report.study_report import Run, fnum, run_label
 from esa.core.files import as_float
 
+FEW_ITEMS = 100  # below this, the report warns that accuracy differences of a few points cannot be resolved
 HEADER = ("run", "arm", "task", "items", "acc before → after", "Δ acc", "95% CI", "test", "p (Holm)",
           "Δ gold log-lik", "non-finite")
 
@@ -55,6 +56,11 @@ def downstream_blocks(runs: list[Run]) -> list[Block]:
              "item-bootstrap CI (percentile); p: exact McNemar on the discordant items (one repeat) or Wilcoxon on "
              "repeat-averaged items (several), Holm-adjusted with every ΔNLL and task test of the run. Non-finite: "
              "items whose gold log-likelihood became non-finite (a collapse, counted, not hidden).")
+    fewest = min(int(r[3]) for r in rows)
+    if fewest < FEW_ITEMS:
+        intro += (f" ⚠ Some tasks have only {fewest} items: a 95 % CI of Δ accuracy is then about "
+                  f"±{1.96 * (0.5 / fewest) ** 0.5:.2f} wide at best, too wide to resolve a few points of accuracy; "
+                  "use ≥ 500 items (corpus-derived tasks give them offline) for a real measurement.")
     return [Paragraph(intro), Table(HEADER, tuple(rows)), *paper_table(runs)]
 
 

@@ -25,6 +25,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def finish_axes(ax, xlabel: str, ylabel: str, title: str, size: int | None = None, legend: int = 7) -> None:
+    """Labels, title (``size``: their font size, None = matplotlib's), a light grid and the legend."""
+    font = {} if size is None else {"fontsize": size}
+    ax.set_xlabel(xlabel, **font)
+    ax.set_ylabel(ylabel, **font)
+    ax.set_title(title, **font)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend)
+
+
 def _err(mean: float, low: float, high: float) -> tuple[float, float]:
     """(below, above) error-bar lengths; zero when the CI is undefined (one seed, non-finite seeds).
 
@@ -56,11 +66,8 @@ def baseline_perplexity_plot(cells: list[dict]) -> bytes:
         ax.set_xscale("log", base=2)
     ax.set_xticks(contexts, [str(c) for c in contexts])
     ax.minorticks_off()
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity (geometric mean over seeds, 95% CI)")
-    ax.set_title("Baseline perplexity vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    finish_axes(ax, "context length (tokens)", "perplexity (geometric mean over seeds, 95% CI)",
+                "Baseline perplexity vs context length")
     return _png(fig)
 
 
