@@ -54,7 +54,8 @@ def downstream_blocks(runs: list[Run]) -> list[Block]:
     intro = (f"Zero-shot accuracy under perturbation: {len(rows)} arm × task comparison(s), paired item by item "
              "with the unperturbed model on the same items. Δ acc = perturbed − unperturbed with a 95 % paired "
              "item-bootstrap CI (percentile); p: exact McNemar on the discordant items (one repeat) or Wilcoxon on "
-             "repeat-averaged items (several), Holm-adjusted with every ΔNLL and task test of the run. Non-finite: "
+             "repeat-averaged items (several), Holm-adjusted across the run's task tests (the ΔNLL tests are "
+             "their own family). Non-finite: "
              "items whose gold log-likelihood became non-finite (a collapse, counted, not hidden).")
     fewest = min(int(r[3]) for r in rows)
     if fewest < FEW_ITEMS:
@@ -116,6 +117,7 @@ def paper_table(runs: list[Run]) -> list[Block]:
         return []
     intro = ("Super weights against the same number of the largest-magnitude *other* weights of the same tensors "
              "(largest_k) and of random weights (random_k), under the same op, on the same windows and items — "
-             "the comparison of the super-weight paper at matched count. p: Holm-adjusted within the run "
-             "(Wilcoxon for perplexity; McNemar, or Wilcoxon over repeat-averaged items, for accuracy).")
+             "the comparison of the super-weight paper at matched count. p: Holm-adjusted within the run — perplexity "
+             "(Wilcoxon) among the run's ΔNLL tests, accuracy (McNemar, or Wilcoxon over repeat-averaged items) "
+             "among its task tests.")
     return [Paragraph(intro), *blocks]

@@ -156,7 +156,7 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
                                            "few_windows", "delta_nll_per_token", "ppl_perturbed", "collapsed",
                                            "n_nonfinite_perturbed")}})
     grid = np.array([c["mean_delta_nll"] for c in cells]).reshape(len(weights), len(cfg.bits))  # (N, bits)
-    down, task_arrays = downstream(bench, items, cells)  # single flips only, not the greedy steps
+    down, task_arrays = downstream(bench, items)  # single flips only, not the greedy steps
     greedy = greedy_collapse(bench, flips, cfg.max_flips, cfg.greedy_pool)
     doc = {**header(bench, "esa.bitscan/1", cfg),
            "targets": {"spec": cfg.targets, "kind": res.kind, **res.extra},

@@ -12,8 +12,9 @@ Per arm and task (:func:`task_comparison`): accuracy (and acc_norm) vs the refer
 bootstrap CI of Δ accuracy, the exact McNemar test on the discordant items (one repeat) or the Wilcoxon
 signed-rank test on the per-item repeat-averaged differences (several repeats: control seeds, noise seeds), and
 the mean Δ log-likelihood of the gold answer (bootstrap-t CI, Wilcoxon p). Items whose log-likelihood becomes
-non-finite are counted (``n_nonfinite``): a collapse is a result. Their p-values join the run's one
-multiple-comparison family (``p_wilcoxon_holm`` / ``_bh`` and ``p_mcnemar_holm`` / ``_bh``).
+non-finite are counted (``n_nonfinite``): a collapse is a result. The task tests of a run are one
+multiple-comparison family (``p_mcnemar_holm`` / ``_bh``, ``p_wilcoxon_holm`` / ``_bh``), apart from the ΔNLL
+tests, so adding tasks never changes a run's perplexity p-values.
 
 Options of one item are separate windows: the item's shared context is not computed once for all of its options
 (that would need a KV cache per item); across trials the prefix before the first perturbed layer is reused.
@@ -97,9 +98,11 @@ def _accuracy(ref: np.ndarray, repeats: list[np.ndarray], n_boot: int, seed: int
         return {**paired_accuracy(ref, repeats[0], n_boot=n_boot, seed=seed), "test": "mcnemar_exact"}
     pert = np.mean(np.stack(repeats).astype(float), axis=0)  # (N,) share of repeats correct
     low, high = paired_bootstrap_diff(ref.astype(float), pert, n_boot=n_boot, seed=seed)
+    d = pert - ref.astype(float)
     return {"n_items": len(ref), "acc_baseline": float(ref.mean()), "acc_perturbed": float(pert.mean()),
             "delta_acc": float(pert.mean() - ref.mean()), "ci_low": low, "ci_high": high, "ci_method": "percentile",
-            "p_wilcoxon": wilcoxon_p(pert - ref.astype(float)), "test": "wilcoxon (repeat-averaged items)",
+            "p_wilcoxon": wilcoxon_p(d) if np.any(d != 0) else 1.0,  # no item changed: no evidence of a change
+            "test": "wilcoxon (repeat-averaged items)",
             "repeats_acc": [float(r.mean()) for r in repeats]}
 
 
@@ -135,9 +138,12 @@ def tests_of(comparisons: list[dict]) -> list[tuple[dict, str]]:
     return found
 
 
-def adjust_with(nll_comparisons: list[dict], task_comparisons: list[dict]) -> None:
-    """Holm and BH across every test of the run — the ΔNLL Wilcoxon tests and all task tests — as one family."""
-    family = [(c, "p_wilcoxon") for c in nll_comparisons if "p_wilcoxon" in c] + tests_of(task_comparisons)
+def adjust_tasks(task_comparisons: list[dict]) -> None:
+    """Holm and BH across every task test of the run (all arms × tasks × acc/acc_norm/log-lik) as one family.
+
+    The ΔNLL tests keep their own family (:func:`esa.perturb.protocols.common.adjust`): adding tasks to a run
+    never changes its perplexity p-values."""
+    family = tests_of(task_comparisons)
     p = [float(stats[key]) for stats, key in family]
     if not p:
         return
@@ -155,11 +161,10 @@ def task_info(bench) -> list[dict]:
             for s in bench.tasks]
 
 
-def downstream(bench, arms: list[tuple[str, list[dict]]], nll_comparisons: list[dict]
-               ) -> tuple[dict | None, dict[str, np.ndarray]]:
+def downstream(bench, arms: list[tuple[str, list[dict]]]) -> tuple[dict | None, dict[str, np.ndarray]]:
     """The ``downstream`` part of a protocol document for ``arms`` — (comparison name, per-repeat outcomes:
-    task → :class:`ItemOutcomes`) pairs — with its per-item arrays; adjusts every p-value of the run as one
-    family. (None, {}) when the run names no tasks."""
+    task → :class:`ItemOutcomes`) pairs — with its per-item arrays; the task tests are Holm/BH-adjusted as one
+    family (:func:`adjust_tasks`). (None, {}) when the run names no tasks."""
     if not bench.tasks:
         return None, {}
     d, comps, arrays = bench.data, [], {}
@@ -172,7 +177,7 @@ def downstream(bench, arms: list[tuple[str, list[dict]]], nll_comparisons: list[
             key = re_key(name)
             arrays[f"task__{task}__{key}_gold_ll"] = np.stack([r.gold_ll for r in repeats])  # (S, N)
             arrays[f"task__{task}__{key}_correct"] = np.stack([r.correct for r in repeats])  # (S, N)
-    adjust_with(nll_comparisons, comps)
+    adjust_tasks(comps)
     macros = [m for m in (macro(comps, name) for name, _ in arms) if m is not None]
     return {"tasks": task_info(bench), "comparisons": comps, "macro": macros}, arrays
 

@@ -50,7 +50,7 @@ def perturb_experiment(lm: LoadedModel, cfg: PerturbConfig) -> tuple[dict, dict[
         if {pert, ref} <= set(by):  # e.g. --controls bottom_k alone has no random_k arm
             comps.append(compare(bench, f"{pert} vs {ref}", by[pert].nll, by[ref].nll, against=ref))
     comps, deltas = split_arrays(adjust(comps))
-    down, task_arrays = downstream(bench, [(a, by[a].task_outcomes) for a in by], comps)
+    down, task_arrays = downstream(bench, [(a, by[a].task_outcomes) for a in by])
     mean = {c["name"].split(" vs ")[0]: c["mean_delta_nll"] for c in comps if c["against"] == "baseline"}
     ratios = {"target_over_random": ratio(mean["target"], mean["random_k"]) if "random_k" in mean else None,
               "random_over_bottom": (ratio(mean["random_k"], mean["bottom_k"])
@@ -123,7 +123,7 @@ def dose_experiment(lm: LoadedModel, cfg: DoseConfig) -> tuple[dict, dict[str, n
             arrays[f"{arm.name}_nll__{i}"] = arm.per_seed
         rows.append(row)
     comps, deltas = split_arrays(adjust(comps))
-    down, task_arrays = downstream(bench, named, comps)
+    down, task_arrays = downstream(bench, named)
     doc = {**header(bench, "esa.dose_response/1", cfg), "parameter": param,
            "targets": {"spec": cfg.targets, "kind": res.kind, "n_elements": res.targets.n_elements,
                        "elements": res.order.head(MAX_LISTED).to_dict("records"), **res.extra},
