@@ -23,7 +23,8 @@ SECTIONS = {  # one section per kind that has one; baseline comes from the study
                      "controls": ["random_k", "bottom_k"], "tasks": ["piqa"],
                      "task_data": {"piqa": str(FIX / "piqa.jsonl")}, "task_limit": 4},
     "dose_response": {"targets": [{"name": "top", "ranking": "magnitude", "k": 4}],
-                      "ops": [{"op": "scale", "values": [0.0, 2.0]}]},
+                      "ops": [{"op": "scale", "values": [0.0, 2.0]}], "tasks": ["piqa"],
+                      "task_data": {"piqa": str(FIX / "piqa.jsonl")}, "task_limit": 4},
     "bitscan": {"targets": [{"name": "top", "ranking": "magnitude", "k": 2}], "top_n": 2, "bits": ["sign"],
                 "max_flips": 1, "collapse_ppl": 1e6},
     "scaling": {"statistics": ["bits_per_byte", "magnitude_top_share"]},
@@ -95,4 +96,6 @@ def test_perturbation_with_tasks_stores_and_reports_downstream_damage(contract_d
     assert all(c["task"] == "piqa" and c["acc"]["n_items"] == 4 for c in down["comparisons"])
     assert run.config["tasks"] == [["piqa", str(FIX / "piqa.jsonl")]] and run.config["task_limit"] == 4
     md, _ = write_study_report(db, tmp_path / "report")
-    assert "Zero-shot accuracy under perturbation" in md.read_text()
+    text = md.read_text()
+    assert "Zero-shot accuracy under perturbation" in text
+    assert "dose_accuracy.png" in text and (tmp_path / "report" / "dose_accuracy.png").stat().st_size > 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from esa.report.study_downstream import downstream_blocks
+from esa.report.study_downstream import accuracy_dose_panels, downstream_blocks
 from esa.report.html import Block, Bullets, Figure, Paragraph, Table
 from esa.report.study_causal_plots import dose_plot, dose_vs_k_plot, greedy_plot
 from esa.report.study_report import ALPHA, Run, fnum, generic_section
@@ -150,6 +150,11 @@ def dose_section(runs: list[Run]) -> list[Block]:
     if groups := _k_groups(done):
         blocks.append(Figure("dose_vs_k.png", dose_vs_k_plot(groups),
                              "Mean ΔNLL vs k, target (solid) vs random_k (dashed), one colour per dose, 95 % CI"))
+    if acc_panels := accuracy_dose_panels(done):
+        blocks.append(Figure("dose_accuracy.png", dose_plot(acc_panels, "Δ accuracy (perturbed − unperturbed)",
+                                                            symlog=False),
+                             "Δ zero-shot accuracy vs dose per task, target (red) vs random_k (blue), 95 % paired "
+                             "item-bootstrap CI bands"))
     blocks += downstream_blocks(runs)
     return blocks
 

@@ -39,8 +39,8 @@ def _curve(ax, xs: list, pts: list[dict], arm: str, style: str = "-", label: str
     ax.fill_between(xs, low, high, color=COLORS[arm], alpha=0.15, linewidth=0)
 
 
-def dose_plot(runs: list[dict]) -> bytes:
-    """One panel per dose-response run: mean ΔNLL (nats/token) vs the swept value, target vs random_k.
+def dose_plot(runs: list[dict], ylabel: str = "mean ΔNLL (nats/token)", symlog: bool = True) -> bytes:
+    """One panel per dose-response run: ``mean`` (ΔNLL, or Δ accuracy) vs the swept value, target vs random_k.
 
     ``runs``: dicts with ``title``, ``parameter`` and ``rows`` (value, arm, mean, ci_low, ci_high). Values sit
     at equal spacing in the study's order (factors, sigmas and bit names alike), labelled with their values.
@@ -57,13 +57,14 @@ def dose_plot(runs: list[dict]) -> bytes:
             if pts:
                 _curve(ax, [values.index(str(p["value"])) for p in pts], pts, arm)
         every = [v for r in run["rows"] for v in (r["mean"], r["ci_low"], r["ci_high"])]
-        ax.set_yscale("symlog", linthresh=_linthresh(every))
+        if symlog:
+            ax.set_yscale("symlog", linthresh=_linthresh(every))
         ax.axhline(0.0, color="black", linewidth=0.6)
         for arm in ("target", "random_k"):
             pts = [r for r in run["rows"] if r["arm"] == arm]
             _mark_collapse(ax, [values.index(str(p["value"])) for p in pts], [p["mean"] for p in pts])
         ax.set_xticks(range(len(values)), values, fontsize=7)
-        finish_axes(ax, run["parameter"], "mean ΔNLL (nats/token)", _short(run["title"], 48), 8)
+        finish_axes(ax, run["parameter"], ylabel, _short(run["title"], 48), 8)
     return _png(fig)
 
 

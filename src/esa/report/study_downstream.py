@@ -121,3 +121,23 @@ def paper_table(runs: list[Run]) -> list[Block]:
              "(Wilcoxon) among the run's ΔNLL tests, accuracy (McNemar, or Wilcoxon over repeat-averaged items) "
              "among its task tests.")
     return [Paragraph(intro), *blocks]
+
+
+def accuracy_dose_panels(runs: list[Run]) -> list[dict]:
+    """Per dose-response run and task: Δ accuracy (95 % CI) vs the swept value for target and random_k — the
+    rows :func:`esa.report.study_causal_plots.dose_plot` draws."""
+    panels = []
+    for r in runs:
+        down = r.metrics.get("downstream") if r.status == "completed" else None
+        if not down:
+            continue
+        value_of = {row[arm]: row["value"] for row in r.metrics.get("rows", []) for arm in ("target", "random_k")
+                    if arm in row}
+        for t in down["tasks"]:
+            rows = [{"value": value_of[c["arm"]], "arm": c["arm"].split(" @ ")[0],
+                     "mean": as_float(c["acc"]["delta_acc"]), "ci_low": as_float(c["acc"]["ci_low"]),
+                     "ci_high": as_float(c["acc"]["ci_high"])}
+                    for c in down["comparisons"] if c["task"] == t["task"] and c["arm"] in value_of]
+            panels.append({"title": f"{run_label(r)} · {task_label(t['task'])}",
+                           "parameter": str(r.metrics.get("parameter")), "rows": rows})
+    return panels
