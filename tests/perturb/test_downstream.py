@@ -65,6 +65,10 @@ def test_cached_items_equal_the_plain_scorer_unperturbed_and_perturbed(lm, data)
         assert comp["acc"]["p_mcnemar"] == pytest.approx(mcnemar_exact(ref_correct, correct)["p"])
         assert comp["loglik"]["mean_delta_loglik"] == pytest.approx((pert - ref).mean(), rel=1e-5)
     assert {c["task"] for c in doc["downstream"]["comparisons"]} == {"piqa", "lambada_openai"}
+    (macro,) = [m for m in doc["downstream"]["macro"] if m["arm"] == "target"]  # two tasks, one repeat: a CI
+    deltas = [c["acc"]["delta_acc"] for c in doc["downstream"]["comparisons"] if c["arm"] == "target"]
+    assert macro["delta_acc"] == pytest.approx(np.mean(deltas))
+    assert macro["ci_low"] <= macro["delta_acc"] <= macro["ci_high"]
     assert [t["n_items"] for t in doc["downstream"]["tasks"]] == [len(plain_ref[n]) for n, _ in TASKS]
 
 

@@ -32,7 +32,8 @@ from esa.data.windows import Window
 from esa.evals.tasks import TaskData, load_task_data
 from esa.evals.zeroshot import DEFAULT_MAX_LENGTH, Request, build_requests, item_scores
 from esa.models import max_positions
-from esa.stats import holm, benjamini_hochberg, paired_accuracy, paired_bootstrap_diff, paired_loglik, wilcoxon_p
+from esa.stats import (benjamini_hochberg, holm, macro_paired_accuracy, paired_accuracy, paired_bootstrap_diff,
+                       paired_loglik, wilcoxon_p)
 
 
 @dataclass
@@ -119,13 +120,22 @@ def task_comparison(name: str, task: str, ref: ItemOutcomes, repeats: list[ItemO
     return out
 
 
-def macro(comparisons: list[dict], arm: str) -> dict | None:
-    """Mean Δ accuracy over the tasks of one arm (None with fewer than two tasks)."""
-    rows = [c for c in comparisons if c["arm"] == arm]
-    if len(rows) < 2:
+def macro(bench, arm: str, per_repeat: list[dict]) -> dict | None:
+    """Mean Δ accuracy over the run's tasks for one arm (each task weighs the same), with the percentile CI of
+    :func:`esa.stats.macro_paired_accuracy` (items resampled within each task) for a single repeat; several
+    repeats give the mean without a CI. None with fewer than two tasks."""
+    tasks = [s.data.task.name for s in bench.tasks]
+    if len(tasks) < 2 or not per_repeat:
         return None
-    return {"arm": arm, "n_tasks": len(rows), "delta_acc": float(np.mean([c["acc"]["delta_acc"] for c in rows])),
-            "tasks": [c["task"] for c in rows]}
+    if len(per_repeat) == 1:
+        pairs = {t: (bench.task_reference[t].correct, per_repeat[0][t].correct) for t in tasks}
+        m = macro_paired_accuracy(pairs, n_boot=bench.data.n_boot, seed=bench.data.seed)
+        return {"arm": arm, "n_tasks": m["n_tasks"], "delta_acc": m["delta_acc"], "ci_low": m["ci_low"],
+                "ci_high": m["ci_high"], "ci_method": m["ci_method"], "tasks": tasks}
+    deltas = [np.mean([r[t].correct.mean() for r in per_repeat]) - bench.task_reference[t].correct.mean()
+              for t in tasks]
+    return {"arm": arm, "n_tasks": len(tasks), "delta_acc": float(np.mean(deltas)), "ci_low": None,
+            "ci_high": None, "ci_method": None, "tasks": tasks}
 
 
 def tests_of(comparisons: list[dict]) -> list[tuple[dict, str]]:
@@ -178,7 +188,7 @@ def downstream(bench, arms: list[tuple[str, list[dict]]]) -> tuple[dict | None, 
             arrays[f"task__{task}__{key}_gold_ll"] = np.stack([r.gold_ll for r in repeats])  # (S, N)
             arrays[f"task__{task}__{key}_correct"] = np.stack([r.correct for r in repeats])  # (S, N)
     adjust_tasks(comps)
-    macros = [m for m in (macro(comps, name) for name, _ in arms) if m is not None]
+    macros = [m for m in (macro(bench, name, per_repeat) for name, per_repeat in arms) if m is not None]
     return {"tasks": task_info(bench), "comparisons": comps, "macro": macros}, arrays
 
 
