@@ -39,6 +39,7 @@ from typing import ClassVar
 import numpy as np
 
 from esa.core.errors import EsaError
+from esa.evals.tasks.corpus import is_corpus_task
 from esa.evals.tasks import TASKS, load_task_data
 from esa.evals.zeroshot import ItemScore, TaskResult, evaluate_task
 from esa.core.hashing import sha256_file
@@ -162,7 +163,7 @@ def execute(lm: LoadedModel, run: ZeroShotRun, ctx: RunContext) -> tuple[dict, d
     try:
         data = load_task_data(run.task, run.task_data, run.limit, run.seed)
     except EsaError as exc:
-        if run.task_data is not None:
+        if run.task_data is not None or is_corpus_task(run.task):  # a corpus-derived task reads no task data
             raise
         raise EsaError(f"{exc}; in a study file: zeroshot: {{task_data: {{{run.task}: PATH}}}}") from exc
     result = evaluate_task(lm.model, lm.tokenizer, data, token_budget=run.token_budget)
