@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     x.add_argument("--format", choices=EXPORT_FORMATS, default=None, help="default: from --out's suffix")
     x.add_argument("--out", type=Path, default=None, help="output file; without it, list the db's studies")
     x.add_argument("--study", default=None, help="only the runs of this study (name)")
+    x.add_argument("--long", action="store_true",
+                   help="one row per run × numeric metric (run_id, kind, model, dtype, config.*, metric, value) "
+                   "instead of one row per run; either file format")
     x.set_defaults(func=results)
 
 
@@ -123,8 +126,8 @@ def results(args) -> int:
     if args.out is None:
         for name, n in study_names(args.db):
             print(f"{name}: {n} run(s)")
-        print("export with: esa results DB --out results.csv (or .parquet)")
+        print("export with: esa results DB --out results.csv (or .parquet; --long: one row per run × metric)")
         return 0
-    n = export(args.db, args.out, args.format, args.study)
-    print(f"{n} run(s) → {args.out}")
+    n = export(args.db, args.out, args.format, args.study, long=args.long)
+    print(f"{n} {'run × metric row' if args.long else 'run'}(s) → {args.out}")
     return 0

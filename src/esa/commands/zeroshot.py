@@ -2,7 +2,9 @@
 
 A one-off study on the engine: the flags become a study with a ``zeroshot:`` section (kind ``zeroshot`` only),
 run into ``<out-dir>/esa.db`` — rerunning resumes, finished tasks are not scored again — and ``zeroshot.json``
-and ``<task>.items.jsonl`` are exported from the stored rows (:func:`esa.kinds.zeroshot.task_result`).
+and ``<task>.items.jsonl`` are exported from the stored rows (:func:`esa.kinds.zeroshot.task_result`), and the
+same numbers in lm-evaluation-harness 0.4's layout, ``lm-eval/<model>/results_<date>.json`` with
+``samples_<task>_<date>.jsonl`` (:mod:`esa.evals.lmeval_format`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (log-probs are fp32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
     p.add_argument("--out-dir", type=Path, default=Path("runs/zeroshot"),
-                   help="results database esa.db, zeroshot.json and per-item JSONL go here")
+                   help="results database esa.db, zeroshot.json, per-item JSONL and lm-eval/ (lm-eval 0.4 "
+                   "layout: results_<date>.json, samples_<task>_<date>.jsonl) go here")
     p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
     p.set_defaults(func=run)
 
@@ -67,12 +70,35 @@ def _provenance(row, args, seconds: float) -> dict:
             "provenance": prov}
 
 
-def stored_results(outcome) -> tuple[list, list]:
-    """(TaskResults in --tasks order, their stored rows) of the one-off study's zeroshot runs."""
+def stored_results(outcome) -> tuple[list, list, list]:
+    """(TaskResults in --tasks order, their stored rows, their runs) of the one-off study's zeroshot runs."""
     from esa.kinds.zeroshot import task_result
 
     hits = outcome.of("zeroshot")
-    return [task_result(h.row, h.arrays) for h in hits], [h.row for h in hits]
+    return [task_result(h.row, h.arrays) for h in hits], [h.row for h in hits], [h.run for h in hits]
+
+
+def _seconds(row) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(row.finished_at) - datetime.fromisoformat(row.started_at)).total_seconds()
+
+
+def write_lmeval_files(out_dir: Path, results: list, rows: list, runs: list) -> dict:
+    """The stored results in lm-evaluation-harness 0.4's layout, ``<out-dir>/lm-eval/<model>/results_<date>.json``
+    and ``samples_<task>_<date>.jsonl`` (:mod:`esa.evals.lmeval_format`); their paths relative to ``out_dir``."""
+    from esa.evals import lmeval_format as lm
+
+    exports = [lm.task_export(r, run.task_data, run.limit, run.seed) for r, run in zip(results, runs)]
+    row, run = rows[0], runs[0]
+    prov, name = row.provenance or {}, row.model.get("model_id") or run.model.name
+    config = lm.run_config(row.model, row.config.get("model") or {}, run.limit, run.seed, prov.get("device"))
+    last = max(r.finished_at for r in rows)
+    extra = lm.provenance_fields(name, prov, last, sum(_seconds(r) for r in rows), results[0].config.get("max_length"))
+    files = lm.write_lmeval(out_dir / "lm-eval" / lm.sanitize_model_name(name), exports, config, lm.date_id(last),
+                            extra)
+    return {"results": str(files["results"].relative_to(out_dir)),
+            "samples": {t: str(p.relative_to(out_dir)) for t, p in files["samples"].items()}}
 
 
 def run(args) -> int:
@@ -92,7 +118,8 @@ def run(args) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     console = Console()
-    results, rows = stored_results(run_one_off(study, db, "esa zeroshot", on_event=progress_printer(console)))
+    results, rows, runs = stored_results(run_one_off(study, db, "esa zeroshot",
+                                                     on_event=progress_printer(console)))
     table = Table("task", "n", "metric", "value", "± stderr", title=f"zero-shot — {args.model}")
     for r in results:
         for key in TASKS.get(r.task).metrics:
@@ -101,6 +128,8 @@ def run(args) -> int:
                 r.task, str(r.config["n"]), key, f"{r.metrics[key]:.4f}", "—" if se is None else f"{se:.4f}"
             )
     console.print(table)
-    write_results(args.out_dir, results, _provenance(rows[0], args, time.perf_counter() - start))
-    console.print(f"results: {args.out_dir / 'zeroshot.json'} (database {db})")
+    lm_eval = write_lmeval_files(args.out_dir, results, rows, runs)
+    write_results(args.out_dir, results, _provenance(rows[0], args, time.perf_counter() - start), lm_eval)
+    console.print(f"results: {args.out_dir / 'zeroshot.json'}, lm-eval layout {args.out_dir / lm_eval['results']} "
+                  f"(database {db})", soft_wrap=True)
     return 0

@@ -381,8 +381,10 @@ def items_stem(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", task).strip("_")
 
 
-def write_results(out_dir, results: list[TaskResult], provenance: dict) -> dict:
-    """``zeroshot.json`` (metrics, config, provenance) and ``<task>.items.jsonl`` (one ItemScore per line)."""
+def write_results(out_dir, results: list[TaskResult], provenance: dict, lm_eval: dict | None = None) -> dict:
+    """``zeroshot.json`` (metrics, config, provenance) and ``<task>.items.jsonl`` (one ItemScore per line);
+    ``lm_eval``: where the same results are in lm-eval's layout (:mod:`esa.evals.lmeval_format`), recorded
+    as ``{"results": path, "samples": {task: path}}`` relative to ``out_dir``."""
     import json
     from pathlib import Path
 
@@ -396,6 +398,7 @@ def write_results(out_dir, results: list[TaskResult], provenance: dict) -> dict:
     summary = {
         "provenance": provenance,
         "tasks": {r.task: {**r.to_dict(with_items=False), "items_file": paths[r.task]} for r in results},
+        **({"lm_eval": lm_eval} if lm_eval else {}),
     }
     (out / "zeroshot.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,10 +1,13 @@
 """Reading a results database, read-only: the one reader that reports, exports, the scaling fits and the
-Python API use (none of them writes SQL of its own), and the CSV/Parquet export."""
+Python API use (none of them writes SQL of its own), and the CSV/Parquet export (wide: one row per run;
+long: one row per run × numeric metric)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +21,84 @@ IN_STUDY = (" run_id IN (SELECT sr.run_id FROM study_runs sr JOIN studies s ON s
             "WHERE s.name = ? OR s.study_id = ?)")  # a study by name or id
 
 
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # how the store's JSON writes them
+
+
+def decoded(value):
+    """A stored scalar as computed: the store writes non-finite floats as the strings "nan"/"inf"/"-inf"."""
+    return NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _cell(value):
+    """A flat frame's cell: lists and dicts as their stored JSON, non-finite strings as floats."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else decoded(value)
+
+
 def flatten_runs(rows: pd.DataFrame) -> pd.DataFrame:
-    """Expand the JSON columns: ``config.*``, ``model.*``, ``provenance.*`` and the metrics unprefixed."""
+    """Expand the JSON columns: ``config.*``, ``model.*``, ``provenance.*`` and the metrics unprefixed.
+
+    Non-finite numbers come back as float NaN/±Inf (not the store's strings), so a numeric column is float64.
+    """
     parts = [rows[["run_id", "kind", "status", "error", "started_at", "finished_at"]].reset_index(drop=True)]
     for col, prefix in (("config", "config."), ("model", "model."), ("metrics", ""),
                         ("provenance", "provenance."), ("artifacts", "artifacts.")):
         flat = pd.json_normalize([json.loads(v) for v in rows[col]], sep=".")
-        flat = flat.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-        parts.append(flat.add_prefix(prefix))
-    return pd.concat(parts, axis=1)
+        parts.append(flat.map(_cell).add_prefix(prefix))
+    return pd.concat(parts, axis=1).infer_objects()
 
 
-def read_frame(con: sqlite3.Connection, study: str | None = None) -> pd.DataFrame:
-    """One row per run (of ``study``, by name or id) with its JSON columns flattened (:func:`flatten_runs`)."""
+def numeric_leaves(obj, name: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted name, float) of every number in a metrics JSON, nested dicts and lists included (list items
+    by index: ``ci.0``); the store's "nan"/"inf"/"-inf" strings count as numbers, booleans do not::
+
+        {"acc": 0.5, "ci": [0.1, 0.9], "fit": {"alpha": "nan"}, "ok": true}
+        → ("acc", 0.5), ("ci.0", 0.1), ("ci.1", 0.9), ("fit.alpha", nan)
+    """
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from numeric_leaves(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from numeric_leaves(value, f"{name}.{i}" if name else str(i))
+    else:
+        value = decoded(obj)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, float(value)
+
+
+LONG_COLUMNS = ("run_id", "kind", "model", "dtype")  # then config.<key> of each top-level scalar setting
+
+
+def long_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per run × numeric metric leaf (:func:`numeric_leaves`): run_id, kind, model (name), dtype,
+    ``config.<key>`` for every top-level scalar setting of the run (dataset, context_len, seed, task …),
+    ``metric`` (dotted name) and ``value`` (float64). Runs without metrics (failed ones) add no rows."""
+    records, settings = [], {}
+    fields = ["run_id", "kind", "config", "model", "metrics"]
+    for run_id, kind, config, fingerprint, metrics in rows[fields].itertuples(index=False):
+        config, fingerprint = json.loads(config), json.loads(fingerprint)
+        spec = config.get("model") if isinstance(config.get("model"), dict) else {}
+        keys = {f"config.{k}": decoded(v) for k, v in config.items()
+                if k != "kind" and not isinstance(v, (dict, list))}
+        settings.update(dict.fromkeys(keys))
+        base = {"run_id": run_id, "kind": kind, "model": spec.get("name") or fingerprint.get("model_id"),
+                "dtype": spec.get("dtype") or fingerprint.get("dtype"), **keys}
+        records += [{**base, "metric": metric, "value": value} for metric, value in numeric_leaves(json.loads(metrics))]
+    columns = [*LONG_COLUMNS, *sorted(settings), "metric", "value"]
+    frame = pd.DataFrame.from_records(records, columns=columns).infer_objects()
+    return frame.astype({"value": "float64"})
+
+
+def _run_rows(con: sqlite3.Connection, study: str | None) -> pd.DataFrame:
     where, params = (" WHERE" + IN_STUDY, (study, study)) if study is not None else ("", ())
-    return flatten_runs(pd.read_sql("SELECT * FROM runs" + where + " ORDER BY started_at", con, params=params))
+    return pd.read_sql("SELECT * FROM runs" + where + " ORDER BY started_at", con, params=params)
+
+
+def read_frame(con: sqlite3.Connection, study: str | None = None, long: bool = False) -> pd.DataFrame:
+    """One row per run (of ``study``, by name or id) with its JSON columns flattened (:func:`flatten_runs`);
+    ``long``: one row per run × numeric metric (:func:`long_runs`)."""
+    rows = _run_rows(con, study)
+    return long_runs(rows) if long else flatten_runs(rows)
 
 
 def read_arrays(con: sqlite3.Connection, root: Path, run_id: str) -> dict[str, np.ndarray]:
@@ -122,8 +188,8 @@ class Reader:
             "SELECT s.name, COUNT(sr.run_id) FROM studies s LEFT JOIN study_runs sr ON s.study_id = sr.study_id "
             "GROUP BY s.study_id ORDER BY s.created_at")]
 
-    def frame(self, study: str | None = None) -> pd.DataFrame:
-        return read_frame(self.con, study)
+    def frame(self, study: str | None = None, long: bool = False) -> pd.DataFrame:
+        return read_frame(self.con, study, long)
 
     def arrays(self, run_id: str) -> dict[str, np.ndarray]:
         return read_arrays(self.con, self.path.resolve().parent, run_id)
@@ -139,21 +205,37 @@ class Reader:
 EXPORT_FORMATS = ("csv", "parquet")
 
 
-def export(db: str | Path, out: str | Path, fmt: str | None = None, study: str | None = None) -> int:
-    """Write the runs of ``db`` (optionally one study's) as CSV or Parquet; returns the row count."""
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding values of several types (a setting that is a number in one kind and a string
+    in another) as strings, which Parquet needs; missing values stay missing."""
+    out = frame.copy()
+    for col in out.select_dtypes(include="object").columns:
+        if len({type(v) for v in out[col] if not pd.isna(v)}) > 1:
+            out[col] = out[col].map(lambda v: v if pd.isna(v) else str(v))
+    return out
+
+
+def export(db: str | Path, out: str | Path, fmt: str | None = None, study: str | None = None,
+           long: bool = False) -> int:
+    """Write the runs of ``db`` (optionally one study's) as CSV or Parquet; returns the row count.
+
+    Wide (default): one row per run (:func:`flatten_runs`). ``long``: one row per run × numeric metric
+    (:func:`long_runs`) — the shape ``groupby``/``pivot`` and plotting libraries want. Either way a
+    non-finite number is a float NaN/±Inf (CSV: empty cell / ``inf``; pandas reads both back as float64)."""
     out = Path(out)
     fmt = fmt or out.suffix.lstrip(".")
     if fmt not in EXPORT_FORMATS:
         raise EsaError(f"unknown export format {fmt!r}; use --format csv or parquet")
     with Reader(db) as reader:
-        frame = reader.frame(study)
-    if study is not None and frame.empty:
+        frame = reader.frame(study, long)
+        has_runs = bool(reader.runs(study)) if long else not frame.empty
+    if study is not None and not has_runs:
         raise EsaError(f"no runs of study {study!r} in {db}; check the name (`esa results {db}` lists them)")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         frame.to_csv(out, index=False)
     else:
-        frame.to_parquet(out, index=False)
+        _parquet_safe(frame).to_parquet(out, index=False)
     return len(frame)
 
 
