@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from esa.report.study_plots import _png, _short, finish_axes, plt  # study_plots selects the Agg backend
+from esa.report.study_plots import _png, _short, finish_axes, new_figure, subplots
 
 COLORS = {"target": "tab:red", "random_k": "tab:blue"}
 MAX_PANELS = 12  # dose-response panels per figure; the table lists every run
@@ -108,7 +108,7 @@ def greedy_plot(runs: list[dict]) -> bytes:
 
     ``runs``: dicts with ``title``, ``baseline_ppl``, ``collapse_ppl`` and ``steps`` (each with ``ppl``).
     """
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    fig, ax = subplots(figsize=(7.0, 4.2))
     for i, run in enumerate(runs):
         ppl = [run["baseline_ppl"]] + [s["ppl"] for s in run["steps"]]
         xs = list(range(len(ppl)))
@@ -125,4 +125,4 @@ def greedy_plot(runs: list[dict]) -> bytes:
 
 
 def _figure(cols: int, rows: int, width: float = 4.0):
-    return plt.figure(figsize=(width * cols, 3.2 * rows))
+    return new_figure(figsize=(width * cols, 3.2 * rows))

@@ -1,7 +1,9 @@
 """Figures of the study report, returned as PNG bytes (embedded in report.html, written next to report.md).
 
 Each function takes rows the report already computed (so a figure can never disagree with its table) and
-returns the PNG encoding of one matplotlib figure (Agg backend, fixed size and dpi).
+returns the PNG encoding of one matplotlib figure (fixed size and dpi). Figures are ``matplotlib.figure.Figure``
+objects drawn by the Agg canvas that ``savefig`` picks for PNG: pyplot is never imported and the global backend is
+never switched, so importing ESA in a notebook leaves its inline plots alone.
 """
 
 from __future__ import annotations
@@ -9,19 +11,26 @@ from __future__ import annotations
 import io
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from esa.stats import MIN_WINDOWS, interval_phrase
 
 
-def _png(fig) -> bytes:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure outside pyplot: no figure manager, no backend switch; it is freed with its last reference."""
+    return Figure(figsize=figsize)
+
+
+def subplots(figsize: tuple[float, float]):
+    """(figure, one axes), like ``pyplot.subplots`` but outside pyplot (:func:`new_figure`)."""
+    fig = new_figure(figsize)
+    return fig, fig.subplots()
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -51,7 +60,7 @@ def baseline_perplexity_plot(cells: list[dict]) -> bytes:
 
     ``cells``: dicts with model, dataset, context_len and ``perplexity`` (an :class:`esa.stats.SeedAggregate`).
     """
-    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    fig, ax = subplots(figsize=(7.0, 4.2))
     lines: dict[tuple[str, str], list[dict]] = {}
     for c in cells:
         lines.setdefault((c["model"], c["dataset"]), []).append(c)
@@ -77,7 +86,7 @@ def comparison_plot(rows: list[dict]) -> bytes:
     ``rows``: dicts with label, mean_delta_nll, ci_low, ci_high, collapsed, and optionally ci_method (the CI's
     method, named on the axis) and few_windows (labelled "†" : fewer than MIN_WINDOWS windows).
     """
-    fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.35 * len(rows)))
+    fig, ax = subplots(figsize=(7.0, 0.9 + 0.35 * len(rows)))
     y = list(range(len(rows)))[::-1]
     means = [r["mean_delta_nll"] if math.isfinite(r["mean_delta_nll"]) else 0.0 for r in rows]
     err = [_err(m, r["ci_low"], r["ci_high"]) for m, r in zip(means, rows)]

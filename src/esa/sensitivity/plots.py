@@ -1,22 +1,23 @@
-"""Sensitivity plots (PNG, matplotlib Agg): score distribution and where the top-k weights sit."""
+"""Sensitivity plots (PNG): score distribution and where the top-k weights sit.
+
+Drawn on ``matplotlib.figure.Figure`` (the Agg canvas ``savefig`` picks for PNG), never through pyplot, so the
+session's backend — a notebook's inline one — is left as it is."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 
 def score_histogram(sample: np.ndarray, path: Path, title: str) -> Path:
     """Histogram of log10(score) from a random sample of the scores; zeros are counted in the legend."""
     sample = np.asarray(sample, dtype=np.float64)
     positive = sample[sample > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     if len(positive):
         ax.hist(np.log10(positive), bins=120, color="#3a6ea5", log=True)
     ax.set_xlabel("log10(score)")
@@ -27,7 +28,6 @@ def score_histogram(sample: np.ndarray, path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -43,7 +43,8 @@ def layer_role_counts(table: pd.DataFrame) -> pd.DataFrame:
 def layer_role_heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:
     """Heatmap of top-k counts, decoder layer × module role."""
     counts = layer_role_counts(table)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * max(1, counts.shape[1]), 1.5 + 0.22 * max(1, counts.shape[0])))
+    fig = Figure(figsize=(1.2 + 0.8 * max(1, counts.shape[1]), 1.5 + 0.22 * max(1, counts.shape[0])))
+    ax = fig.subplots()
     image = ax.imshow(counts.to_numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(counts.shape[1]), counts.columns, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(counts.shape[0]), counts.index, fontsize=7)
@@ -53,5 +54,4 @@ def layer_role_heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:
     fig.colorbar(image, ax=ax, label="top-k weights")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
