@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import shlex
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from esa.cli import main
 from esa.sensitivity.stability import compare_rankings
 from esa.store import Reader
 from helpers.models import forbid_model_loading
+from helpers.golden import assert_same
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "sensitivity_command.json").read_text())
 STORE_FILES = {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts"}  # the database and its artifacts
@@ -52,22 +52,6 @@ def outputs(tiny_llama_dir, corpus, tmp_path_factory):
     return done
 
 
-def _same(new, old, where: str) -> None:
-    """Equal, floats to rtol 1e-6 (NaN equals NaN), recursively."""
-    if isinstance(old, dict):
-        assert set(new) == set(old), where
-        for key in old:
-            _same(new[key], old[key], f"{where}.{key}")
-    elif isinstance(old, list):
-        assert len(new) == len(old), where
-        for i, (a, b) in enumerate(zip(new, old)):
-            _same(a, b, f"{where}[{i}]")
-    elif isinstance(old, float):
-        assert (math.isnan(new) and math.isnan(old)) or new == pytest.approx(old, rel=1e-6, abs=1e-12), where
-    else:
-        assert new == old, where
-
-
 def _rows(path: Path, n: int = 20) -> dict:
     t = pd.read_parquet(path)
     return {"n_rows": len(t), "top": [{"param": r.param, "row": int(r.row),
@@ -83,18 +67,18 @@ def _placeholders(doc, corpus: str):
 @pytest.mark.parametrize("name", list(GOLDEN["cases"]))
 def test_files_hold_the_golden_numbers(outputs, corpus, name):
     golden, (out, _) = GOLDEN["cases"][name], outputs[name]
-    _same(_rows(out / "ranking.parquet"), golden["ranking"], f"{name} ranking")
+    assert_same(_rows(out / "ranking.parquet"), golden["ranking"], f"{name} ranking")
     for seed, rows in golden["per_seed_ranking"].items():
-        _same(_rows(out / f"ranking_seed{seed}.parquet"), rows, f"{name} ranking_seed{seed}")
+        assert_same(_rows(out / f"ranking_seed{seed}.parquet"), rows, f"{name} ranking_seed{seed}")
     if "floor" in golden:
-        _same(_rows(out / "ranking.floor.parquet"), golden["floor"], f"{name} floor")
+        assert_same(_rows(out / "ranking.floor.parquet"), golden["floor"], f"{name} floor")
     stab = json.loads((out / "stability.json").read_text())
-    _same({k: stab[k] for k in golden["stability"]}, golden["stability"], f"{name} stability")
-    _same({str(p["seed"]): p["tail"] for p in stab["per_seed"]}, golden["tail"], f"{name} tail")
-    _same(_placeholders({str(p["seed"]): p["calibration"] for p in stab["per_seed"]}, corpus), golden["calibration"],
-          f"{name} calibration")
+    assert_same({k: stab[k] for k in golden["stability"]}, golden["stability"], f"{name} stability")
+    assert_same({str(p["seed"]): p["tail"] for p in stab["per_seed"]}, golden["tail"], f"{name} tail")
+    calibration = _placeholders({str(p["seed"]): p["calibration"] for p in stab["per_seed"]}, corpus)
+    assert_same(calibration, golden["calibration"], f"{name} calibration")
     manifest = json.loads((out / "manifest.json").read_text())
-    _same({k: manifest[k] for k in golden["manifest"]}, golden["manifest"], f"{name} manifest")
+    assert_same({k: manifest[k] for k in golden["manifest"]}, golden["manifest"], f"{name} manifest")
     assert {p.name for p in out.iterdir()} - STORE_FILES == set(golden["files"])
     assert set(manifest["files"]) == set(golden["files"]) - {"manifest.json"}
 

@@ -19,6 +19,7 @@ from esa.cli import main
 from esa.sensitivity.superweights import Thresholds
 from esa.store import Reader
 from helpers.models import forbid_model_loading
+from helpers.golden import assert_same
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "superweights_command.json").read_text())
 PLANTED = {(1, 5, 40): 2000.0, (1, 5, 100): 1500.0}  # (layer, row, col) of down_proj → value; see GOLDEN about
@@ -51,30 +52,14 @@ def _argv(name: str, planted, corpus: str, out: Path) -> list[str]:
     return argv[: argv.index("--out-dir")] + ["--out-dir", str(out)]
 
 
-def _same(new, old, where: str) -> None:
-    """Equal, floats to rtol 1e-6 (NaN equals NaN), recursively."""
-    if isinstance(old, dict):
-        assert set(new) == set(old), where
-        for key in old:
-            _same(new[key], old[key], f"{where}.{key}")
-    elif isinstance(old, list):
-        assert len(new) == len(old), where
-        for i, (a, b) in enumerate(zip(new, old)):
-            _same(a, b, f"{where}[{i}]")
-    elif isinstance(old, float):
-        assert (math.isnan(new) and math.isnan(old)) or new == pytest.approx(old, rel=1e-6, abs=1e-12), where
-    else:
-        assert new == old, where
-
-
 def _check_golden(name: str, out: Path, corpus: str | None) -> dict:
     golden = GOLDEN["cases"][name]
     text = (out / "superweights.json").read_text()
     doc = json.loads(text.replace(json.dumps(corpus)[1:-1], "<corpus>") if corpus else text)
-    _same([{k: c[k] for k in golden["candidates"][0]} for c in doc["candidates"]] if golden["candidates"]
-          else doc["candidates"], golden["candidates"], f"{name} candidates")
+    assert_same([{k: c[k] for k in golden["candidates"][0]} for c in doc["candidates"]] if golden["candidates"]
+                else doc["candidates"], golden["candidates"], f"{name} candidates")
     for key in ("massive_activations", "rounds", "thresholds", "data", "run", "tokens", "n_sequences", "n_tokens"):
-        _same(doc[key], golden[key], f"{name} {key}")
+        assert_same(doc[key], golden[key], f"{name} {key}")
     assert {p.name for p in out.iterdir()} - {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts"} == set(golden["files"])
     assert (out / "superweights.png").read_bytes()[:4] == b"\x89PNG"
     return doc
