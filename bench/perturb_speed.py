@@ -51,7 +51,7 @@ import torch
 from esa.models.architectures import as_out_in, chunked_head, decoder_layers, mlp_out_modules
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, select_windows
-from esa.evals.perplexity import score_batch
+from esa.evals.perplexity import hidden_and_head
 from esa.models import ModelSpec, load_model
 from esa.perturb.context import perturbed
 from esa.perturb.ops import make_op
@@ -105,9 +105,10 @@ def make_trials(model, layer: int, n: int, seed: int) -> list[tuple[str, int, fl
     return [(name, int(f), float(-8 * row_max[int(r)])) for f, r in zip(flat, rows)]
 
 
+@torch.inference_mode()
 def full_forward(model, cache: PrefixCache) -> np.ndarray:
     """Per-window NLL (W,) of ``model`` on the cache's fixed micro-batches, by a plain full forward."""
-    return np.concatenate([score_batch(model, b.ids, b.attn, b.scored)[0].numpy() for b in cache.batches])
+    return np.concatenate([b.score(*hidden_and_head(model, b.forward))[0].numpy() for b in cache.batches])
 
 
 def run_copy(model, cache, trials) -> list[np.ndarray]:
@@ -190,7 +191,7 @@ def _profile_batch(model, batch, layer: int) -> dict[str, float]:
     layers, (_, head_fn), norm = decoder_layers(model), chunked_head(model), _final_norm(model)
     hidden = _replay_layers(layers, batch, layer)  # (B, T-1, D)
     logits = head_fn(norm(hidden)).float()  # (B, T-1, V)
-    tgt = batch.ids[:, 1:]  # (B, T-1)
+    tgt = batch.targets  # (B, T-1)
     return {"decoder layers": _cpu(lambda: _replay_layers(layers, batch, layer)),
             "final norm + head matmul": _cpu(lambda: head_fn(norm(hidden))),
             "fp32 log-softmax + gather + argmax": _cpu(

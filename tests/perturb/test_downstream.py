@@ -63,13 +63,27 @@ def test_cached_items_equal_the_plain_scorer_unperturbed_and_perturbed(lm, data)
         ref_correct = np.array([s.correct for s in plain_ref[name]])
         assert comp["acc"]["delta_acc"] == pytest.approx(correct.mean() - ref_correct.mean())
         assert comp["acc"]["p_mcnemar"] == pytest.approx(mcnemar_exact(ref_correct, correct)["p"])
-        assert comp["loglik"]["mean_delta_loglik"] == pytest.approx((pert - ref).mean(), rel=1e-5)
+        assert comp["loglik"]["mean_delta_loglik"] == pytest.approx((pert - ref).mean(), rel=1e-5, abs=1e-6)
     assert {c["task"] for c in doc["downstream"]["comparisons"]} == {"piqa", "lambada_openai"}
     (macro,) = [m for m in doc["downstream"]["macro"] if m["arm"] == "target"]  # two tasks, one repeat: a CI
     deltas = [c["acc"]["delta_acc"] for c in doc["downstream"]["comparisons"] if c["arm"] == "target"]
     assert macro["delta_acc"] == pytest.approx(np.mean(deltas))
     assert macro["ci_low"] <= macro["delta_acc"] <= macro["ci_high"]
     assert [t["n_items"] for t in doc["downstream"]["tasks"]] == [len(plain_ref[n]) for n, _ in TASKS]
+    scoring = doc["data"]["task_scoring"]  # piqa's two solutions share their goal: one packed sequence per item
+    assert scoring["shared_context"] and scoring["shared_items"] == len(plain_ref["piqa"])
+    assert scoring["tokens_read"] < scoring["tokens_plain"]
+
+
+def test_plain_windows_when_the_model_does_not_honour_shared_contexts(lm, data, monkeypatch):
+    import esa.perturb.protocols.downstream as downstream
+
+    monkeypatch.setattr(downstream, "agreement", lambda *a: "shared-context scores differ (simulated)")
+    doc, arrays = perturb_experiment(lm, PerturbConfig(TARGET, "zero", (), None, (0,), data))
+    assert doc["data"]["task_scoring"]["tokens_read"] == doc["data"]["task_scoring"]["tokens_plain"]
+    assert any("plain windows: shared-context scores differ (simulated)" in n for n in doc["notes"])
+    ref = np.array([s.loglikelihoods[s.gold] for s in _plain(lm)["piqa"]])
+    np.testing.assert_allclose(arrays["task__piqa__reference_gold_ll"], ref, rtol=1e-5)
 
 
 def test_task_tests_are_one_family_apart_from_the_nll_tests_and_weights_restored(lm, data):

@@ -57,13 +57,14 @@ def collate(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return ids, attn, scored
 
 
-def _hidden_and_head(model, ids, attn):
-    """Final hidden states (B, T, D) and the head function, or full logits when no exact split exists."""
+def hidden_and_head(model, inputs: dict):
+    """Final hidden states (B, T, D) and the head function, or full logits (B, T, V) and None when no exact
+    split exists. ``inputs``: the forward's keyword arguments (``input_ids``, ``attention_mask``, …)."""
     split = chunked_head(model)
     if split is None:
-        return model(input_ids=ids, attention_mask=attn).logits, None
+        return model(**inputs).logits, None
     backbone, head_fn = split
-    return backbone(input_ids=ids, attention_mask=attn).last_hidden_state, head_fn
+    return backbone(**inputs).last_hidden_state, head_fn
 
 
 def score_states(states: torch.Tensor, head_fn, targets: torch.Tensor, mask: torch.Tensor,
@@ -99,7 +100,7 @@ def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tens
     device = model.get_input_embeddings().weight.device
     ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
     inputs, targets, mask = ids[:, :-1], ids[:, 1:], scored[:, 1:]  # (B, T-1) each
-    states, head_fn = _hidden_and_head(model, inputs, attn[:, :-1])
+    states, head_fn = hidden_and_head(model, {"input_ids": inputs, "attention_mask": attn[:, :-1]})
     return score_states(states, head_fn, targets, mask, chunk)
 
 

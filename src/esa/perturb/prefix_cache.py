@@ -44,7 +44,8 @@ from torch import nn
 from esa.models.architectures import chunked_head, decoder_layers, family_of, layer_index, module_role
 from esa.data.windows import Window
 from esa.core.errors import EsaError
-from esa.evals.perplexity import WindowScores, collate, score_batch, score_states
+from esa.evals.perplexity import WindowScores, collate, hidden_and_head, score_states
+from esa.evals.shared_context import SharedContext, Unit, collate_shared, n_outputs, unit_length
 from esa.evals.resources import timed
 
 if TYPE_CHECKING:  # typing.Self is Python ≥ 3.11; the package supports 3.10
@@ -110,15 +111,38 @@ def _is_kv_cache(value) -> bool:
 
 @dataclass
 class _Batch:
-    """One fixed micro-batch: its windows' rows, targets, and the captured layer inputs and arguments."""
+    """One fixed micro-batch: what the backbone reads, how its states are scored, and the captured layer inputs.
 
-    rows: slice  # positions of these windows in the cache's window order
-    ids: torch.Tensor  # (B, T) on the model's device
-    attn: torch.Tensor  # (B, T)
-    scored: torch.Tensor  # (B, T) bool
-    inputs: dict[int, torch.Tensor]  # layer L → (B, T-1, D) residual entering L (L = n_layers: last output)
+    Plain windows read ``ids[:, :-1]`` and are scored on ``ids[:, 1:]`` (``gather`` None); shared-context units
+    (:mod:`esa.evals.shared_context`) read their packed ids with a 4-D mask and position ids, and ``gather`` picks
+    the positions predicting each option's tokens.
+    """
+
+    rows: slice  # positions of this batch's outputs (windows, or options) in the cache's output order
+    forward: dict  # backbone keyword arguments: input_ids (B, T'), attention_mask, [position_ids]
+    targets: torch.Tensor  # (S, M) token predicted at each scored position
+    mask: torch.Tensor  # (S, M) bool, scored
+    gather: torch.Tensor | None  # (S, M) flat indices into B·T' (shared contexts); None: row s = window s
+    inputs: dict[int, torch.Tensor]  # layer L → (B, T', D) residual entering L (L = n_layers: last output)
     calls: dict[int, tuple[tuple, dict]]  # layer i → (positional args after the hidden state, kwargs)
     hidden_kw: bool = False  # the model passed hidden_states as a keyword, not positionally
+
+    def score(self, states: torch.Tensor, head_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S,) summed NLL, scored and correct counts from (B, T', D) final states (or logits, head_fn None)."""
+        if self.gather is not None:
+            states = states.flatten(0, 1)[self.gather]  # (S, M, D)
+        return score_states(states, head_fn, self.targets, self.mask)
+
+
+def _plain_batch(windows: list[Window], rows: slice, pad_id: int, device) -> _Batch:
+    ids, attn, scored = (t.to(device) for t in collate(windows, pad_id))
+    return _Batch(rows, {"input_ids": ids[:, :-1], "attention_mask": attn[:, :-1]}, ids[:, 1:], scored[:, 1:],
+                  None, {}, {})
+
+
+def _shared_batch(units: list[SharedContext], rows: slice, pad_id: int, device, dtype) -> _Batch:
+    packed = collate_shared(units, pad_id, dtype).to(device)
+    return _Batch(rows, packed.forward, packed.targets, packed.valid, packed.gather, {}, {})
 
 
 class _Capture:
@@ -172,14 +196,15 @@ class PrefixCache:
 
     Args:
         model: a causal LM in eval mode, *unperturbed* while the cache is built.
-        windows: the fixed evaluation windows; every trial is scored on exactly these, in this order.
+        windows: the fixed evaluation windows — or shared-context units (:mod:`esa.evals.shared_context`), each
+            yielding one score per option; every trial is scored on exactly these, in this order.
         pad_id: id used to right-pad windows of unequal length (never scored).
         layers: layers whose input to keep, each in 1..n_layers (see the module docstring); 0 is ignored.
         token_budget: tokens per micro-batch (windows are grouped once, at build time).
         verify: check a replay from the shallowest cached layer against the build run; fall back if it differs.
     """
 
-    def __init__(self, model: nn.Module, windows: Iterable[Window], pad_id: int, layers: Iterable[int],
+    def __init__(self, model: nn.Module, windows: Iterable[Unit], pad_id: int, layers: Iterable[int],
                  token_budget: int = 4096, verify: bool = True):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
@@ -218,13 +243,21 @@ class PrefixCache:
         return ""
 
     def _make_batches(self, pad_id: int, token_budget: int) -> list[_Batch]:
-        longest = max(len(w.input_ids) for w in self.windows)
-        size = max(1, token_budget // longest)
-        batches = []
-        for i in range(0, len(self.windows), size):
-            ids, attn, scored = collate(list(self.windows[i:i + size]), pad_id)
-            rows = slice(i, min(i + size, len(self.windows)))
-            batches.append(_Batch(rows, ids.to(self.device), attn.to(self.device), scored.to(self.device), {}, {}))
+        """Consecutive units of one type, at most ``token_budget // longest unit`` per batch, in order."""
+        size = max(1, token_budget // max(unit_length(u) for u in self.windows))
+        dtype = self.model.get_input_embeddings().weight.dtype
+        batches, out = [], 0
+        i = 0
+        while i < len(self.windows):
+            kind = type(self.windows[i])
+            j = i + 1
+            while j < len(self.windows) and j - i < size and type(self.windows[j]) is kind:
+                j += 1
+            units = list(self.windows[i:j])
+            rows = slice(out, out + sum(n_outputs(u) for u in units))
+            batches.append(_shared_batch(units, rows, pad_id, self.device, dtype) if kind is SharedContext
+                           else _plain_batch(units, rows, pad_id, self.device))
+            out, i = rows.stop, j
         return batches
 
     @torch.inference_mode()
@@ -237,11 +270,11 @@ class PrefixCache:
         parts = []
         for batch in self.batches:
             with _Capture(layers, set(self.layers), self.layers[0]) as cap:
-                out = backbone(input_ids=batch.ids[:, :-1], attention_mask=batch.attn[:, :-1], use_cache=False)
+                out = backbone(**batch.forward, use_cache=False)
             batch.inputs, batch.calls, batch.hidden_kw = cap.inputs, cap.calls, cap.hidden_kw
             if any(_is_kv_cache(v) for args, kw in batch.calls.values() for v in (*args, *kw.values())):
                 self.reason = "the model passed a KV cache to its layers despite use_cache=False"
-            parts.append(score_states(out.last_hidden_state, head_fn, batch.ids[:, 1:], batch.scored[:, 1:]))
+            parts.append(batch.score(out.last_hidden_state, head_fn))
         return self._collect(parts, 0, "build run (full forward)")
 
     @torch.inference_mode()
@@ -267,14 +300,14 @@ class PrefixCache:
 
     def _replay(self, batch: _Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layers = decoder_layers(self.model)
-        hidden = batch.inputs[layer]  # (B, T-1, D)
+        hidden = batch.inputs[layer]  # (B, T', D)
         for i in range(layer, self.n_layers):
             args, kw = batch.calls[i]
             out = layers[i](**kw, hidden_states=hidden) if batch.hidden_kw else layers[i](hidden, *args, **kw)
             hidden = out[0] if isinstance(out, tuple) else out
-        states = _final_norm(self.model)(hidden)  # (B, T-1, D)
+        states = _final_norm(self.model)(hidden)  # (B, T', D)
         _, head_fn = chunked_head(self.model)
-        return score_states(states, head_fn, batch.ids[:, 1:], batch.scored[:, 1:])
+        return batch.score(states, head_fn)
 
     def _collect(self, parts, layer: int, reason: str, seconds: float = 0.0) -> PrefixScores:
         nll, n_scored, n_correct = (torch.cat(p).numpy() for p in zip(*parts))
@@ -288,7 +321,7 @@ class PrefixCache:
         """Score all windows with a full forward of the model as it is now (the reference path)."""
         times: list[float] = []
         with timed(self.device, times):
-            parts = [score_batch(self.model, b.ids, b.attn, b.scored) for b in self.batches]
+            parts = [b.score(*hidden_and_head(self.model, b.forward)) for b in self.batches]
         return self._collect(parts, 0, self.reason or "full forward requested", times[0])
 
     @torch.inference_mode()

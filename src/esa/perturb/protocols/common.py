@@ -90,7 +90,6 @@ class Bench:
     cache: PrefixCache | None = None
     notes: list[str] = field(default_factory=list)
     tasks: list = field(default_factory=list)  # downstream.TaskSet per zero-shot task (EvalConfig.tasks)
-    task_windows: list = field(default_factory=list)  # their requests as windows, task after task
     task_cache: PrefixCache | None = None  # built with ``cache``; its build run is the unperturbed reference
     task_reference: dict = field(default_factory=dict)  # task → downstream.ItemOutcomes of the unperturbed model
 
@@ -132,7 +131,7 @@ def make_bench(lm: LoadedModel, data: EvalConfig) -> Bench:
     if data.tasks:
         from esa.perturb.protocols.downstream import load_tasks
 
-        bench.tasks, bench.task_windows = load_tasks(lm, data.tasks, data.task_limit, data.seed)
+        bench.tasks = load_tasks(lm, data.tasks, data.task_limit, data.seed)
     if not len(rest):
         bench.notes.append("every window is evaluated, so super-weight calibration reuses evaluation windows")
     return bench
@@ -150,10 +149,13 @@ def build_cache(bench: Bench, sets: list[TargetSet]) -> None:
     if not bench.cache.supported:
         bench.notes.append(f"prefix cache unused ({bench.cache.reason}); every trial ran a full forward")
     if bench.tasks:
-        from esa.perturb.protocols.downstream import outcomes
+        from esa.perturb.protocols.downstream import outcomes, task_units
 
-        bench.task_cache = PrefixCache(bench.model, bench.task_windows, pad_id(bench.lm.tokenizer, bench.model),
-                                       sorted(layers), bench.data.batch_tokens)
+        pad = pad_id(bench.lm.tokenizer, bench.model)
+        units, bench.info["task_scoring"] = task_units(bench.lm, bench.tasks, pad)
+        if bench.info["task_scoring"]["reason"]:
+            bench.notes.append(f"zero-shot options scored as plain windows: {bench.info['task_scoring']['reason']}")
+        bench.task_cache = PrefixCache(bench.model, units, pad, sorted(layers), bench.data.batch_tokens)
         ref = bench.task_cache.baseline
         bench.task_reference = outcomes(bench.tasks, ref.nll, ref.n_scored, ref.n_correct)
 

@@ -16,8 +16,10 @@ non-finite are counted (``n_nonfinite``): a collapse is a result. The task tests
 multiple-comparison family (``p_mcnemar_holm`` / ``_bh``, ``p_wilcoxon_holm`` / ``_bh``), apart from the ΔNLL
 tests, so adding tasks never changes a run's perplexity p-values.
 
-Options of one item are separate windows: the item's shared context is not computed once for all of its options
-(that would need a KV cache per item); across trials the prefix before the first perturbed layer is reused.
+Options of one item share their context (:mod:`esa.evals.shared_context`): the item is one packed sequence whose
+context is run once for all options, when the model honours custom 4-D masks (checked against plain windows on
+the first items; otherwise every option is a plain window, and ``task_scoring`` in the run's data record says
+why). Across trials the prefix before the first perturbed layer is reused for both.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from esa.data.windows import Window
+from esa.evals.shared_context import SharedContext, Unit, agreement, continuation_window, pack, unit_length
 from esa.evals.tasks import TaskData, load_task_data
 from esa.evals.zeroshot import DEFAULT_MAX_LENGTH, Request, build_requests, item_scores
 from esa.models import max_positions
@@ -38,7 +40,7 @@ from esa.stats import (benjamini_hochberg, holm, macro_paired_accuracy, paired_a
 
 @dataclass
 class TaskSet:
-    """One task's items as prefix-cache windows; ``offset`` = index of its first window in the cache."""
+    """One task's items and requests; ``offset`` = index of its first request in the task cache's outputs."""
 
     data: TaskData
     requests: list[Request]
@@ -46,27 +48,36 @@ class TaskSet:
 
 
 def request_windows(requests: list[Request], max_length: int) -> list[Window]:
-    """One window per request: the last L+1 tokens of context + continuation, the continuation scored."""
-    out = []
-    for req in requests:
-        ids = (req.context + req.continuation)[-(max_length + 1):]
-        scored = torch.zeros(len(ids), dtype=torch.bool)
-        scored[len(ids) - len(req.continuation):] = True
-        out.append(Window(torch.tensor(ids, dtype=torch.long), scored, doc=req.item, start=0))
-    return out
+    """One plain window per request: the last L+1 tokens of context + continuation, the continuation scored."""
+    return [continuation_window(r.context, r.continuation, max_length) for r in requests]
 
 
-def load_tasks(lm, tasks: tuple[tuple[str, str | None], ...], limit: int | None, seed: int
-               ) -> tuple[list[TaskSet], list[Window]]:
-    """Each task's items (a seeded subsample of ``limit``) and all their windows, task after task."""
+def load_tasks(lm, tasks: tuple[tuple[str, str | None], ...], limit: int | None, seed: int) -> list[TaskSet]:
+    """Each task's items (a seeded subsample of ``limit``) and their requests, task after task."""
     max_length = max_positions(lm.model) or DEFAULT_MAX_LENGTH
-    sets, windows = [], []
+    sets, n = [], 0
     for name, path in tasks:
         data = load_task_data(name, path, limit, seed)
         requests = build_requests(lm.tokenizer, data, max_length)
-        sets.append(TaskSet(data, requests, len(windows)))
-        windows += request_windows(requests, max_length)
-    return sets, windows
+        sets.append(TaskSet(data, requests, n))
+        n += len(requests)
+    return sets
+
+
+def task_units(lm, sets: list[TaskSet], pad: int) -> tuple[list[Unit], dict]:
+    """The task cache's units — shared contexts where the model honours them, else plain windows — and a
+    provenance record: whether contexts were shared, how many items, and the tokens read either way."""
+    max_length = max_positions(lm.model) or DEFAULT_MAX_LENGTH
+    requests = [r for s in sets for r in s.requests]
+    plain = request_windows(requests, max_length)
+    units = pack([(r.item, r.context, r.continuation) for r in requests], max_length,
+                 getattr(lm.model.config, "sliding_window", None))
+    reason = agreement(lm.model, units, pad)
+    chosen = plain if reason else units
+    return chosen, {"shared_context": not reason and any(isinstance(u, SharedContext) for u in units),
+                    "shared_items": sum(isinstance(u, SharedContext) for u in units), "reason": reason,
+                    "tokens_plain": sum(unit_length(w) for w in plain),
+                    "tokens_read": sum(unit_length(u) for u in chosen)}
 
 
 @dataclass(frozen=True)
