@@ -1,12 +1,13 @@
 """Downstream damage: zero-shot accuracy of perturbed models, paired item by item with the unperturbed one.
 
 A protocol run may name zero-shot tasks (:attr:`~esa.perturb.protocols.EvalConfig.tasks`). Their items are
-loaded once and every (context, continuation) request becomes one window for the prefix cache
-(:func:`request_windows`): ``input_ids = (context + continuation)[-(L+1):]`` with only the continuation's
-positions scored — the window's summed NLL is minus the continuation's log-likelihood and "every scored token is
-the argmax" is lm-eval's ``is_greedy``, so the numbers equal :func:`esa.evals.zeroshot.evaluate_task`'s (a test
-holds them to 1e-5). The cache's build run is the unperturbed reference; each trial re-runs only the layers from
-the first perturbed one, for the windows and the task items alike.
+loaded once and become units of one prefix cache (:func:`task_units`): an item whose options share a context is
+one packed sequence (:mod:`esa.evals.shared_context`), any other request one plain window
+(:func:`request_windows`: ``(context + continuation)[-(L+1):]``, only the continuation scored). Either way an
+option's summed NLL is minus its log-likelihood and "every scored token is the argmax" is lm-eval's
+``is_greedy``, so the numbers equal :func:`esa.evals.zeroshot.evaluate_task`'s (a test holds them to 1e-5). The
+cache's build run is the unperturbed reference; each trial re-runs only the layers from the first perturbed
+one, for the windows and the task items alike.
 
 Per arm and task (:func:`task_comparison`): accuracy (and acc_norm) vs the reference with a paired item
 bootstrap CI of Δ accuracy, the exact McNemar test on the discordant items (one repeat) or the Wilcoxon
@@ -16,10 +17,9 @@ non-finite are counted (``n_nonfinite``): a collapse is a result. The task tests
 multiple-comparison family (``p_mcnemar_holm`` / ``_bh``, ``p_wilcoxon_holm`` / ``_bh``), apart from the ΔNLL
 tests, so adding tasks never changes a run's perplexity p-values.
 
-Options of one item share their context (:mod:`esa.evals.shared_context`): the item is one packed sequence whose
-context is run once for all options, when the model honours custom 4-D masks (checked against plain windows on
-the first items; otherwise every option is a plain window, and ``task_scoring`` in the run's data record says
-why). Across trials the prefix before the first perturbed layer is reused for both.
+Packing is used only when the model honours custom 4-D masks: :func:`esa.evals.shared_context.agreement`
+compares both layouts on the first items, and otherwise every option is a plain window; ``task_scoring`` in the
+run's data record says which, why, and the tokens read either way.
 """
 
 from __future__ import annotations
