@@ -165,6 +165,23 @@ def _resolve_paths(data: dict, base: Path) -> dict:
             value = out[section][key]
             out[section] = {**out[section], key: [fix(d) for d in value] if isinstance(value, list) else
                             {k: fix(v) for k, v in value.items()} if isinstance(value, dict) else fix(value)}
+        out[section] = _rebase_tasks(out[section], fix)
+    return out
+
+
+def _rebase_tasks(section: dict, fix) -> dict:
+    """Corpus-derived task names (``corpus_mc:./notes.txt``) read their corpus relative to the study file too;
+    a ``task_data`` key naming such a task is rewritten the same way, so the two still match."""
+    from esa.evals.tasks.corpus import rebase
+
+    def name(task):
+        return rebase(task, fix) if isinstance(task, str) else task
+
+    out = dict(section)
+    if isinstance(out.get("tasks"), list):
+        out["tasks"] = [name(t) for t in out["tasks"]]
+    if isinstance(out.get("task_data"), dict):
+        out["task_data"] = {name(k): v for k, v in out["task_data"].items()}
     return out
 
 

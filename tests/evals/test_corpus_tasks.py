@@ -214,3 +214,12 @@ def test_smollm2_beats_chance_on_corpus_mc(smol):
     result = evaluate_task(smol.model, smol.tokenizer, data, token_budget=4096)
     chance = 1 / (ct.PARAMS["corpus_mc"]["k"] + 1)
     assert result.metrics["acc"] > chance + 2 * result.metrics["acc_stderr"], result.metrics
+
+
+def test_rebase_rewrites_only_the_corpus_segment():
+    from esa.evals.tasks.corpus import rebase
+
+    up = str.upper
+    assert rebase("corpus_mc:./n.txt:k=4:seed=2", up) == "corpus_mc:./N.TXT:k=4:seed=2"
+    assert rebase("corpus_cloze:notes=/d/a:b.txt", up) == "corpus_cloze:NOTES=/D/A:B.TXT"  # NAME=PATH corpus
+    assert rebase("piqa", up) == "piqa"

@@ -345,6 +345,13 @@ def test_missing_files_and_bad_arguments(tmp_path):
         parse_task_data(["piqa"])
     with pytest.raises(EsaError, match="Did you mean 'boolq'"):
         parse_task_data(["boolk=x.jsonl"])
+    with pytest.raises(EsaError, match="give the path after piqa="):
+        parse_task_data(["piqa="])
+
+
+def test_task_data_splits_at_the_rightmost_equals_after_a_known_task():
+    got = parse_task_data(["piqa=/d/a=b.jsonl", "corpus_mc:python-docs:k=4=/d/mc.jsonl"])
+    assert got == {"piqa": "/d/a=b.jsonl", "corpus_mc:python-docs:k=4": "/d/mc.jsonl"}
 
 
 def test_offline_hub_failure_says_which_file_to_provide():

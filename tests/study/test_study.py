@@ -127,6 +127,18 @@ def test_relative_paths_resolve_against_the_study_file(tmp_path):
     assert study.datasets == (str((tmp_path / "data" / "c.txt").resolve()),)
 
 
+def test_corpus_task_names_read_their_corpus_relative_to_the_study_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "c.txt").write_text("hello world\n\nsecond doc")
+    task = "corpus_mc:./data/c.txt:k=2:seed=1"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(zeroshot={"tasks": [task, "piqa"],
+                                                                      "task_data": {task: "./mc.jsonl"}})))
+    section = load_study(tmp_path / "s.yaml").section("zeroshot")
+    resolved = f"corpus_mc:{(tmp_path / 'data' / 'c.txt').resolve()}:k=2:seed=1"
+    assert section.tasks == (resolved, "piqa")
+    assert section.task_data == {resolved: str((tmp_path / "mc.jsonl").resolve())}
+
+
 def test_plan_cli_prints_runs_and_cost(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(models=["smollm2-135m", "pythia-12b"])))
     assert main(["plan", str(tmp_path / "s.yaml"), "--no-measure"]) == 0

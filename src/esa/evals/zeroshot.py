@@ -334,15 +334,22 @@ def evaluate_task(
 
 
 def parse_task_data(entries: list[str]) -> dict[str, str]:
-    """``["piqa=/d/piqa.jsonl", ...]`` → {task: path}; the task must be registered."""
+    """``["piqa=/d/piqa.jsonl", "corpus_mc:notes.txt:k=4=/d/mc.jsonl"]`` → {task: path}.
+
+    The split is at the rightmost ``=`` whose left side is a known task, so task names with ``KEY=VALUE``
+    parameters and paths containing ``=`` both work; an unknown task raises with near matches."""
     from esa.evals.tasks import TASKS
 
     out = {}
     for entry in entries:
-        name, sep, path = entry.partition("=")
-        if not sep or not name or not path:
-            raise EsaError(f"--task-data takes TASK=PATH pairs, e.g. piqa=/data/piqa.jsonl; got {entry!r}")
-        TASKS.get(name)
+        cuts = [i for i, ch in enumerate(entry) if ch == "="][::-1]
+        name, path = next(((entry[:i], entry[i + 1:]) for i in cuts if entry[:i] in TASKS), (None, None))
+        if name is None:
+            if not cuts or not entry[:cuts[-1]] or not entry[cuts[0] + 1:]:
+                raise EsaError(f"--task-data takes TASK=PATH pairs, e.g. piqa=/data/piqa.jsonl; got {entry!r}")
+            TASKS.get(entry[:cuts[-1]])  # the unknown-task error, with near matches
+        if not path:
+            raise EsaError(f"--task-data {entry!r}: give the path after {name}=, e.g. {name}=/data/{name}.jsonl")
         out[name] = path
     return out
 

@@ -86,6 +86,18 @@ def is_corpus_task(name: str) -> bool:
     return isinstance(name, str) and name.partition(":")[0] in PARAMS
 
 
+def rebase(name: str, fix) -> str:
+    """The task name with its corpus replaced by ``fix(corpus)`` (e.g. a study-relative path made absolute);
+    names that are not corpus-derived come back unchanged. ``corpus_mc:./n.txt:k=4`` → ``corpus_mc:/s/n.txt:k=4``."""
+    if not is_corpus_task(name):
+        return name
+    kind, _, rest = name.partition(":")
+    segments = rest.split(":")
+    n_params = next((i for i, seg in enumerate(reversed(segments)) if not _PARAM.match(seg)), len(segments))
+    corpus, params = segments[:len(segments) - n_params], segments[len(segments) - n_params:]
+    return ":".join([kind, fix(":".join(corpus)), *params]) if corpus else name
+
+
 def _usage(kind: str) -> str:
     defaults = ":".join(f"{k}={v}" for k, v in PARAMS[kind].items())
     return f"use {kind}:CORPUS[:KEY=VALUE]..., e.g. {kind}:python-docs (defaults {defaults})"
