@@ -213,8 +213,9 @@ def linear_consumers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
     return out
 
 
-def input_norms(model, params, batches) -> dict[str, torch.Tensor]:
-    """‖X_j‖₂ (fp32, shape (in,)) over all real calibration tokens, per selected Linear/Conv1D weight."""
+def linear_stats(model, params, batches) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
+    """Per selected Linear/Conv1D weight over all real calibration tokens (one forward per batch):
+    Σ_t x_tj² per input channel (fp32, shape (in,)), Σ_t,i y_ti² of its output (float), and the token count."""
     consumers = linear_consumers(model)
     for name, p in params.items():
         if id(p) not in consumers:
@@ -223,12 +224,14 @@ def input_norms(model, params, batches) -> dict[str, torch.Tensor]:
                            "--include-norms/--include-biases/--include-embeddings")
     sums = {n: torch.zeros(p.shape[0] if is_conv1d(consumers[id(p)][1]) else p.shape[-1],
                            dtype=torch.float32, device=p.device) for n, p in params.items()}
-    state: dict[str, torch.Tensor] = {}
+    out_sums = dict.fromkeys(params, 0.0)
+    state: dict = {"tokens": 0}
 
     def hook_for(name: str):
         def hook(module, args, output):
             x = args[0].detach()[state["mask"]].float()  # (tokens, in)
             sums[name].add_(x.pow(2).sum(0))
+            out_sums[name] += float(output.detach()[state["mask"]].float().pow(2).sum())
         return hook
 
     device = _device(model)
@@ -238,11 +241,17 @@ def input_norms(model, params, batches) -> dict[str, torch.Tensor]:
             for batch in batches:
                 batch = batch.to(device)
                 state["mask"] = batch.attn.bool()  # (B, T)
+                state["tokens"] += int(state["mask"].sum())
                 model(input_ids=batch.ids, attention_mask=batch.attn, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {n: s.sqrt_() for n, s in sums.items()}
+    return sums, out_sums, state["tokens"]
+
+
+def input_norms(model, params, batches) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ (fp32, shape (in,)) over all real calibration tokens, per selected Linear/Conv1D weight."""
+    return {n: s.sqrt_() for n, s in linear_stats(model, params, batches)[0].items()}
 
 
 def _broadcast_norm(model, p, norm: torch.Tensor) -> torch.Tensor:
