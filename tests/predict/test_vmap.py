@@ -58,3 +58,16 @@ def test_map_summaries_and_top_k_equal_the_brute_force(dtype):
     n_nonfinite = int((every.regime == "nonfinite").sum())
     assert (nonfinite.regime == "nonfinite").all() and len(nonfinite) == min(40, n_nonfinite)
     assert vm.info["n_flips"] == len(every)
+
+
+def test_heatmap_and_scatter_render():
+    from esa.predict.plots import heatmap_png, scatter_png
+
+    model = random_model(TINY_CONFIGS["llama"], seed=7)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    curv = curvature(model, select_params(model), list(batches_from_ids(ids, 2)), "grad_squared")
+    vm = vulnerability_map(model, curv, k=5)
+    assert heatmap_png(vm.summary, "tiny").startswith(b"\x89PNG")
+    rows = pd.concat(vm.top.values(), ignore_index=True).assign(measured=lambda d: d["second"].clip(-1, 1))
+    rows.loc[rows.regime == "nonfinite", "measured"] = np.inf
+    assert scatter_png(rows, "tiny").startswith(b"\x89PNG")
