@@ -15,11 +15,11 @@ import esa
 import esa.api
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- python-api-example:begin -->", "<!-- python-api-example:end -->"
 
 
-def readme_example() -> str:
-    """The fenced Python block between the README's example markers."""
+def readme_example(marker: str = "python-api-example") -> str:
+    """The fenced Python block between the README's ``<!-- marker:begin -->`` … ``end`` markers."""
+    BEGIN, END = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = README.read_text(encoding="utf-8")
     assert BEGIN in text and END in text, f"README.md lost its {BEGIN} … {END} markers"
     block = text.split(BEGIN, 1)[1].split(END, 1)[0]
@@ -107,3 +107,10 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
                              for name in ("super weights", "random_k"))
     assert superweights > 1.0 and abs(control) < 1e-3, out  # zeroing 3 super weights breaks the model; 3 random don't
     assert "bits_per_byte" in out
+
+
+@pytest.mark.slow
+def test_the_readme_damage_prediction_example_runs(capsys):
+    exec(compile(readme_example("predict-example"), "README.md (damage prediction)", "exec"), {"__name__": "__x__"})
+    out = capsys.readouterr().out
+    assert "model.layers." in out and "n_nonfinite" in out

@@ -36,6 +36,8 @@ PUBLIC: dict[str, str] = {
     # perturbations: the restoring context manager, ops and targets
     **{name: "esa.perturb" for name in ("perturbed", "make_op", "parse_op", "OPS", "TargetSet", "from_coordinates",
                                         "from_ranking", "from_glob", "random_k", "parse_targets")},
+    # damage prediction
+    "curvature": "esa.predict.taylor", "edit_delta": "esa.predict.taylor", "vulnerability_map": "esa.predict.vmap",
     # statistics
     "paired_compare": "esa.stats", "aggregate_seeds": "esa.stats",
     # studies, execution, results
