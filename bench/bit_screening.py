@@ -4,11 +4,11 @@ with far fewer measured trials than measuring everything? And what does the whol
 1. Curvature (g and the ``fisher`` diagonal) on the run's calibration windows — disjoint from the evaluation
    windows (refused otherwise) — then the whole-model map over every bit of every matrix weight (106 M × 32 =
    3.4 G flips). Printed: both times and their ratio (the map vs the gradient passes that feed it).
-2. A pool: the map's top ``--top`` taylor, top ``--top``/2 large and first ``--top``/5 nonfinite flips, plus
-   ``--random`` uniformly random flips (tensor ∝ size, element, bit). Every flip is measured (the exhaustive
-   baseline, one prefix-cached trial each), so the truly worst are known.
+2. A pool (esa.predict.verify.verification_pool): the map's top ``--top`` taylor and large and first ``--top``/4
+   nonfinite flips, plus ``--random`` uniformly random flips (tensor ∝ size, element, bit). Every flip is
+   measured (the exhaustive baseline, one prefix-cached trial each), so the truly worst are known.
 3. Calibration on the pool: Spearman/Kendall per regime, recall@10.
-4. Screening (esa.predict.verify.screen), on the whole pool and on its taylor-only part: the first ``--calib``
+4. Screening (esa.predict.verify.screen_pool), on the whole pool and on its taylor-only part: the first ``--calib``
    random flips are measured first to set the bound (counted in the cost), then flips in predicted order until
    the stop rule; reported: trials measured, the ratio to exhaustive, and whether any of the 10 worst was missed.
 
@@ -25,8 +25,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from esa.models import ModelSpec, load_model
@@ -34,35 +32,10 @@ from esa.perturb import TargetSet
 from esa.perturb.protocols.common import EvalConfig, build_cache, make_bench
 from esa.predict.plots import heatmap_png, scatter_png
 from esa.predict.taylor import curvature
-from esa.predict.verify import (calibration, check_disjoint, error_bound, flip_rows, measure, random_flips, screen)
+from esa.predict.verify import calibration, check_disjoint, measure, screen_pool, verification_pool
 from esa.predict.vmap import vulnerability_map
 from esa.sensitivity.calibration import batches_from_ids
 from esa.sensitivity.scorers import select_params
-
-
-def pool_of(lm, curv, vm, top: int, n_random: int, tau: float) -> pd.DataFrame:
-    picks = [vm.top["taylor"].head(top), vm.top["large"].head(top // 2), vm.top["nonfinite"].head(top // 5)]
-    chosen = pd.concat([p[["param", "flat", "bit"]].assign(source=f"top_{r}") for p, r in
-                        zip(picks, ("taylor", "large", "nonfinite"))])
-    rand = random_flips(lm.model, curv, n_random, seed=7).assign(source="random")
-    pool = pd.concat([chosen, rand]).drop_duplicates(["param", "flat", "bit"], ignore_index=True)
-    return flip_rows(lm.model, curv, pool, tau)
-
-
-def screening(pool: pd.DataFrame, n_calib: int, n: int = 10) -> dict:
-    """Bound from the first n_calib random flips (their trials count), then screen the rest."""
-    calib = pool[pool.source == "random"].head(n_calib)
-    bound = error_bound(calib)
-    rest = pool.drop(calib.index)
-    out = screen(rest, lambda r: r["measured"].to_numpy(), n=n, bound=bound)  # replays the exhaustive numbers
-    nth = np.sort(pool["measured"].to_numpy())[::-1][n - 1]
-    worst = pool[pool["measured"] >= nth]
-    seen = set(zip(out["measured"].param, out["measured"].flat, out["measured"].bit)) | \
-        set(zip(calib.param, calib.flat, calib.bit))
-    missed = sum((p, f, b) not in seen for p, f, b in zip(worst.param, worst.flat, worst.bit))
-    cost = out["n_measured"] + len(calib)
-    return {"pool": len(pool), "trials": cost, "fewer_than_exhaustive": len(pool) / cost, "missed_of_worst": missed,
-            "n_worst_with_ties": len(worst), "bound": bound, "stop": out["stop"]}
 
 
 def main() -> None:
@@ -85,7 +58,7 @@ def main() -> None:
     t_map = vm.info["seconds"]
     print(f"curvature (g + fisher, {curv.n_tokens} calibration tokens): {t_grad:.1f} s; map over "
           f"{vm.info['n_flips']:,} flips: {t_map:.1f} s; map / gradient passes = {t_map / t_grad:.2f}")
-    pool = pool_of(lm, curv, vm, args.top, args.random, args.tau)
+    pool = verification_pool(lm.model, curv, vm.top, args.top, args.random, args.tau, seed=7)
     build_cache(bench, [TargetSet({p: torch.tensor([int(f)])}) for p, f in zip(pool.param, pool.flat)])
     t0 = time.perf_counter()
     pool["measured"] = measure(bench, pool)
@@ -95,8 +68,8 @@ def main() -> None:
     cal = calibration(pool)
     print(json.dumps(cal, indent=1))
     result = {"t_grad": t_grad, "t_map": t_map, "map_info": vm.info, "calibration": cal,
-              "screen_all": screening(pool, args.calib),
-              "screen_taylor": screening(pool[pool.regime == "taylor"], args.calib),
+              "screen_all": screen_pool(pool, args.calib),
+              "screen_taylor": screen_pool(pool[pool.regime == "taylor"], args.calib),
               "calibration_random_only": calibration(pool[pool.source == "random"]),
               "top_measured": pool.sort_values("measured", ascending=False).head(15).to_dict("records")}
     for key in ("screen_all", "screen_taylor"):

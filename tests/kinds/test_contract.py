@@ -30,6 +30,7 @@ SECTIONS = {  # one section per kind that has one; baseline comes from the study
     "scaling": {"statistics": ["bits_per_byte", "magnitude_top_share"]},
     "zeroshot": {"tasks": ["piqa"], "task_data": {"piqa": str(FIX / "piqa.jsonl")}, "limit": 4},
     "long_context": {"context_lens": [64]},
+    "vulnerability": {"top_k": 8, "verify_top": 4, "verify_random": 6, "screen_n": 3, "calib_samples": 2},
 }
 
 

@@ -25,6 +25,7 @@ KIND_MODULES: dict[str, str] = {  # registry order breaks ties of the dependency
     "scaling_point": "esa.kinds.scaling_point",
     "long_context": "esa.kinds.long_context",
     "zeroshot": "esa.kinds.zeroshot",
+    "vulnerability": "esa.kinds.vulnerability",
 }
 
 

@@ -66,6 +66,18 @@ def random_flips(model, curv: Curvature, n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["param", "flat", "bit"]).drop_duplicates(ignore_index=True)
 
 
+def verification_pool(model, curv: Curvature, top: dict, n_top: int, n_random: int, tau: float, seed: int
+                      ) -> pd.DataFrame:
+    """Flips to measure: the map's ``n_top`` worst taylor and large flips and ``n_top // 4`` nonfinite ones
+    (``top``: :attr:`esa.predict.vmap.VulnerabilityMap.top`), plus ``n_random`` uniformly random flips — the
+    unbiased part that calibration and the screening bound rest on. ``source`` says which is which."""
+    picks = [top[r].head(n).assign(source=f"top_{r}")[["param", "flat", "bit", "source"]]
+             for r, n in (("taylor", n_top), ("large", n_top), ("nonfinite", n_top // 4))]
+    rand = random_flips(model, curv, n_random, seed).assign(source="random")
+    pool = pd.concat([*picks, rand]).drop_duplicates(["param", "flat", "bit"], ignore_index=True)
+    return flip_rows(model, curv, pool, tau)
+
+
 def screening_key(df: pd.DataFrame) -> np.ndarray:
     """Sort key, larger = predicted worse: regime first, then r (large) or the second-order ΔNLL (taylor)."""
     within = np.where(df["regime"] == "taylor", df["second"], np.where(df["regime"] == "large", df["ratio"], 0.0))
@@ -156,3 +168,23 @@ def screen(rows: pd.DataFrame, measure_fn, n: int, bound: float) -> dict:
         done.append(float(measure_fn(ranked.iloc[[i]])[0]))
     return {"measured": ranked.assign(measured=done), "n_measured": len(ranked), "stop": "every candidate measured",
             "bound_kind": "max under-prediction × margin"}
+
+
+def screen_pool(pool: pd.DataFrame, n_calib: int, n: int = 10, margin: float = 2.0) -> dict:
+    """Screening replayed on an exhaustively measured pool (``measured`` known for every row): the bound from
+    its first ``n_calib`` random flips (their trials count), then :func:`screen` over the rest. Returns the
+    trials it needed, their ratio to exhaustive measurement, and how many of the n worst (ties included) it
+    missed."""
+    calib = pool[pool["source"] == "random"].head(n_calib)
+    bound = error_bound(calib, margin)
+    out = screen(pool.drop(calib.index), lambda r: r["measured"].to_numpy(), n=n, bound=bound)
+    measured = pool["measured"].to_numpy(dtype=float)
+    nth = np.sort(measured)[::-1][min(n, len(measured)) - 1] if len(measured) else np.inf
+    worst = pool[pool["measured"] >= nth]
+    seen = set(zip(out["measured"].param, out["measured"].flat, out["measured"].bit)) | \
+        set(zip(calib.param, calib.flat, calib.bit))
+    trials = out["n_measured"] + len(calib)
+    return {"pool": len(pool), "trials": trials, "fewer_than_exhaustive": len(pool) / max(trials, 1),
+            "missed_of_worst": sum(k not in seen for k in zip(worst.param, worst.flat, worst.bit)),
+            "n_worst_with_ties": len(worst), "n": n, "bound": bound, "margin": margin, "stop": out["stop"],
+            "bound_kind": out["bound_kind"], "calibration_trials": len(calib)}

@@ -128,8 +128,7 @@ def _scan_bit(curv: Curvature, name: str, stored: torch.Tensor, bit: int, tau: f
         if n_block[0]:
             masked = b.second if b.taylor is None else torch.where(b.taylor, b.second, -torch.inf)
             best = float(masked.amax())
-            sum_second += float((b.second if b.taylor is None else torch.where(b.taylor, b.second, 0.0))
-                                .sum(dtype=torch.float64))
+            sum_second += float((b.second if b.taylor is None else torch.where(b.taylor, b.second, 0.0)).sum())
             max_second = max(max_second, best)
             if tops["taylor"].admits(best):
                 tops["taylor"].add(_rows(curv, name, stored, bit, _top(b.second, b.taylor, tops["taylor"].k, offset),
