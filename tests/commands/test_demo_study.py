@@ -55,12 +55,12 @@ def test_a_failed_demo_run_is_one_clear_error(tmp_path):
 
 def test_the_demo_is_one_study_with_every_kind_it_promises():
     """make demo: baseline, zero-shot, super weights, a ranking, perturbation vs random_k and bottom_k,
-    dose-response and a bit scan — all in the one study file that esa demo runs."""
+    dose-response, a bit scan and the vulnerability map — all in the one study file that esa demo runs."""
     from esa.commands.demo import DEMO_STUDY
     from esa.study import expand, load_study
 
     study = load_study(DEMO_STUDY)
     assert {r.kind for r in expand(study)} == {"baseline", "zeroshot", "superweights", "sensitivity",
-                                               "perturbation", "dose_response", "bitscan"}
+                                               "perturbation", "dose_response", "bitscan", "vulnerability"}
     assert set(study.section("perturbation").controls) == {"random_k", "bottom_k", "largest_k"}
     assert study.section("perturbation").tasks and study.section("perturbation").task_limit  # downstream damage
