@@ -347,8 +347,10 @@ class PrefixCache:
         Example: cached layers [8, 15, 28]; perturbing ``model.layers.20.mlp.down_proj.weight`` runs 15..29;
         ``model.layers.3.…`` or ``model.embed_tokens.weight`` runs a full forward.
         """
-        if self.reason:
-            return self.score_full()
+        return self.score_full() if self.reason else self.score_from(self.layer_for(param_names))
+
+    def layer_for(self, param_names: Iterable[str]) -> int:
+        """The deepest cached layer not after any of these parameters (0: none; a full forward)."""
         first = start_layer(self.model, param_names)
         usable = [x for x in self.layers if x <= first]
-        return self.score_from(usable[-1] if usable else 0)
+        return usable[-1] if usable else 0
