@@ -103,6 +103,13 @@ def register(subparsers) -> None:
     b.add_argument("--max-flips", type=int, default=c.max_flips, help="greedy search gives up after this many")
     b.add_argument("--greedy-pool", type=int, default=c.greedy_pool,
                    help="flips competing in the greedy search (the most damaging single flips)")
+    b.add_argument("--order", default=c.order, choices=("listed", "predicted"),
+                   help="listed: measure every flip; predicted: rank flips by their predicted ΔNLL (one gradient "
+                        "pass), measure in that order and stop once none left can beat the --screen-n-th worst")
+    b.add_argument("--screen-n", type=int, default=c.screen_n, help="predicted order: worst flips to find")
+    b.add_argument("--calib-flips", type=int, default=c.calib_flips,
+                   help="predicted order: random flips measured first; they set the error bound")
+    b.add_argument("--estimator", default=c.estimator, help="predicted order: grad_squared | fisher | hutchinson")
     b.set_defaults(func=run_bitscan_cmd)
 
 
@@ -245,9 +252,10 @@ def run_bitscan_cmd(args) -> int:
     from rich.table import Table
 
     cfg = BitscanConfig(args.targets, args.top_n, tuple(args.bits), args.max_flips, args.greedy_pool,
-                        eval_config(args))
+                        eval_config(args), args.order, args.screen_n, args.calib_flips, args.estimator)
     section = {"targets": [{"name": "target", "spec": cfg.targets}], "top_n": cfg.top_n, "bits": list(cfg.bits),
-               "max_flips": cfg.max_flips, "greedy_pool": cfg.greedy_pool}
+               "max_flips": cfg.max_flips, "greedy_pool": cfg.greedy_pool, "order": cfg.order,
+               "screen_n": cfg.screen_n, "calib_flips": cfg.calib_flips, "estimator": cfg.estimator}
     doc = run_and_export(args, "bitscan", section)
     bits = [b["spec"] for b in doc["bits"]]
     table = Table(title=f"{doc['model']['model_id']}: single-flip ΔNLL (nats/token), weights × bits",
@@ -260,6 +268,10 @@ def run_bitscan_cmd(args) -> int:
                       *[_num(c["mean_delta_nll"], ".3g") + (" ✕" if c["collapsed"] else "") for c in row])
     console = _console()
     console.print(table)
+    if "screening" in doc:
+        s = doc["screening"]
+        console.print(f"predicted-first: measured {s['n_measured']} of {s['n_candidates']} flips "
+                      f"({s['calibration_flips']} random first); stop: {s['stop']} [bound: {s['bound_kind']}]")
     g = doc["greedy"]
     if g["collapsed"]:
         exact = " (exact minimum)" if g["exact_minimum"] else " (greedy upper bound)"

@@ -10,6 +10,7 @@ target. A ranking target without ``k`` takes ``k = top_n``. Example::
       bits: [sign, exponent_msb, 30]
       max_flips: 8                                  # greedy collapse search gives up after this many
       greedy_pool: 64
+      order: predicted                              # optional: measure predicted-first, stop by the bound
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class BitscanSection(ProtocolSettings):
     bits: tuple[int | str, ...] = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")
     max_flips: int = 8  # greedy collapse search: give up after this many flips
     greedy_pool: int = 64  # … choosing among this many of the most damaging single flips (64: all of 4 × 4)
+    order: str = "listed"  # listed: measure every flip | predicted: predicted-first screening (esa.predict)
+    screen_n: int = 10  # predicted: stop once no unmeasured flip can beat the measured screen_n-th worst
+    calib_flips: int = 16  # predicted: random flips measured first, setting the prediction's error bound
+    estimator: str = "grad_squared"  # predicted: diagonal curvature grad_squared | fisher | hutchinson
     datasets: tuple[str, ...] = ()
     context_lens: tuple[int, ...] = ()
     seeds: tuple[int, ...] = ()  # a subset of the study's seeds; empty → all of them
@@ -50,8 +55,12 @@ def check(b: BitscanSection, study: Study, where: str) -> None:
         require(t.ranking is None or t.k is not None or b.top_n <= sens.k,
                  f"{where}.targets[{i}]: without k the target is the top top_n={b.top_n} weights, more than "
                  f"sensitivity.k ({sens.k if sens else None}) keeps; give k or lower top_n")
-    for name in ("top_n", "max_flips", "greedy_pool"):
+    from esa.predict.taylor import ESTIMATORS
+
+    for name in ("top_n", "max_flips", "greedy_pool", "screen_n", "calib_flips"):
         require(getattr(b, name) >= 1, f"{where}.{name} must be ≥ 1, got {getattr(b, name)}")
+    require(b.order in ("listed", "predicted"), f"{where}.order: {b.order!r} is not listed or predicted")
+    require(b.estimator in ESTIMATORS, f"{where}.estimator: {b.estimator!r} is not one of {', '.join(ESTIMATORS)}")
     require(bool(b.bits), f"{where}.bits: give at least one bit, e.g. [sign, exponent_msb]")
     _check_bits(b.bits, dtypes, f"{where}.bits")
     _check_settings(b, where)
@@ -67,9 +76,14 @@ class BitscanRun(CausalRun):
     bits: tuple[str, ...]  # positions or names, as written in the study (as strings)
     max_flips: int
     greedy_pool: int
+    order: str = "listed"
+    screen_n: int = 10
+    calib_flips: int = 16
+    estimator: str = "grad_squared"
 
     def what(self) -> str:
-        return f"bitscan {self.target} top-{self.top_n} bits={list(self.bits)}"
+        order = "" if self.order == "listed" else " predicted-first"
+        return f"bitscan{order} {self.target} top-{self.top_n} bits={list(self.bits)}"
 
 
 
@@ -81,7 +95,8 @@ def expand(study: Study) -> list[BitscanRun]:
     bits = tuple(str(x) for x in b.bits)
     return [BitscanRun(**causal_fields(study, b, spec, t, (t.k or b.top_n) if t.ranking else None, dataset, ctx,
                                        seed, _ranking_run(study, spec, t, seed)),
-                       top_n=b.top_n, bits=bits, max_flips=b.max_flips, greedy_pool=b.greedy_pool)
+                       top_n=b.top_n, bits=bits, max_flips=b.max_flips, greedy_pool=b.greedy_pool, order=b.order,
+                       screen_n=b.screen_n, calib_flips=b.calib_flips, estimator=b.estimator)
             for spec, dataset, ctx, seed in _cells(study, b) for t in b.targets]
 
 
@@ -90,7 +105,7 @@ def bitscan_config(run, ranking_file: str | None = None):
     from esa.perturb.protocols import BitscanConfig
 
     return BitscanConfig(_targets(run, ranking_file), run.top_n, tuple(run.bits), run.max_flips, run.greedy_pool,
-                         eval_config(run))
+                         eval_config(run), run.order, run.screen_n, run.calib_flips, run.estimator)
 
 
 def _bitscan_metrics(doc: dict) -> dict:
@@ -98,7 +113,8 @@ def _bitscan_metrics(doc: dict) -> dict:
     weights = [{k: w[k] for k in ("param", "row", "col", "flat", "value", "label") if k in w}
                for w in doc["weights"]]
     return {"weights": weights, "bits": doc["bits"], "comparisons": comps, "greedy": doc["greedy"],
-            **_common(doc), **({"downstream": doc["downstream"]} if "downstream" in doc else {})}
+            **_common(doc), **({"downstream": doc["downstream"]} if "downstream" in doc else {}),
+            **({"screening": doc["screening"]} if "screening" in doc else {})}
 
 
 def execute(lm: LoadedModel, run, ctx: RunContext) -> tuple[dict, dict[str, np.ndarray]]:
@@ -125,7 +141,7 @@ def summary(record) -> str:
 
 
 KIND = RunKind(
-    name="bitscan", version=2, about="ΔNLL of single bit flips of the top target weights; fewest flips to collapse",
+    name="bitscan", version=3, about="ΔNLL of single bit flips of the top target weights; fewest flips to collapse",
     section="bitscan", schema=BitscanSection, check=check, expand=expand, depends_on=("sensitivity",),
     execute=execute, cost=cost, summary=summary, report=ReportSection("Causal validation: bit scans", 2,
                                                                       bitscan_section))

@@ -35,7 +35,11 @@ class Flip:
     flat: int
     bit: int
     label: str
-    nll: np.ndarray | None = None  # (W,) after this flip alone
+    nll: np.ndarray | None = None  # (W,) after this flip alone (None: not measured, predicted-first order)
+    items: dict | None = None  # zero-shot outcomes after this flip alone (task → ItemOutcomes)
+    predicted: float | None = None  # predicted ΔNLL per token (order="predicted")
+    regime: str | None = None  # its regime (esa.predict.taylor)
+    rank: float = 0.0  # position in the predicted order (larger: predicted worse)
 
     @property
     def targets(self) -> TargetSet:
@@ -127,11 +131,77 @@ def _weights(bench: Bench, res: Resolved, top_n: int) -> pd.DataFrame:
     return order
 
 
+def _screen(bench: Bench, flips: list[Flip], cfg: BitscanConfig) -> dict:
+    """Measure the flips predicted-first (esa.predict.verify) and return the screening record.
+
+    Curvature on the run's calibration windows (disjoint from the evaluation windows) predicts every flip;
+    ``calib_flips`` random ones are measured first and set the bound; the rest are measured in predicted order
+    until no unmeasured flip can beat the measured ``screen_n``-th worst. Unmeasured flips keep ``nll`` None."""
+    from esa.predict.taylor import curvature
+    from esa.predict.verify import check_disjoint, error_bound, flip_rows, screen, screening_key
+    from esa.sensitivity.calibration import batches_from_ids
+
+    check_disjoint(bench)
+    params = {p: bench.model.get_parameter(p) for p in dict.fromkeys(f.param for f in flips)}
+    curv = curvature(bench.model, params, list(batches_from_ids(bench.calib, 4)), cfg.estimator,
+                     seed=cfg.data.seed)
+    picks = pd.DataFrame({"param": [f.param for f in flips], "flat": [f.flat for f in flips],
+                          "bit": [f.bit for f in flips]})
+    rows = flip_rows(bench.model, curv, picks, 1.0).assign(flip=range(len(flips)))
+    for f, second, regime, rank in zip(flips, rows["second"], rows["regime"], screening_key(rows)):
+        f.predicted, f.regime, f.rank = float(second), str(regime), float(rank)
+    calib = set(np.random.default_rng(cfg.data.seed).permutation(len(flips))[: cfg.calib_flips].tolist())
+    calib_rows = rows[rows["flip"].isin(calib)]
+    calib_rows = calib_rows.assign(measured=[_per_token(bench, _measure(bench, flips[i])) for i in calib_rows["flip"]])
+    bound = error_bound(calib_rows)
+    out = screen(rows[~rows["flip"].isin(calib)],
+                 lambda r: np.array([_per_token(bench, _measure(bench, flips[int(r["flip"].iloc[0])]))]),
+                 cfg.screen_n, bound)
+    return {"order": "predicted", "estimator": cfg.estimator, "n_candidates": len(flips),
+            "n_measured": len(calib) + out["n_measured"], "calibration_flips": len(calib), "bound": bound,
+            "bound_kind": out["bound_kind"], "stop": out["stop"], "screen_n": cfg.screen_n}
+
+
+def _measure(bench: Bench, f: Flip) -> np.ndarray:
+    """Score one flip alone — its (W,) NLLs and zero-shot outcomes, kept on the flip — unless it already was."""
+    if f.nll is None:
+        t = trial(bench, f.targets, f.op, 0, tasks=True)
+        f.nll, f.items = t.nll, t.tasks
+    return f.nll
+
+
+def _per_token(bench: Bench, nll: np.ndarray) -> float:
+    total = float(np.sum(nll) - np.sum(bench.cache.baseline.nll))
+    return total / float(bench.n_tokens.sum()) if np.isfinite(total) else np.inf
+
+
+CELL_STATS = ("mean_delta_nll", "ci_low", "ci_high", "ci_method", "n_windows", "few_windows", "delta_nll_per_token",
+              "ppl_perturbed", "collapsed", "n_nonfinite_perturbed")
+
+
+def _cell(bench: Bench, weights: pd.DataFrame, f: Flip) -> dict:
+    """One (weight, bit) cell: the flip's paired statistics, or NaN and ``measured: False`` when the
+    predicted-first screening never needed it (its prediction is kept either way)."""
+    value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
+    cell = {"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),
+            "measured": f.nll is not None}
+    if f.predicted is not None:
+        cell |= {"predicted_delta_nll_per_token": f.predicted, "regime": f.regime}
+    if f.nll is None:
+        return cell | {k: (False if k in ("collapsed", "few_windows") else None if k == "ci_method" else math.nan)
+                       for k in CELL_STATS}
+    c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
+    return cell | {k: c[k] for k in CELL_STATS}
+
+
 def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """ΔNLL of every single (weight, bit) flip, then the greedy collapse search over them."""
+    """ΔNLL of every single (weight, bit) flip — or, ``order="predicted"``, of those the predicted-first
+    screening measures — then the greedy collapse search over them."""
     start = time.perf_counter()
     if not cfg.bits or cfg.max_flips < 1 or cfg.greedy_pool < 1:
         raise EsaError("bitscan needs --bits, and --max-flips and --greedy-pool ≥ 1")
+    if cfg.order not in ("listed", "predicted"):
+        raise EsaError(f"--order {cfg.order!r}: use listed (measure every flip) or predicted (screening)")
     bench = make_bench(lm, cfg.data)
     res = resolve_targets(bench, cfg.targets)
     weights = _weights(bench, res, cfg.top_n)
@@ -144,27 +214,27 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
         for pos in positions:
             flips.append(Flip(i, w["param"], int(w["flat"]), pos, f"{w['label']} bit {layout(dtype).name_of(pos)}"))
     build_cache(bench, [f.targets for f in flips])
-    cells, items = [], []
-    for f in flips:
-        t = trial(bench, f.targets, f.op, 0, tasks=True)
-        f.nll = t.nll
-        items.append((f.label, [t.tasks] if t.tasks is not None else []))
-        c = compare(bench, f.label, f.nll, bench.cache.baseline.nll)
-        value = torch.tensor([weights.loc[f.weight, "value"]], dtype=bench.model.get_parameter(f.param).dtype)
-        cells.append({"weight": f.weight, "bit": f.bit, "label": f.label, "value_after": float(flip_bit(value, f.bit)),
-                      **{k: c[k] for k in ("mean_delta_nll", "ci_low", "ci_high", "ci_method", "n_windows",
-                                           "few_windows", "delta_nll_per_token", "ppl_perturbed", "collapsed",
-                                           "n_nonfinite_perturbed")}})
-    grid = np.array([c["mean_delta_nll"] for c in cells]).reshape(len(weights), len(cfg.bits))  # (N, bits)
+    screening = _screen(bench, flips, cfg) if cfg.order == "predicted" else None
+    candidates = flips  # of the greedy search; predicted order: the flips predicted worst, measured alone first
+    if screening is not None:
+        candidates = sorted(flips, key=lambda f: -f.rank)[: cfg.greedy_pool]
+        screening["greedy_extra_single_trials"] = sum(f.nll is None for f in candidates)
+    for f in candidates:
+        _measure(bench, f)
+    cells = [_cell(bench, weights, f) for f in flips]
+    grid = np.array([c["mean_delta_nll"] for c in cells], dtype=float).reshape(len(weights), len(cfg.bits))
+    items = [(f.label, [f.items] if f.items is not None else []) for f in flips if f.nll is not None]
     down, task_arrays = downstream(bench, items)  # single flips only, not the greedy steps
-    greedy = greedy_collapse(bench, flips, cfg.max_flips, cfg.greedy_pool)
+    greedy = greedy_collapse(bench, candidates, cfg.max_flips, cfg.greedy_pool)
     doc = {**header(bench, "esa.bitscan/1", cfg),
            "targets": {"spec": cfg.targets, "kind": res.kind, **res.extra},
            "weights": weights.to_dict("records"),
            "bits": [{"spec": b, "position": f.bit} for b, f in zip(cfg.bits, flips)],
-           "cells": cells, "greedy": greedy, **({"downstream": down} if down else {}), "notes": bench.notes,
+           "cells": cells, "greedy": greedy, **({"downstream": down} if down else {}),
+           **({"screening": screening} if screening else {}), "notes": bench.notes,
            "wall_seconds": time.perf_counter() - start}
     return doc, {**base_arrays(bench), **task_arrays, "grid_mean_delta_nll": grid,
-                 "flip_nll": np.stack([f.nll for f in flips])}
+                 "flip_nll": np.stack([f.nll if f.nll is not None else np.full(len(bench.windows), np.nan)
+                                       for f in flips])}
 
 

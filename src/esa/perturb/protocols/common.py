@@ -74,6 +74,10 @@ class BitscanConfig:
     greedy_pool: int = 64  # … choosing among this many flips with the largest single-flip damage (default: all
     #                        16 of top_n × bits, so every step searches every remaining flip)
     data: EvalConfig = EvalConfig()
+    order: str = "listed"  # listed: measure every flip | predicted: in predicted order until the stop rule
+    screen_n: int = 10  # predicted: stop once no unmeasured flip can beat the measured screen_n-th worst
+    calib_flips: int = 16  # predicted: random candidate flips measured first; they set the error bound
+    estimator: str = "grad_squared"  # predicted: the diagonal curvature (esa.predict.taylor.ESTIMATORS)
 
 
 # ---- the fixed windows, the cache and one trial ------------------------------------------------------------
