@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from esa.models import ModelSpec, load_model
@@ -42,10 +43,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--random", type=int, default=1000)
     ap.add_argument("--top", type=int, default=100)
-    ap.add_argument("--calib", type=int, default=100, help="random flips measured first to set the bound")
+    ap.add_argument("--calib", type=int, default=30, help="random flips measured first to set the bound's floor")
+    ap.add_argument("--pool-csv", type=Path, default=None,
+                    help="replay calibration and screening on a pool this script measured before (its .csv)")
     ap.add_argument("--tau", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bit_screening.json"))
     args = ap.parse_args()
+    if args.pool_csv is not None:
+        pool = pd.read_csv(args.pool_csv)
+        for key, part in (("screen_all", pool), ("screen_taylor", pool[pool.regime == "taylor"])):
+            print(key, json.dumps(screen_pool(part, args.calib)))
+        print(json.dumps({"all": calibration(pool), "random": calibration(pool[pool.source == "random"])}, indent=1))
+        return
     torch.manual_seed(0)
     lm = load_model(ModelSpec("smollm2-135m"))
     bench = make_bench(lm, EvalConfig("python-docs", 128, 127 * 2, 0, 4096, n_boot=200))  # default 4 calib windows

@@ -76,7 +76,7 @@ def test_screening_never_misses_the_worst_when_errors_stay_within_the_bound():
         pred = rng.lognormal(size=500) * 1e-3
         truth = pred + rng.uniform(-1, 1, size=500) * 2e-4
         rows = pd.DataFrame({"regime": "taylor", "second": pred, "ratio": 0.0, "truth": truth})
-        out = screen(rows, lambda r: r["truth"].to_numpy(), n=10, bound=2e-4)
+        out = screen(rows, lambda r: r["truth"].to_numpy(), n=10, floor=2e-4)
         assert int((out["measured"]["truth"] >= np.sort(truth)[-10]).sum()) == 10, trial
         saved.append(out["n_measured"])
     assert np.mean(saved) < 100  # and it stops early: ≥ 5× fewer than the 500 candidates on average

@@ -138,7 +138,7 @@ def _screen(bench: Bench, flips: list[Flip], cfg: BitscanConfig) -> dict:
     ``calib_flips`` random ones are measured first and set the bound; the rest are measured in predicted order
     until no unmeasured flip can beat the measured ``screen_n``-th worst. Unmeasured flips keep ``nll`` None."""
     from esa.predict.taylor import curvature
-    from esa.predict.verify import check_disjoint, error_bound, flip_rows, screen, screening_key
+    from esa.predict.verify import check_disjoint, error_floor, flip_rows, screen, screening_key
     from esa.sensitivity.calibration import batches_from_ids
 
     check_disjoint(bench)
@@ -153,12 +153,12 @@ def _screen(bench: Bench, flips: list[Flip], cfg: BitscanConfig) -> dict:
     calib = set(np.random.default_rng(cfg.data.seed).permutation(len(flips))[: cfg.calib_flips].tolist())
     calib_rows = rows[rows["flip"].isin(calib)]
     calib_rows = calib_rows.assign(measured=[_per_token(bench, _measure(bench, flips[i])) for i in calib_rows["flip"]])
-    bound = error_bound(calib_rows)
+    floor = error_floor(calib_rows)
     out = screen(rows[~rows["flip"].isin(calib)],
                  lambda r: np.array([_per_token(bench, _measure(bench, flips[int(r["flip"].iloc[0])]))]),
-                 cfg.screen_n, bound)
+                 cfg.screen_n, floor)
     return {"order": "predicted", "estimator": cfg.estimator, "n_candidates": len(flips),
-            "n_measured": len(calib) + out["n_measured"], "calibration_flips": len(calib), "bound": bound,
+            "n_measured": len(calib) + out["n_measured"], "calibration_flips": len(calib), "floor": floor,
             "bound_kind": out["bound_kind"], "stop": out["stop"], "screen_n": cfg.screen_n}
 
 
