@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-unit test-model test-slow test-lmeval test-gpu lint smoke standard-core standard-pythia extended-llama \
+.PHONY: venv demo test test-unit test-model test-slow test-lmeval test-ray test-gpu lint smoke standard-core standard-pythia extended-llama \
         extended-core report check-models phase1 phase2 scaling full-research scaling-ladder scaling-offline \
         scaling-pythia clean
 
@@ -41,8 +41,12 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 test-lmeval: venv
-	$(PY) -m pip install -q 'lm_eval==0.4.*'
+	$(PY) -m pip install -q -e '.[lmeval]'
 	$(PY) -m pytest -q -m lmeval
+
+test-ray: venv
+	$(PY) -m pip install -q -e '.[cluster]'
+	$(PY) -m pytest -q -m ray
 
 test-gpu: venv
 	@echo "test-gpu: needs CUDA (every gpu test is skipped without it)"

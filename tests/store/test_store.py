@@ -254,6 +254,7 @@ def test_ray_executor_without_ray_says_how_to_install(tiny_dir, tmp_path, monkey
         run_study(_study(tiny_dir), tmp_path / "r.db", executor="locl")
 
 
+@pytest.mark.ray
 def test_ray_executor_matches_local(tiny_dir, tiny_db, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
