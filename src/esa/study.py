@@ -29,7 +29,7 @@ import yaml
 
 from esa import kinds
 from esa.core.errors import EsaError
-from esa.models import DTYPES, SUITE, ModelSpec
+from esa.models import DTYPE_NAMES, SUITE, ModelSpec, canonical_dtype, concrete_dtype
 from esa.core.registry import suggest
 from esa.core.schema import SHORTHAND, coerce, parse_section
 
@@ -102,8 +102,9 @@ def _is_path(name: str) -> bool:
 
 
 def _check_model(m: ModelEntry, where: str) -> None:
-    dtype_ok = m.dtype is None or m.dtype in DTYPES
-    require(dtype_ok, f"{where}.dtype: unknown dtype {m.dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype_ok = m.dtype is None or m.dtype in DTYPE_NAMES
+    require(dtype_ok, f"{where}.dtype: unknown dtype {m.dtype!r}; choose one of {', '.join(DTYPE_NAMES)} "
+                      "(or bfloat16, float16, float32)")
     if m.name in SUITE or _is_path(m.name) or Path(m.name).exists() or m.name.count("/") == 1:
         return
     raise EsaError(f"{where}.name: " + suggest(m.name, SUITE.names(), "model alias")
@@ -133,7 +134,8 @@ def validate(study: Study, where: str) -> None:
         check_dataset(d, f"{where}.datasets[{i}]")
     _check_unique_positive(study.context_lens, f"{where}.context_lens")
     _check_unique_positive(study.seeds, f"{where}.seeds", allow_zero=True)
-    require(study.dtype in DTYPES, f"{where}.dtype: unknown dtype {study.dtype!r}; choose {', '.join(DTYPES)}")
+    require(study.dtype in DTYPE_NAMES, f"{where}.dtype: unknown dtype {study.dtype!r}; choose "
+                                        f"{', '.join(DTYPE_NAMES)} (or bfloat16, float16, float32)")
     require(study.method in METHODS, f"{where}.method: " + suggest(study.method, list(METHODS), "method"))
     require(study.bos in ("auto", "always", "never"), f"{where}.bos: choose auto, always or never")
     require(study.stride is None or (study.method == "sliding" and study.stride >= 1),
@@ -185,10 +187,23 @@ def _rebase_tasks(section: dict, fix) -> dict:
     return out
 
 
+def _canonical_dtypes(data: dict) -> dict:
+    """The study's and its models' dtypes in one spelling each (``bfloat16`` → ``bf16``): one run id per dtype."""
+    out = dict(data)
+    if "dtype" in out:
+        out["dtype"] = canonical_dtype(out["dtype"])
+    if isinstance(out.get("models"), list):
+        out["models"] = [{**m, "dtype": canonical_dtype(m["dtype"])} if isinstance(m, dict) and "dtype" in m else m
+                         for m in out["models"]]
+    return out
+
+
 def parse_study(data, where: str = "study", base: Path | None = None) -> Study:
     """Validate a loaded YAML mapping into a :class:`Study` (``where`` prefixes error messages)."""
     if isinstance(data, dict) and base is not None:
         data = _resolve_paths(data, base)
+    if isinstance(data, dict):
+        data = _canonical_dtypes(data)
     if not isinstance(data, dict):
         return coerce(data, Study, where)  # the type error that names what a study file must be
     owners = kinds.with_section()
@@ -219,8 +234,13 @@ def load_study(path: str | Path) -> Study:
 
 # -------------------------------------------------------------------------------------------- expansion
 def model_specs(study: Study) -> list[ModelSpec]:
-    return [ModelSpec(m.name, m.dtype or study.dtype, m.device or study.device, m.revision,
-                      m.trust_remote_code, m.allow_pickle) for m in study.models]
+    """The study's models as load specs; dtype ``auto`` resolved on this machine (it decides the numbers)."""
+    out = []
+    for m in study.models:
+        device = m.device or study.device
+        out.append(ModelSpec(m.name, concrete_dtype(m.dtype or study.dtype, device), device, m.revision,
+                             m.trust_remote_code, m.allow_pickle))
+    return out
 
 
 # Run kinds ESA can execute now, in execution order; a later capability registers its own expander here.

@@ -25,12 +25,23 @@ def _profiles_help() -> str:
                      for name, p in PROFILES.items())
 
 
-def add_model_args(parser) -> None:
-    parser.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
+def add_model_args(parser, revision: bool = True) -> None:
+    """The flags of every command that loads a model (read back by :func:`model_entry`); ``revision`` False for
+    a command that loads several different repositories (a revision names a commit of one)."""
+    parser.add_argument("--dtype", default="fp32",
+                        help="weights dtype: fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it, else fp32); "
+                             "bfloat16, float16, float32 also accepted (default fp32)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
-    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    if revision:
+        parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub repo's own Python code")
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors checkpoints")
+
+
+def model_entry(args, name: str | None = None) -> dict:
+    """The study's model entry for the flags of :func:`add_model_args` (``name``: else ``args.model``)."""
+    return {"name": name or args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
+            "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
 
 
 def register(subparsers) -> None:
@@ -40,7 +51,8 @@ def register(subparsers) -> None:
                    help="suite alias (see `esa check-models`), hub id, local dir or .gguf file; several allowed")
     p.add_argument("--baseline", default="smoke", metavar="PROFILE",
                    help=f"profile: token budgets, one of {', '.join(PROFILES)} (default smoke)")
-    p.add_argument("--datasets", nargs="+", default=[], help="corpus names or .txt/.jsonl paths")
+    p.add_argument("--datasets", "--dataset", dest="datasets", nargs="+", default=[],
+                   help="corpus names or .txt/.jsonl paths")
     p.add_argument("--context-lens", nargs="+", type=int, default=[], help="window lengths in tokens")
     p.add_argument("--seeds", nargs="+", type=int, default=[], help="seeds choose which windows are scored")
     p.add_argument("--method", default="chunks", choices=METHODS, help="window method (default chunks)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.commands.baseline import add_model_args
+from esa.commands.baseline import add_model_args, model_entry
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.perturb.protocols import (
     CONTROLS,
@@ -167,8 +167,7 @@ def one_off_study(args, kind: str, section: dict):
     """The study a perturbation command runs: one model, one dataset, context length and seed, kind ``kind``."""
     from esa.study import parse_study
 
-    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
-             "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    model = model_entry(args)
     from esa.evals.zeroshot import parse_task_data
 
     settings = {"n_boot": args.n_boot, "calib_samples": args.calib_samples, "collapse_ppl": args.collapse_ppl,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from esa.commands.baseline import add_model_args
 from esa.commands.perturb import add_eval_args, eval_config
 
 
@@ -28,8 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--tail-fraction", type=float, default=0.001, help="heavy-tail share of the top fraction of |W|")
     p.add_argument("--x-axis", default="n_params", choices=("n_params", "n_params_non_embedding"),
                    help="model size on the trend's x axis")
-    p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    add_model_args(p, revision=False)  # a revision names a commit of one repository, not of a ladder
     p.add_argument("--statistics", nargs="+", default=[],
                    help="statistics to measure and fit (default: all); e.g. perplexity bits_per_byte sw_count")
     p.add_argument("--out-dir", type=Path, default=Path("runs/scaling"), help="output directory")
@@ -43,7 +43,8 @@ def _config(args):
     from esa.scaling.fits import ScalingConfig
 
     return ScalingConfig(tuple(args.models), eval_config(args), args.op, tuple(args.control_seeds), args.tail_fraction,
-                         args.x_axis, args.dtype, args.device, tuple(args.statistics))
+                         args.x_axis, args.dtype, args.device, tuple(args.statistics), args.trust_remote_code,
+                         args.allow_pickle)
 
 
 def _fmt(value) -> str:

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from esa.commands.baseline import add_model_args, model_entry
 from esa.core.errors import EsaError
 from esa.sensitivity.ranking import read_ranking
 from esa.sensitivity.scorers import SCORERS
@@ -51,8 +52,7 @@ def one_off_study(args: argparse.Namespace):
                "include_embeddings": args.include_embeddings, "include_norms": args.include_norms,
                "include_biases": args.include_biases, "probes": args.probes, "batch_size": args.batch_size,
                "hist_sample": args.hist_sample}
-    return parse_study({"name": "esa-sensitivity", "models": [{"name": args.model, "dtype": args.dtype,
-                                                                "device": args.device}],
+    return parse_study({"name": "esa-sensitivity", "models": [model_entry(args)],
                         "datasets": [args.calib_dataset], "context_lens": [args.context_len],
                         "seeds": list(args.seeds), "kinds": ["sensitivity"], "sensitivity": section},
                        "esa sensitivity")
@@ -154,10 +154,10 @@ def register(subparsers) -> None:
                     "(parquet, csv, meta.json, floor.parquet), score_hist.png, topk_layer_role.png, "
                     "stability.json and manifest.json from the stored runs.")
     p.add_argument("--model", default="smollm2-135m", help="alias, hub id, local dir or .gguf")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (scores are always fp32)")
-    p.add_argument("--device", default="auto")
+    add_model_args(p)
     p.add_argument("--scorer", default="grad_x_weight", help=f"one of: {', '.join(SCORERS.names())}")
-    p.add_argument("--calib-dataset", default="python-docs", help="corpus name or .txt/.jsonl path")
+    p.add_argument("--calib-dataset", "--dataset", dest="calib_dataset", default="python-docs",
+                   help="calibration corpus name or .txt/.jsonl path")
     p.add_argument("--max-samples", type=int, default=32, help="calibration windows per seed")
     p.add_argument("--context-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from esa.commands.baseline import add_model_args, model_entry
 from esa.core.errors import EsaError
 from esa.sensitivity.superweights import Thresholds
 
@@ -42,9 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--massive-ratio", type=float, default=d.massive_ratio,
                    help="residual |h| is massive when > this × its layer's median |h|")
     p.add_argument("--massive-floor", type=float, default=d.massive_floor, help="… and > this absolute value")
-    p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    add_model_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("runs/superweights"),
                    help="results database esa.db, superweights.json and superweights.png go here")
     p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
@@ -63,7 +62,7 @@ def one_off_study(args):
         raise EsaError(f"--max-samples {args.max_samples} must be ≥ 1 and --context-len {args.context_len} ≥ 2")
     Thresholds(args.spike_ratio, args.spike_floor, args.min_share, args.require_input_spike, args.massive_ratio,
                args.massive_floor)  # fail on an impossible threshold with its own message, before anything loads
-    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision}
+    model = model_entry(args)
     section = {"dataset": args.dataset, "context_len": args.context_len, "max_samples": args.max_samples,
                "iterations": 1 + args.iterate, "spike_ratio": args.spike_ratio, "spike_floor": args.spike_floor,
                "min_share": args.min_share, "require_input_spike": args.require_input_spike,

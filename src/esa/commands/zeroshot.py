@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from esa.commands.baseline import add_model_args, model_entry
 from esa.evals.tasks import TASKS
 from esa.evals.zeroshot import DEFAULT_TOKEN_BUDGET
 
@@ -38,9 +39,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="score N items per task (seeded subsample)")
     p.add_argument("--seed", type=int, default=0, help="chooses which items when --limit < the split's size")
-    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET, help="padded tokens per forward")
-    p.add_argument("--dtype", default="fp32", help="weights dtype: fp32 | bf16 | fp16 (log-probs are fp32)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    p.add_argument("--batch-tokens", "--token-budget", dest="token_budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                   help="padded tokens per forward (the micro-batch budget; --token-budget is its old name)")
+    add_model_args(p)
     p.add_argument("--out-dir", type=Path, default=Path("runs/zeroshot"),
                    help="results database esa.db, zeroshot.json, per-item JSONL and lm-eval/ (lm-eval 0.4 "
                    "layout: results_<date>.json, samples_<task>_<date>.jsonl) go here")
@@ -52,8 +53,7 @@ def one_off_study(args, task_data: dict[str, str]):
     """The study ``esa zeroshot`` runs: one model, the tasks, kind ``zeroshot`` only."""
     from esa.study import parse_study
 
-    return parse_study({"name": "esa-zeroshot", "models": [{"name": args.model, "dtype": args.dtype,
-                                                             "device": args.device}],
+    return parse_study({"name": "esa-zeroshot", "models": [model_entry(args)],
                         "datasets": ["python-docs"], "context_lens": [2], "seeds": [args.seed],
                         "kinds": ["zeroshot"],
                         "zeroshot": {"tasks": list(args.tasks), "task_data": task_data, "limit": args.limit,

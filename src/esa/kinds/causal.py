@@ -260,5 +260,7 @@ def severity(comparison: dict) -> float:
 
 
 def model_dtypes(study: Study) -> set[str]:
-    """The dtypes the study's models are loaded in (bit positions must exist in each)."""
-    return {m.dtype or study.dtype for m in study.models}
+    """The dtypes the study's models are loaded in (bit positions must exist in each; ``auto`` as resolved here)."""
+    from esa.models import concrete_dtype
+
+    return {concrete_dtype(m.dtype or study.dtype, m.device or study.device) for m in study.models}

@@ -30,6 +30,22 @@ from esa.core.registry import Registry
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+DTYPE_NAMES = (*DTYPES, "auto")  # auto: bf16 on a GPU that supports it, else fp32 (resolved per machine)
+
+
+def canonical_dtype(name):
+    """One spelling per dtype: ``bfloat16`` → ``bf16``, ``float16``/``half`` → ``fp16``, ``float32`` → ``fp32``;
+    anything else comes back lower-cased (and is refused by the checks, which list the valid names)."""
+    return DTYPE_ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
+
+
+def concrete_dtype(name: str, device: str) -> str:
+    """``auto`` resolved on this machine: bf16 where ``device`` is a GPU with bf16, else fp32."""
+    if name != "auto":
+        return name
+    dev = resolve_device(device)
+    return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -118,8 +134,12 @@ def resolve_device(device: str) -> torch.device:
 
 def check_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype for ``dtype`` on ``device``, refusing combinations the device cannot run well."""
+    dtype = canonical_dtype(dtype)
+    if dtype == "auto":
+        dtype = concrete_dtype(dtype, str(device))
     if dtype not in DTYPES:
-        raise EsaError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise EsaError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)} "
+                       "(or bfloat16, float16, float32)")
     if dtype == "fp16" and device.type == "cpu":
         raise EsaError("--dtype fp16 is not supported on CPU (half-precision matmuls are emulated and some "
                        "kernels are missing); use --dtype fp32 or bf16 on CPU, or run on a GPU")

@@ -132,6 +132,8 @@ class ScalingConfig:
     dtype: str = "fp32"
     device: str = "auto"
     statistics: tuple[str, ...] = ()  # STATISTICS keys to measure and fit; empty → all (see measurements())
+    trust_remote_code: bool = False  # let hub repos of the ladder run their own Python
+    allow_pickle: bool = False  # accept non-safetensors checkpoints
 
     def check(self) -> None:
         if not self.models:
