@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     progress.enable(not args.no_progress and sys.stderr.isatty())
+    progress.set_command(list(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except EsaError as exc:

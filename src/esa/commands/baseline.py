@@ -169,7 +169,7 @@ def run(args) -> int:
 
     from esa.evals.baseline import model_slug
     from esa.commands.study import progress_printer
-    from esa.executors.one_off import check_out_dir, run_one_off
+    from esa.executors.one_off import check_out_dir, log_path, run_one_off
 
     cfg = config_from_args(args)
     check_tasks(cfg)
@@ -181,7 +181,7 @@ def run(args) -> int:
     _check_writable(out, "--out-dir")
     _check_writable(db.parent, "--db")
     console = Console()
-    outcome = run_one_off(study, db, "esa baseline", args.overwrite, progress_printer(console))
+    outcome = run_one_off(study, db, "esa baseline", args.overwrite, progress_printer(console, log_path(db)))
     for d in export(outcome, cfg, out):
         console.print(f"results: {d / 'results.json'}", soft_wrap=True)
     console.print(f"database: {db} (`esa report {db}`)", soft_wrap=True)

@@ -36,7 +36,7 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
     from rich.console import Console
 
     from esa.commands.study import progress_printer
-    from esa.executors.one_off import run_one_off
+    from esa.executors.one_off import log_path, run_one_off
     from esa.report.study_report import write_study_report
     from esa.study import load_study
 
@@ -44,8 +44,8 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
         raise EsaError(f"demo study {path} not found; run esa demo from an ESA checkout or pass --study FILE")
     study, db = load_study(path), out / "study.db"
     print(f"[study] {path}: every run recorded in {db}")
-    run_one_off(study, db, "demo study", overwrite, progress_printer(Console()), str(Path(path).resolve()),
-                leave_no_trace=False)
+    run_one_off(study, db, "demo study", overwrite, progress_printer(Console(), log_path(db)),
+                str(Path(path).resolve()), leave_no_trace=False)
     md, html = write_study_report(db, out / "report")
     print(f"report: {md.resolve()}")
     print(f"report (HTML): {html.resolve()}")

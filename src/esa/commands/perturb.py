@@ -183,7 +183,7 @@ def run_and_export(args, kind: str, section: dict) -> dict:
     """Run the one-off study into ``<out-dir>/esa.db`` (resuming), then export ``<stem>.json``, ``.npz`` and
     ``.png`` from the stored run; returns the exported document."""
     from esa.commands.study import progress_printer
-    from esa.executors.one_off import check_out_dir, run_one_off
+    from esa.executors.one_off import check_out_dir, log_path, run_one_off
     from esa.perturb import plots
     from esa.core.files import write_arrays, write_json
 
@@ -191,7 +191,8 @@ def run_and_export(args, kind: str, section: dict) -> dict:
     db = args.db or out / "esa.db"
     check_out_dir(out, db, OWNED, args.overwrite, f"esa {args.command}")
     study = one_off_study(args, kind, section)
-    (result,) = run_one_off(study, db, f"esa {args.command}", args.overwrite, progress_printer(_console())).of(kind)
+    printer = progress_printer(_console(), log_path(db))
+    (result,) = run_one_off(study, db, f"esa {args.command}", args.overwrite, printer).of(kind)
     protocol = result.documents["protocol"]
     doc = {"schema": protocol["schema"], "provenance": result.row.provenance, "model": result.row.model,
            **{k: v for k, v in protocol.items() if k != "schema"}, "database": str(db), "run_id": result.row.run_id}

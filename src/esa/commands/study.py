@@ -73,23 +73,68 @@ def plan(args) -> int:
     return 0
 
 
-def progress_printer(console):
-    """A ``run_study`` event callback printing one line per model group and per finished run."""
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_printer(console, log: Path | None = None):
+    """A ``run_study`` event callback: one line per model group, per run started and per run finished —
+    ``[3/9] <label>: <summary> (<run id>) in 41s · ETA 4m10s`` (ETA: this session's mean time per computed run
+    × the runs left). Off a terminal (nohup, Slurm) every line starts with a timestamp and carries no markup;
+    with ``log``, every line is also appended there, timestamped, after the command line that started it."""
+    import time
+
+    from rich.text import Text
+
+    from esa.core import progress
+
+    state = {"t0": None, "computed": 0, "started": None}
+
+    def emit(text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if log is not None and not state.get("header"):
+            state["header"] = True
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{stamp} $ {progress.command_line() or 'esa (library call)'}\n")
+        plain = Text.from_markup(text).plain
+        if console.is_terminal:
+            console.print(text, highlight=False, soft_wrap=True)  # soft: no line breaks inside a result
+        else:
+            console.print(f"{stamp} {plain}", markup=False, highlight=False, soft_wrap=True)
+        if log is not None:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{stamp} {plain}\n")
+
+    def eta(done: int, total: int) -> str:
+        if not state["computed"] or done >= total:
+            return ""
+        per_run = (time.perf_counter() - state["t0"]) / state["computed"]
+        return f" · ETA {_duration(per_run * (total - done))}"
+
     def on_event(kind: str, **info) -> None:
+        if state["t0"] is None and kind in ("group", "start"):
+            state["t0"] = time.perf_counter()
         if kind == "skip_group":
-            console.print(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
+            emit(f"{info['model']}: all {info['runs']} run(s) already completed — not loaded")
         elif kind == "group":
-            console.print(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed",
-                          soft_wrap=True)
+            emit(f"{info['model']}: {info['pending']} run(s) to do, {info['completed']} already completed")
         elif kind == "elsewhere":
-            console.print(f"{info['label']}: being computed by another driver — left to it", soft_wrap=True)
+            emit(f"{info['label']}: being computed by another driver — left to it")
         elif kind == "load_error":
-            console.print(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
+            emit(f"[red]{info['model']}: cannot load: {info['error']}[/red]")
+        elif kind == "start":
+            state["started"] = time.perf_counter()
+            emit(f"[{info['index']}/{info['total']}] {info['label']} …")
         elif kind == "run":
             rec = info["record"]
+            state["computed"] += 1
+            took = f" in {_duration(time.perf_counter() - state['started'])}" if state["started"] else ""
             what = summary_line(rec) if rec.status == "completed" else f"[red]{summary_line(rec)}[/red]"
-            console.print(f"[{info['done']}/{info['total']}] {info['label']}: {what}  ({rec.run_id[:12]})",
-                          highlight=False, soft_wrap=True)  # soft: no line breaks inserted inside a result
+            emit(f"[{info['done']}/{info['total']}] {info['label']}: {what}  ({rec.run_id[:12]}){took}"
+                 f"{eta(info['done'], info['total'])}")
     return on_event
 
 
@@ -97,13 +142,14 @@ def run(args) -> int:
     from rich.console import Console
 
     from esa.executors import run_study
+    from esa.executors.one_off import log_path
     from esa.study import load_study
 
     study = load_study(args.study)
     db = args.db or Path("runs") / f"{study.name}.db"
     console = Console()
     options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
-    summary = run_study(study, db, args.executor, str(args.study.resolve()), progress_printer(console),
+    summary = run_study(study, db, args.executor, str(args.study.resolve()), progress_printer(console, log_path(db)),
                         **(options if args.executor == "ray" else {}))
     console.print(f"study {study.name}: {summary.completed} completed now, {summary.skipped} already done, "
                   f"{len(summary.failed)} failed, of {summary.total} → {db}", soft_wrap=True)

@@ -125,7 +125,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from esa.commands.study import progress_printer
-    from esa.executors.one_off import check_out_dir, run_one_off
+    from esa.executors.one_off import check_out_dir, log_path, run_one_off
     from esa.sensitivity.superweight_plots import plot_activation_profile
     from esa.sensitivity.superweights import report_from_dict
 
@@ -133,7 +133,7 @@ def run(args) -> int:
     db = args.db or out / "esa.db"
     check_out_dir(out, db, OWNED, args.overwrite, "esa superweights")
     study = one_off_study(args)
-    outcome = run_one_off(study, db, "esa superweights", args.overwrite, progress_printer(Console()))
+    outcome = run_one_off(study, db, "esa superweights", args.overwrite, progress_printer(Console(), log_path(db)))
     (result,) = outcome.of("superweights")
     doc = document(result, db)
     for name in OWNED:

@@ -107,7 +107,7 @@ def run(args) -> int:
 
     from esa.commands.study import progress_printer
     from esa.evals.zeroshot import check_task_data, parse_task_data, write_results
-    from esa.executors.one_off import run_one_off
+    from esa.executors.one_off import log_path, run_one_off
 
     for name in args.tasks:
         TASKS.get(name)  # fail on a typo before loading the model
@@ -119,7 +119,7 @@ def run(args) -> int:
     start = time.perf_counter()
     console = Console()
     results, rows, runs = stored_results(run_one_off(study, db, "esa zeroshot",
-                                                     on_event=progress_printer(console)))
+                                                     on_event=progress_printer(console, log_path(db))))
     table = Table("task", "n", "metric", "value", "± stderr", title=f"zero-shot — {args.model}")
     for r in results:
         for key in TASKS.get(r.task).metrics:

@@ -6,11 +6,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _ENABLED = False
+_COMMAND = ""  # the command line the CLI is running, for the log file's header
 
 
 def enable(on: bool = True) -> None:
     global _ENABLED
     _ENABLED = on
+
+
+def set_command(argv: list[str]) -> None:
+    global _COMMAND
+    _COMMAND = " ".join(["esa", *argv])
+
+
+def command_line() -> str:
+    """``esa <args>`` as the CLI was called ('' in library use)."""
+    return _COMMAND
 
 
 @contextmanager

@@ -47,6 +47,8 @@ def _run_group(spec: ModelSpec, runs: list, store: Store, study_id: str, summary
             summary.elsewhere.append(run.label())
             on_event("elsewhere", label=run.label(), run_id=rid)
             continue
+        on_event("start", label=run.label(), index=summary.skipped + summary.completed + len(summary.failed) + 1,
+                 total=summary.total)
         with store.holding(rid, holder):
             record = execute_run(lm, run, rid, ctx, prov)
             commit(store, record, holder)

@@ -19,10 +19,15 @@ from esa.store import Reader, StoredRun, sha256_json
 from esa.study import Study, expand
 
 
+def log_path(db: Path) -> Path:
+    """The progress log beside a results database: ``runs/x/esa.db`` → ``runs/x/esa.log``."""
+    return Path(db).with_suffix(".log")
+
+
 def fresh_database(db: Path) -> None:
-    """Delete the database at ``db`` with its WAL files, so a command starts over (``--overwrite``).
+    """Delete the database at ``db`` with its WAL files and its log, so a command starts over (``--overwrite``).
     Artifacts of the deleted rows stay on disk under ``artifacts/`` and are overwritten by run id."""
-    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), log_path(db)):
         f.unlink(missing_ok=True)
 
 
