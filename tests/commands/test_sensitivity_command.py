@@ -21,7 +21,7 @@ from helpers.models import forbid_model_loading
 from helpers.golden import assert_same
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "sensitivity_command.json").read_text())
-STORE_FILES = {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts"}  # the database and its artifacts
+STORE_FILES = {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts", "esa.log"}  # the database, its artifacts, the log
 
 
 def _argv(name: str, tiny_dir, corpus, out: Path) -> list[str]:

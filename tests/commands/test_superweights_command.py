@@ -60,7 +60,8 @@ def _check_golden(name: str, out: Path, corpus: str | None) -> dict:
                 else doc["candidates"], golden["candidates"], f"{name} candidates")
     for key in ("massive_activations", "rounds", "thresholds", "data", "run", "tokens", "n_sequences", "n_tokens"):
         assert_same(doc[key], golden[key], f"{name} {key}")
-    assert {p.name for p in out.iterdir()} - {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts"} == set(golden["files"])
+    store_files = {"esa.db", "esa.db-wal", "esa.db-shm", "artifacts", "esa.log"}  # the database, artifacts, log
+    assert {p.name for p in out.iterdir()} - store_files == set(golden["files"])
     assert (out / "superweights.png").read_bytes()[:4] == b"\x89PNG"
     return doc
 

@@ -38,6 +38,16 @@ def add_model_args(parser, revision: bool = True) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors checkpoints")
 
 
+def add_output_args(parser, out_dir: str | None, exports: str, overwrite: bool = True) -> None:
+    """``--out-dir`` (``out_dir`` None: required), ``--db`` and ``--overwrite`` of every one-off command."""
+    kw = {"required": True} if out_dir is None else {"default": Path(out_dir)}
+    parser.add_argument("--out-dir", type=Path, help=f"results database esa.db and {exports} go here", **kw)
+    parser.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="start from a fresh database (else a rerun resumes: completed runs are reused)")
+
+
 def model_entry(args, name: str | None = None) -> dict:
     """The study's model entry for the flags of :func:`add_model_args` (``name``: else ``args.model``)."""
     return {"name": name or args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
@@ -71,11 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--zeroshot-limit", type=int, default=None,
                    help="items per task (a subsample chosen by the first seed)")
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path("runs/baseline"),
-                   help="results database esa.db and one run directory per model, exported from it")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from a fresh database (else a rerun resumes: completed runs are reused)")
+    add_output_args(p, "runs/baseline", "one run directory per model, exported from it")
     p.set_defaults(func=run)
 
 

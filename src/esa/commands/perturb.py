@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.commands.baseline import add_model_args, model_entry
+from esa.commands.baseline import add_model_args, add_output_args, model_entry
 from esa.perturb.protocols.bitscan import greedy_verdict
 from esa.perturb.protocols import (
     CONTROLS,
@@ -52,11 +52,7 @@ def _common(p, stem: str) -> None:
                    help="read TASK from a local JSONL in the dataset's own schema instead of the hub")
     p.add_argument("--task-limit", type=int, default=None, help="items per task (seeded by --seed)")
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path(f"runs/{stem}"),
-                   help="output directory: results database esa.db, and the JSON, .npz and plot exported from it")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from a fresh database (else a rerun resumes: completed runs are reused)")
+    add_output_args(p, f"runs/{stem}", "the JSON, .npz and plot exported from it")
 
 
 def register(subparsers) -> None:

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from esa.commands.baseline import add_model_args, model_entry
+from esa.commands.baseline import add_model_args, add_output_args, model_entry
 from esa.core.errors import EsaError
 from esa.sensitivity.ranking import read_ranking
 from esa.sensitivity.scorers import SCORERS
@@ -171,10 +171,7 @@ def register(subparsers) -> None:
     p.add_argument("--bottom", action="store_true", help="rank the k least sensitive weights instead")
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probes per calibration batch")
     p.add_argument("--hist-sample", type=int, default=200_000, help="scores sampled for the histogram")
-    p.add_argument("--out-dir", required=True, help="results database esa.db and the exported files go here")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from a fresh database (deletes it; otherwise a rerun resumes)")
+    add_output_args(p, None, "the exported files")
     p.set_defaults(func=_sensitivity)
 
     c = subparsers.add_parser("compare-rankings", help="Jaccard + Spearman of two ranking files")

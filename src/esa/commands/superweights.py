@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esa.commands.baseline import add_model_args, model_entry
+from esa.commands.baseline import add_model_args, add_output_args, model_entry
 from esa.core.errors import EsaError
 from esa.sensitivity.superweights import Thresholds
 
@@ -44,11 +44,7 @@ def register(subparsers) -> None:
                    help="residual |h| is massive when > this × its layer's median |h|")
     p.add_argument("--massive-floor", type=float, default=d.massive_floor, help="… and > this absolute value")
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path("runs/superweights"),
-                   help="results database esa.db, superweights.json and superweights.png go here")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start from a fresh database (deletes it; otherwise a rerun resumes)")
+    add_output_args(p, "runs/superweights", "superweights.json and superweights.png")
     p.set_defaults(func=run)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from esa.commands.baseline import add_model_args, model_entry
+from esa.commands.baseline import add_model_args, add_output_args, model_entry
 from esa.evals.tasks import TASKS
 from esa.evals.zeroshot import DEFAULT_TOKEN_BUDGET
 
@@ -42,10 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-tokens", "--token-budget", dest="token_budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help="padded tokens per forward (the micro-batch budget; --token-budget is its old name)")
     add_model_args(p)
-    p.add_argument("--out-dir", type=Path, default=Path("runs/zeroshot"),
-                   help="results database esa.db, zeroshot.json, per-item JSONL and lm-eval/ (lm-eval 0.4 "
-                   "layout: results_<date>.json, samples_<task>_<date>.jsonl) go here")
-    p.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
+    add_output_args(p, "runs/zeroshot", "zeroshot.json, per-item JSONL and lm-eval/ (lm-eval 0.4 layout: "
+                    "results_<date>.json, samples_<task>_<date>.jsonl)", overwrite=False)
     p.set_defaults(func=run)
 
 
