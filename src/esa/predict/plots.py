@@ -2,7 +2,7 @@
 
 - :func:`heatmap_png`: decoder layer × bit position, two panels — log10 of the largest second-order predicted
   ΔNLL among the ``taylor`` flips (the map's summary), and the share of flips outside the Taylor regime
-  (``large`` + ``nonfinite``), so the exponent bits that a polynomial cannot rank are shown, not hidden.
+  (``large`` + ``nonfinite``, log scale), so the exponent bits that a polynomial cannot rank are shown, not hidden.
 - :func:`scatter_png`: predicted vs measured ΔNLL of verified flips, one colour per regime, symmetric-log axes
   (damage can be negative); collapses (measured +inf) drawn at the top edge.
 """
@@ -28,8 +28,9 @@ def heatmap_png(summary: pd.DataFrame, title: str) -> bytes:
     outside = _grid(summary, summary["n_large"] + summary["n_nonfinite"], "sum") / _grid(summary, summary["n"], "sum")
     fig = new_figure((11.0, 0.22 * len(worst) + 2.2))
     axes = fig.subplots(1, 2, sharey=True)
-    panels = ((worst.map(lambda x: np.log10(x) if x > 0 else np.nan), "log10 max predicted ΔNLL (taylor flips)",
-               "viridis"), (outside, "share of flips outside the Taylor regime", "magma"))
+    log10 = (lambda x: np.log10(x) if x > 0 else np.nan)  # noqa: E731 — blank where nothing is there
+    panels = ((worst.map(log10), "log10 max predicted ΔNLL (taylor flips)", "viridis"),
+              (outside.map(log10), "log10 share of flips outside the Taylor regime (blank: none)", "magma"))
     for ax, (grid, label, cmap) in zip(axes, panels):
         image = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap=cmap, origin="lower")
         ax.set_xticks(range(len(grid.columns)), [str(b) for b in grid.columns], fontsize=6)
