@@ -32,7 +32,7 @@ test: venv
 	$(PY) -m pytest -q
 
 test-unit: venv
-	$(PY) -m pytest -q -m 'not slow and not lmeval and not gpu and not model'
+	$(PY) -m pytest -q -m 'not slow and not lmeval and not gpu and not ray and not model'
 
 test-model: venv
 	$(PY) -m pytest -q -m model

@@ -10,15 +10,16 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TIERS = {"model", "slow", "lmeval", "gpu"}  # markers; an unmarked test is in the unit tier
-DEFAULT = "-m 'not slow and not lmeval and not gpu'"  # pyproject addopts: unit + model
+TIERS = {"model", "slow", "lmeval", "gpu", "ray"}  # markers; an unmarked test is in the unit tier
+DEFAULT = "-m 'not slow and not lmeval and not gpu and not ray'"  # pyproject addopts: unit + model
 TARGETS = {  # make target → the -m expression it passes (none: the addopts default)
     "test": None,
-    "test-unit": "not slow and not lmeval and not gpu and not model",
+    "test-unit": "not slow and not lmeval and not gpu and not ray and not model",
     "test-model": "model",
     "test-slow": "slow",
     "test-lmeval": "lmeval",
     "test-gpu": "gpu",
+    "test-ray": "ray",
 }
 
 
