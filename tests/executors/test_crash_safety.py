@@ -8,6 +8,7 @@ with per-window arrays and metrics identical to an uninterrupted run.
 """
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,7 @@ DETERMINISTIC = ("perplexity", "nll_per_token", "token_accuracy", "bits_per_byte
                  "scored_tokens", "scored_bytes", "scored_words", "n_windows", "n_nonfinite_windows",
                  "seed_invariant", "windows_available", "config.dataset", "config.context_len", "config.seed")
 N_RUNS = 6
+FINISHED = re.compile(r"\[\d+/\d+\] ")  # a progress line (timestamped off a terminal)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def _run_and_kill(study_file, db, rng) -> None:
         for line in proc.stdout:
             if "run(s) to do" in line and wait_for == 0:
                 seen.set()
-            if line.startswith("[") and "/" in line.split("]")[0]:
+            if FINISHED.search(line) and not line.rstrip().endswith("…"):  # "[i/n] <run>: <result>", not a start
                 count[0] += 1
                 if count[0] >= wait_for:
                     seen.set()
