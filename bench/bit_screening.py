@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=1000)
     ap.add_argument("--top", type=int, default=100)
     ap.add_argument("--calib", type=int, default=30, help="random flips measured first to set the bound's floor")
+    ap.add_argument("--map-only", action="store_true", help="stop after timing the curvature and the map")
     ap.add_argument("--pool-csv", type=Path, default=None,
                     help="replay calibration and screening on a pool this script measured before (its .csv)")
     ap.add_argument("--tau", type=float, default=1.0)
@@ -67,6 +68,8 @@ def main() -> None:
     t_map = vm.info["seconds"]
     print(f"curvature (g + fisher, {curv.n_tokens} calibration tokens): {t_grad:.1f} s; map over "
           f"{vm.info['n_flips']:,} flips: {t_map:.1f} s; map / gradient passes = {t_map / t_grad:.2f}")
+    if args.map_only:
+        return
     pool = verification_pool(lm.model, curv, vm.top, args.top, args.random, args.tau, seed=7)
     build_cache(bench, [TargetSet({p: torch.tensor([int(f)])}) for p, f in zip(pool.param, pool.flat)])
     t0 = time.perf_counter()
