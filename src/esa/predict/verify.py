@@ -47,12 +47,15 @@ def flip_rows(model, curv: Curvature, picks: pd.DataFrame, tau: float) -> pd.Dat
     out = []
     for (name, bit), part in picks.groupby(["param", "bit"], sort=False):
         flat = torch.tensor(part["flat"].to_numpy(), dtype=torch.long)
-        values = model.get_parameter(name).detach().reshape(-1)[flat]
+        param = model.get_parameter(name).detach()
+        flat = flat.to(param.device)
+        values = param.reshape(-1)[flat]
         delta = flip_bit(values, int(bit)).double() - values.double()
         pred = predict(curv, name, flat, delta, tau)
-        out.append(part.assign(value=values.double().numpy(), delta=delta.numpy(), first=pred.first.numpy(),
-                               second=pred.second.numpy(), ratio=pred.ratio.numpy(),
-                               regime=np.array(REGIMES, dtype=object)[pred.regime.long().numpy()]))
+        out.append(part.assign(value=values.double().cpu().numpy(), delta=delta.cpu().numpy(),
+                               first=pred.first.cpu().numpy(), second=pred.second.cpu().numpy(),
+                               ratio=pred.ratio.cpu().numpy(),
+                               regime=np.array(REGIMES, dtype=object)[pred.regime.long().cpu().numpy()]))
     return pd.concat(out).sort_index() if out else picks
 
 

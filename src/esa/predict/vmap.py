@@ -24,7 +24,8 @@ import torch
 
 from esa.models.architectures import layer_index
 from esa.perturb.bits import flip_bit, layout
-from esa.predict.taylor import DEFAULT_TAU, REGIMES, Curvature, channel_scale, predict
+from esa.predict.taylor import DEFAULT_TAU, Curvature, channel_scale
+from esa.predict.verify import flip_rows
 
 CHUNK = 1 << 22  # elements per slice (≈ 4 M: a few 32 MB float64 temporaries)
 TOP_COLUMNS = ("param", "flat", "bit", "value", "delta", "first", "second", "ratio", "regime")
@@ -62,16 +63,11 @@ class _TopK:
         return pd.DataFrame(self.rows if self.rows is not None else {c: [] for c in TOP_COLUMNS})
 
 
-def _rows(curv: Curvature, name: str, stored: torch.Tensor, bit: int, flat: torch.Tensor, tau: float
-          ) -> dict[str, np.ndarray]:
-    """Rows (TOP_COLUMNS) for the flat storage indices ``flat``, recomputed exactly (float64 Δw and prediction)."""
-    values = stored.reshape(-1)[flat]
-    delta = flip_bit(values, bit).double() - values.double()
-    pred = predict(curv, name, flat, delta, tau)
-    return {"param": np.full(len(flat), name, dtype=object), "flat": flat.cpu().numpy(),
-            "bit": np.full(len(flat), bit), "value": values.double().cpu().numpy(), "delta": delta.cpu().numpy(),
-            "first": pred.first.cpu().numpy(), "second": pred.second.cpu().numpy(), "ratio": pred.ratio.cpu().numpy(),
-            "regime": np.array(REGIMES, dtype=object)[pred.regime.long().cpu().numpy()]}
+def _rows(model, curv: Curvature, name: str, bit: int, flat: torch.Tensor, tau: float) -> dict[str, np.ndarray]:
+    """Rows (TOP_COLUMNS) for the flat storage indices ``flat``, recomputed exactly (:func:`flip_rows`)."""
+    picks = pd.DataFrame({"param": name, "flat": flat.cpu().numpy(), "bit": bit})
+    rows = flip_rows(model, curv, picks, tau)
+    return {c: rows[c].to_numpy() for c in TOP_COLUMNS}
 
 
 def _top(score: torch.Tensor, member: torch.Tensor | None, k: int, offset: int) -> torch.Tensor:
@@ -104,7 +100,7 @@ class _Block:
         return [int(self.taylor.sum()), int(self.large.sum()), int(self.nonfinite.sum())]
 
 
-def _scan_bit(curv: Curvature, name: str, stored: torch.Tensor, bit: int, tau: float, tops: dict,
+def _scan_bit(model, curv: Curvature, name: str, stored: torch.Tensor, bit: int, tau: float, tops: dict,
               chunk: int) -> dict:
     """One (tensor, bit), in fp32 blocks of whole storage rows: its summary row; candidates that can still
     enter a global top-k are handed to it (a block whose best is below the current k-th is skipped)."""
@@ -131,17 +127,17 @@ def _scan_bit(curv: Curvature, name: str, stored: torch.Tensor, bit: int, tau: f
             sum_second += float((b.second if b.taylor is None else torch.where(b.taylor, b.second, 0.0)).sum())
             max_second = max(max_second, best)
             if tops["taylor"].admits(best):
-                tops["taylor"].add(_rows(curv, name, stored, bit, _top(b.second, b.taylor, tops["taylor"].k, offset),
+                tops["taylor"].add(_rows(model, curv, name, bit, _top(b.second, b.taylor, tops["taylor"].k, offset),
                                          tau))
         if n_block[1]:
             best = float(torch.where(b.large, b.ratio, -torch.inf).amax())
             max_ratio = max(max_ratio, best)
             if tops["large"].admits(best):
-                tops["large"].add(_rows(curv, name, stored, bit, _top(b.ratio, b.large, tops["large"].k, offset),
+                tops["large"].add(_rows(model, curv, name, bit, _top(b.ratio, b.large, tops["large"].k, offset),
                                         tau))
         if n_block[2] and tops["nonfinite"].admits(None):
             pick = torch.nonzero(b.nonfinite.reshape(-1)).flatten()[: tops["nonfinite"].k] + offset
-            tops["nonfinite"].add(_rows(curv, name, stored, bit, pick, tau))  # certain collapses: the first k
+            tops["nonfinite"].add(_rows(model, curv, name, bit, pick, tau))  # certain collapses: the first k
     n_taylor = counts[0]
     return {"param": name, "layer": layer_index(name), "bit": bit, "bit_name": lay.name_of(bit),
             "n": int(stored.numel()), "n_taylor": n_taylor, "n_large": counts[1], "n_nonfinite": counts[2],
@@ -160,7 +156,7 @@ def vulnerability_map(model, curv: Curvature, k: int = 100, tau: float = DEFAULT
     for name in curv.grad:
         stored = model.get_parameter(name).detach()
         for bit in sorted(bits if bits is not None else range(layout(stored.dtype).width), reverse=True):
-            rows.append(_scan_bit(curv, name, stored, bit, tau, tops, chunk))
+            rows.append(_scan_bit(model, curv, name, stored, bit, tau, tops, chunk))
     summary = pd.DataFrame(rows)
     info = {"estimator": curv.estimator, "tau": tau, "k": k, "calibration_tokens": curv.n_tokens,
             "n_flips": int(summary["n"].sum()) if len(summary) else 0, "seconds": time.perf_counter() - t0}
