@@ -74,6 +74,25 @@ def unify(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="hide progress bars")
 
 
+def quiet_libraries(verbose: bool, no_progress: bool) -> None:
+    """Transformers' warnings and its own bars off unless ``-v``; hub download bars stay visible (issue #14)
+    unless ``--no-progress`` or the user's ``HF_HUB_DISABLE_PROGRESS_BARS`` (which huggingface_hub honours)."""
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hub_utils
+
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # turns huggingface_hub's bars off too: they are turned back on below
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not None:  # the environment variable has priority
+        return
+    if no_progress:
+        hub_utils.disable_progress_bars()
+    else:
+        hub_utils.enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -83,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esa: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+    quiet_libraries(args.verbose, args.no_progress)
     progress.enable(not args.no_progress and sys.stderr.isatty())
     progress.set_command(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -1,8 +1,10 @@
 """Corpus registry: named text sources → a list of documents, as each evaluation protocol reads them.
 
 Hub corpora come through ``datasets`` (offline they must already be in the local cache); local ``.txt``
-(one corpus, documents separated by blank lines), ``.jsonl`` (field ``text``) and ``.parquet`` (column
-``text``) files are read by path; the embedded ``python-docs`` corpus is the text of CPython's
+(one corpus, documents separated by blank lines) and ``.jsonl`` (field ``text``) files are read by path; any hub
+dataset (``org/name[:config][:split][:field]``), local ``.parquet``/``.arrow`` files and ``save_to_disk``
+directories are dataset specs (:mod:`esa.data.specs`). Every corpus records its hub revision (when it has one)
+and the sha256 of its text (:meth:`Corpus.sha256`). The embedded ``python-docs`` corpus is the text of CPython's
 ``pydoc_data.topics`` and exists on every Python. ``NAME=PATH`` reads a registered corpus from a local copy in
 its Hugging Face layout (a ``.parquet`` file, or a directory of them, with the hub's columns), e.g.
 ``wikitext-2=/data/wikitext-2-raw-v1/test-00000-of-00001.parquet`` — for offline runs and for ``ptb``.
@@ -18,6 +20,7 @@ A protocol may read a corpus from its own source (see :data:`PROTOCOL_SOURCES`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from esa.core.errors import EsaError
 from esa.core.registry import Registry, suggest
+from esa.data.specs import DATASET_SUFFIXES, column, hub_revision, read_parquet, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,16 @@ class Corpus:
     raw: tuple[str, ...] | None = None  # lm-eval: each document before detokenization (word/byte counts)
     joiner: str = "\n\n"  # what ``chunks``, ``sliding`` and ``gptq`` join documents with
     stream_windows: int | None = None  # gptq: the stream is cut to this many windows of ctx tokens
+    revision: str | None = None  # hub: the dataset commit datasets resolved; None for local and embedded text
 
     def joined(self) -> str:
         """Documents joined by ``joiner`` — the text the ``chunks``, ``sliding`` and ``gptq`` methods tokenize."""
         return self.joiner.join(self.documents)
+
+    def sha256(self) -> str:
+        """Hex sha256 of :meth:`joined` as UTF-8: the text this protocol reads, identifying the corpus's content
+        (a local file's bytes may differ: ``.txt`` blank-line runs become ``joiner``)."""
+        return hashlib.sha256(self.joined().encode("utf-8")).hexdigest()
 
 
 HUB_CORPORA: Registry[HubCorpus] = Registry("dataset")
@@ -93,7 +103,7 @@ PROTOCOL_SOURCES: dict[tuple[str, str], Protocol] = {
 }
 
 EMBEDDED = ("python-docs",)
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".txt", ".jsonl", *DATASET_SUFFIXES)
 
 
 def corpus_names() -> list[str]:
@@ -140,8 +150,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_local(path: Path) -> tuple[str, ...]:
-    if path.suffix == ".parquet" or path.is_dir():
-        return _read_hf_layout(path, "text", None)
+    """A ``.jsonl`` file's ``text`` fields, or a ``.txt`` file's blank-line-separated documents."""
     if path.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
@@ -159,19 +168,15 @@ def _read_local(path: Path) -> tuple[str, ...]:
 
 def _read_hf_layout(path: Path, field: str, max_docs: int | None, split: str = "test") -> tuple[str, ...]:
     """Rows of ``field`` from a local parquet file (or a directory's ``*{split}*.parquet``), in file order."""
-    import datasets
-
-    files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob(f"*{split}*.parquet"))
-    if not files:
-        raise EsaError(f"no {split} parquet files under {path}; give the .parquet file itself")
-    data = datasets.load_dataset("parquet", data_files=files, split="train")
+    data = read_parquet(path, split)
     if field not in data.column_names:
         raise EsaError(f"{path} has columns {data.column_names} but this protocol reads column {field!r}; "
                        f"give a file in the dataset's Hugging Face layout")
-    return tuple(data[field][:max_docs] if max_docs else data[field])
+    return column(data, field, str(path), max_docs)
 
 
-def _read_hub(name: str, spec: HubCorpus) -> tuple[str, ...]:
+def _read_hub(name: str, spec: HubCorpus) -> tuple[tuple[str, ...], str | None]:
+    """The rows of a registered hub corpus and the commit ``datasets`` resolved (None when streamed)."""
     import datasets
 
     if spec.script:
@@ -182,10 +187,11 @@ def _read_hub(name: str, spec: HubCorpus) -> tuple[str, ...]:
     try:
         if spec.stream:
             stream = datasets.load_dataset(spec.path, spec.config, split=spec.split, streaming=True)
-            rows = [row[spec.field] for _, row in zip(range(spec.max_docs), stream)]
+            rows, revision = [row[spec.field] for _, row in zip(range(spec.max_docs), stream)], None
         else:
             data = datasets.load_dataset(spec.path, spec.config, split=spec.split, data_files=spec.data_files)
             rows = data[spec.field][:spec.max_docs] if spec.max_docs else data[spec.field]
+            revision = hub_revision(data)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
         raise EsaError(
             f"dataset {name!r} ({spec.path}, {spec.split}) could not be read: the hub is unreachable and it is "
@@ -193,7 +199,7 @@ def _read_hub(name: str, spec: HubCorpus) -> tuple[str, ...]:
             f"e.g. --datasets /path/to/{name}.txt, or a local copy in its layout ({name}=/path/to/file.parquet), "
             f"or use the embedded corpus python-docs"
         ) from exc
-    return tuple(rows)
+    return tuple(rows), revision
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -210,8 +216,19 @@ def protocol_of(name: str, method: str) -> Protocol | None:
     return PROTOCOL_SOURCES.get(("lm-eval", key)) if method == "rolling" else None
 
 
-def _rows(name: str, method: str) -> tuple[str, str, tuple[str, ...], Protocol | None]:
-    """(corpus name, provenance, raw rows, protocol source) for ``name`` read the way ``method`` reads it."""
+Rows = tuple[str, str, tuple[str, ...], Protocol | None, str | None]  # name, provenance, rows, protocol, revision
+
+
+def _is_spec(name: str) -> bool:
+    """A dataset spec (:mod:`esa.data.specs`): a hub ``org/name``, a path with a ``:field`` part, or a dataset
+    file or directory. Bare unknown words are not, so they get the registry's "did you mean"."""
+    head = name.partition(":")[0]
+    return "/" in name or head.endswith(DATASET_SUFFIXES) or Path(head).expanduser().exists()
+
+
+def _rows(name: str, method: str) -> Rows:
+    """(corpus name, provenance, raw rows, protocol source, hub revision) for ``name`` read the way ``method``
+    reads it."""
     key, local = _split(name)
     proto = protocol_of(name, method)
     if local:
@@ -219,43 +236,52 @@ def _rows(name: str, method: str) -> tuple[str, str, tuple[str, ...], Protocol |
             raise EsaError(suggest(key, corpus_names(), "dataset") + " (NAME=PATH needs a registered NAME)")
         spec = proto.source if proto else HUB_CORPORA.get(key)
         path = _existing(local)
-        return name, f"file:{path.resolve()} ({spec.path} layout)", _read_hf_layout(path, spec.field, spec.max_docs,
-                                                                                  spec.split), proto
+        return (name, f"file:{path.resolve()} ({spec.path} layout)",
+                _read_hf_layout(path, spec.field, spec.max_docs, spec.split), proto, None)
     if name == "python-docs":
-        return name, "python:pydoc_data.topics", python_docs().documents, proto
+        return name, "python:pydoc_data.topics", python_docs().documents, proto, None
     if name in HUB_CORPORA or proto is not None:
         spec = proto.source if proto else HUB_CORPORA.get(name)
-        return name, f"hf:{spec.path}/{spec.config or spec.data_files}:{spec.split}", _read_hub(name, spec), proto
-    if name.endswith(LOCAL_SUFFIXES) or "/" in name:
+        rows, revision = _read_hub(name, spec)
+        return name, f"hf:{spec.path}/{spec.config or spec.data_files}:{spec.split}", rows, proto, revision
+    if name.endswith((".txt", ".jsonl")):
         path = _existing(name)
-        return name, f"file:{path.resolve()}", _read_local(path), proto
-    raise EsaError(suggest(name, corpus_names(), "dataset") + " Or give a path to a .txt/.jsonl/.parquet file.")
+        return name, f"file:{path.resolve()}", _read_local(path), proto, None
+    if _is_spec(name):
+        source, rows, revision = read_spec(name)
+        return name, source, rows, proto, revision
+    raise EsaError(suggest(name, corpus_names(), "dataset") + " Or give a .txt/.jsonl/.parquet/.arrow file, a "
+                   "save_to_disk directory or a hub dataset org/name[:config][:split][:field].")
 
 
 def _existing(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.exists():
-        raise EsaError(f"corpus file {name!r} does not exist; give a readable .txt, .jsonl or .parquet path or one "
-                       f"of: {', '.join(corpus_names())}")
+        raise EsaError(f"corpus file {name!r} does not exist; give a readable .txt, .jsonl, .parquet or .arrow path or "
+                       f"one of: {', '.join(corpus_names())}")
     return path
 
 
 def load_corpus(name: str, method: str = "chunks") -> Corpus:
-    """Read a corpus by registry name, ``NAME=PATH`` or local path, the way window ``method`` reads it.
+    """Read a corpus by registry name, ``NAME=PATH``, local path or dataset spec (:mod:`esa.data.specs`: hub
+    ``org/name[:config][:split][:field]``, ``.parquet``/``.arrow``/``save_to_disk`` paths), the way window
+    ``method`` reads it.
 
     ``gptq`` keeps every row (the reference loaders join empty rows too); other methods drop whitespace-only
     rows. Refuses a corpus with no text.
     """
-    name, source, rows, proto = _rows(name, method)
+    name, source, rows, proto, revision = _rows(name, method)
     if not any(r.strip() for r in rows):
         raise EsaError(f"corpus {name!r} is empty or whitespace-only; give a file with text in it")
     if method == "gptq":
         joiner = proto.joiner if proto else "\n\n"
-        return Corpus(name, source, rows, "gptq", joiner=joiner, stream_windows=proto and proto.stream_windows)
+        return Corpus(name, source, rows, "gptq", joiner=joiner, stream_windows=proto and proto.stream_windows,
+                      revision=revision)
     docs = tuple(d for d in rows if d.strip())
     if proto is not None and proto.detokenize:
-        return Corpus(name, source, tuple(wikitext_detokenizer(d) for d in docs), "lm-eval", raw=docs)
-    return Corpus(name, source, docs)
+        return Corpus(name, source, tuple(wikitext_detokenizer(d) for d in docs), "lm-eval", raw=docs,
+                      revision=revision)
+    return Corpus(name, source, docs, revision=revision)
 
 
 def for_method(corpus: Corpus, method: str) -> Corpus:

@@ -13,8 +13,9 @@ directory::
 ``results.json`` schema ``esa.baseline.v1``: ``{"schema", "model", "profile", "entries": [...],
 "aggregates": [...], "zeroshot": {...}, "warnings": [...]}``; an entry holds dataset, corpus_source,
 context_len, method, stride, bos, seed, seed_invariant, windows_available, long_context, metrics (see
-:func:`esa.evals.perplexity.perplexity_metrics`), peak_memory, mfu, sanity and per_window_file. Non-finite
-numbers are stored as the strings ``"nan"``/``"inf"``.
+:func:`esa.evals.perplexity.perplexity_metrics`), peak_memory, mfu, sanity, per_window_file, corpus_revision
+(the hub dataset's commit, or null) and corpus_sha256 (:meth:`Corpus.sha256` of the text the method read; the
+stored run's metrics hold both too). Non-finite numbers are stored as the strings ``"nan"``/``"inf"``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class Entry:
     sanity: dict
     per_window_file: str
     warnings: list[str] = field(default_factory=list)
+    corpus_revision: str | None = None  # hub: the dataset commit datasets resolved; None for local text
+    corpus_sha256: str | None = None  # Corpus.sha256 of the text read (None in runs stored before it was kept)
 
 
 def per_window_file(dataset: str, ctx: int, seed: int) -> str:
@@ -156,7 +159,8 @@ def score_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int, s
     entry = Entry(corpus.name, corpus.source, ctx, cfg.method, cfg.stride, ws.bos, seed, sel.seed_invariant,
                   sel.available_windows, long_context, metrics, peak_memory(lm.device),
                   mfu(lm.fingerprint.n_params, metrics["tokens_per_second"] or 0.0, lm.device),
-                  {"repetition_rate": rep, "warnings": warnings}, per_window_file(corpus.name, ctx, seed), warnings)
+                  {"repetition_rate": rep, "warnings": warnings}, per_window_file(corpus.name, ctx, seed), warnings,
+                  corpus.revision, corpus.sha256())
     return entry, arrays
 
 
@@ -170,7 +174,7 @@ def evaluate_cell(lm: LoadedModel, corpus: Corpus, cfg: BaselineConfig, ctx: int
 
 # ------------------------------------------------------------------------------- stored cells and back
 EXTRA_METRICS = ("corpus_source", "bos_resolved", "seed_invariant", "windows_available", "peak_memory", "mfu",
-                 "sanity", "long_context")  # what a stored cell holds beside perplexity_metrics
+                 "sanity", "long_context", "corpus_revision", "corpus_sha256")  # a stored cell's, beside the ppl ones
 
 
 def cell_metrics(entry: Entry) -> dict:
@@ -178,7 +182,8 @@ def cell_metrics(entry: Entry) -> dict:
     (the ``long_context`` kind adds ``long_context: true``)."""
     return {**entry.metrics, "corpus_source": entry.corpus_source, "bos_resolved": entry.bos,
             "seed_invariant": entry.seed_invariant, "windows_available": entry.windows_available,
-            "peak_memory": entry.peak_memory, "mfu": entry.mfu, "sanity": entry.sanity}
+            "peak_memory": entry.peak_memory, "mfu": entry.mfu, "sanity": entry.sanity,
+            "corpus_revision": entry.corpus_revision, "corpus_sha256": entry.corpus_sha256}
 
 
 def stored_entry(config: dict, metrics: dict) -> Entry:
@@ -189,7 +194,8 @@ def stored_entry(config: dict, metrics: dict) -> Entry:
     return Entry(config["dataset"], m["corpus_source"], ctx, config["method"], config["stride"], m["bos_resolved"],
                  seed, m["seed_invariant"], m["windows_available"], bool(m.get("long_context")),
                  {k: v for k, v in m.items() if k not in EXTRA_METRICS}, m["peak_memory"], m["mfu"], m["sanity"],
-                 per_window_file(config["dataset"], ctx, seed), list(m["sanity"]["warnings"]))
+                 per_window_file(config["dataset"], ctx, seed), list(m["sanity"]["warnings"]),
+                 m.get("corpus_revision"), m.get("corpus_sha256"))
 
 
 def grid_order(cells: list[tuple[Entry, dict]], cfg: BaselineConfig) -> list[tuple[Entry, dict]]:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -225,12 +224,26 @@ def _local_dir_digest(path: Path) -> str:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub at ``HF_ENDPOINT`` (default https://huggingface.co) answers an HTTP HEAD within
+    ``timeout`` s, through the environment's proxies (HTTPS_PROXY / HTTP_PROXY, bypassed for NO_PROXY hosts).
+
+    Any HTTP status from the endpoint counts as reachable (the hub answers ``/`` with 200, a mirror may not);
+    a gateway error (502/503/504) from a proxy, a refused connection, a failed tunnel or a timeout does not.
+    False at once when ``HF_HUB_OFFLINE`` is set.
+    """
+    import urllib.error
+    import urllib.request
+
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler())  # reads the proxy variables now
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        opener.open(urllib.request.Request(endpoint + "/", method="HEAD"), timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError as exc:
+        return exc.code not in (502, 503, 504)
+    except (OSError, ValueError):  # URLError, timeouts, refused tunnels; ValueError: a malformed HF_ENDPOINT
         return False
 
 
@@ -241,8 +254,10 @@ def _check_hub_available(repo_id: str, revision: str | None) -> None:
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(cached, str) or _hub_reachable():
         return
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     raise EsaError(
-        f"cannot load {repo_id!r}: the Hugging Face hub is unreachable (offline) and the model is not in the "
+        f"cannot load {repo_id!r}: the Hugging Face hub is unreachable ({endpoint}; offline, or blocked without a "
+        f"working HTTPS_PROXY) and the model is not in the "
         f"local HF cache; download it elsewhere and pass its directory (--model /path/to/dir), or use the "
         f"embedded default --model smollm2-135m"
     )
