@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from esa.core import progress
+from esa.core import parallel, progress
 from esa.models.architectures import chunked_head
 from esa.data.windows import Window
 from esa.core.errors import EsaError
@@ -151,8 +151,9 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
                 if not warmed:  # one window, untimed
                     score_batch(model, ids[:1], attn[:1], scored[:1])
                     warmed = True
-                with timed(device, times):
-                    out = score_batch(model, ids, attn, scored)
+                with timed(device, times):  # data parallel: the time includes waiting for another replica
+                    out = parallel.unit(f"windows/{idx[0]}+{len(idx)}x{ids.shape[1]}",
+                                        score_batch, model, ids, attn, scored)
             except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
                 cap = _halve_or_raise(exc, len(idx), ids.shape[1], device)
                 queue.appendleft(idx)

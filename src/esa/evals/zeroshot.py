@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from esa.core import progress
+from esa.core import parallel, progress
 from esa.models.architectures import chunked_head
 from esa.core.errors import EsaError
 from esa.evals.resources import is_oom
@@ -176,7 +176,8 @@ def score_requests(
         while pending:
             batch = pending.pop(0)
             try:
-                out_ll, out_greedy = score_batch(model, [requests[r] for r in batch], max_length)
+                out_ll, out_greedy = parallel.unit(f"requests/{batch[0]}+{len(batch)}",
+                                                   score_batch, model, [requests[r] for r in batch], max_length)
             except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
                 if not is_oom(exc) or len(batch) == 1:
                     raise

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from esa.core import parallel
 from esa.core.errors import EsaError
 from esa.models.architectures import as_out_in
 from esa.perturb.prefix_cache import PrefixCache, _Batch
@@ -78,6 +79,12 @@ def _rank_one(module: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, d
         handle.remove()
 
 
+def _edited_replay(cache: PrefixCache, module, batch, layer: int, rows, cols, deltas) -> torch.Tensor:
+    """(k·B,) summed NLL of one cached batch replayed from ``layer`` under k rank-one edits of ``module``."""
+    with _rank_one(module, rows, cols, deltas, batch.inputs[layer].shape[0]):
+        return cache._replay(_replicated(batch, layer, len(rows)), layer)[0]
+
+
 @torch.inference_mode()
 def score_edits(cache: PrefixCache, name: str, rows, cols, deltas, chunk: int = 16) -> np.ndarray:
     """Summed NLL (K, W) of each of K single-element edits W[rows[k], cols[k]] += deltas[k] of weight ``name``
@@ -104,9 +111,9 @@ def score_edits(cache: PrefixCache, name: str, rows, cols, deltas, chunk: int = 
     for s in range(0, len(rows), chunk):
         r, c, d = (t[s:s + chunk].to(device) for t in (rows, cols, deltas))
         per_batch = []
-        for b in cache.batches:
-            with _rank_one(consumer[1], r, c, d, b.inputs[layer].shape[0]):
-                nll = cache._replay(_replicated(b, layer, len(r)), layer)[0]  # (k·B,)
+        for i, b in enumerate(cache.batches):
+            nll = parallel.unit(f"edits/{name}/{s}+{len(r)}/{i}", _edited_replay, cache, consumer[1], b, layer,
+                                r, c, d)
             per_batch.append(nll.reshape(len(r), -1))  # (k, B)
         parts.append(torch.cat(per_batch, dim=1))  # (k, W)
     return torch.cat(parts).numpy() if parts else np.zeros((0, len(cache.baseline.nll)))

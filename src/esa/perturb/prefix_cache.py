@@ -43,6 +43,7 @@ from torch import nn
 
 from esa.models.architectures import chunked_head, decoder_layers, family_of, layer_index, module_role
 from esa.data.windows import Window
+from esa.core import parallel
 from esa.core.errors import EsaError
 from esa.evals.perplexity import WindowScores, collate, hidden_and_head, score_states
 from esa.evals.shared_context import SharedContext, Unit, collate_shared, n_outputs, unit_length
@@ -309,6 +310,9 @@ class PrefixCache:
         _, head_fn = chunked_head(self.model)
         return batch.score(states, head_fn)
 
+    def _forward(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return batch.score(*hidden_and_head(self.model, batch.forward))
+
     def _collect(self, parts, layer: int, reason: str, seconds: float = 0.0) -> PrefixScores:
         nll, n_scored, n_correct = (torch.cat(p).numpy() for p in zip(*parts))
         sizes = [b.rows.stop - b.rows.start for b in self.batches]
@@ -321,7 +325,7 @@ class PrefixCache:
         """Score all windows with a full forward of the model as it is now (the reference path)."""
         times: list[float] = []
         with timed(self.device, times):
-            parts = [b.score(*hidden_and_head(self.model, b.forward)) for b in self.batches]
+            parts = [parallel.unit(f"full/{i}", self._forward, b) for i, b in enumerate(self.batches)]
         return self._collect(parts, 0, self.reason or "full forward requested", times[0])
 
     @torch.inference_mode()
@@ -338,7 +342,7 @@ class PrefixCache:
                            "or use score_params(), which picks the deepest cached layer at or before it")
         times: list[float] = []
         with timed(self.device, times):
-            parts = [self._replay(b, layer) for b in self.batches]
+            parts = [parallel.unit(f"from{layer}/{i}", self._replay, b, layer) for i, b in enumerate(self.batches)]
         return self._collect(parts, layer, "", times[0])
 
     def score_params(self, param_names: Iterable[str]) -> PrefixScores:
