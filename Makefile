@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-unit test-model test-slow test-lmeval test-ray test-gpu lint smoke standard-core standard-pythia extended-llama \
+.PHONY: venv demo test test-unit test-model test-slow test-lmeval test-ray test-tracking test-gpu lint smoke standard-core standard-pythia extended-llama \
         extended-core report check-models phase1 phase2 scaling full-research scaling-ladder scaling-offline \
         scaling-pythia clean
 
@@ -32,7 +32,7 @@ test: venv
 	$(PY) -m pytest -q
 
 test-unit: venv
-	$(PY) -m pytest -q -m 'not slow and not lmeval and not gpu and not ray and not model'
+	$(PY) -m pytest -q -m 'not slow and not lmeval and not gpu and not ray and not tracking and not model'
 
 test-model: venv
 	$(PY) -m pytest -q -m model
@@ -47,6 +47,10 @@ test-lmeval: venv
 test-ray: venv
 	$(PY) -m pip install -q -e '.[cluster]'
 	$(PY) -m pytest -q -m ray
+
+test-tracking: venv
+	$(PY) -m pip install -q -e '.[tracking]'
+	$(PY) -m pytest -q -m tracking
 
 test-gpu: venv
 	@echo "test-gpu: needs CUDA (every gpu test is skipped without it)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("model", "slow", "lmeval", "gpu", "ray")  # the declared markers (pyproject); no marker = the unit tier
+TIERS = ("model", "slow", "lmeval", "gpu", "ray", "tracking")  # declared markers (pyproject); no marker = unit
 MODEL_FIXTURES = {"smol"}  # fixtures that load the embedded model's real weights
 
 
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 
     no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="gpu tier: needs CUDA")
     for item in items:
-        if not any(item.get_closest_marker(t) for t in ("slow", "lmeval", "gpu", "ray")) and \
+        if not any(item.get_closest_marker(t) for t in ("slow", "lmeval", "gpu", "ray", "tracking")) and \
                 MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.model)
         marked = [t for t in TIERS if item.get_closest_marker(t)]

@@ -10,16 +10,18 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TIERS = {"model", "slow", "lmeval", "gpu", "ray"}  # markers; an unmarked test is in the unit tier
-DEFAULT = "-m 'not slow and not lmeval and not gpu and not ray'"  # pyproject addopts: unit + model
+TIERS = {"model", "slow", "lmeval", "gpu", "ray", "tracking"}  # markers; an unmarked test is in the unit tier
+DEFAULT = "-m 'not slow and not lmeval and not gpu and not ray and not tracking'"  # pyproject addopts: unit + model
+OPTIONAL = {"lmeval", "tracking"}  # tiers whose modules skip at import when their extra is not installed (as on CI)
 TARGETS = {  # make target → the -m expression it passes (none: the addopts default)
     "test": None,
-    "test-unit": "not slow and not lmeval and not gpu and not ray and not model",
+    "test-unit": "not slow and not lmeval and not gpu and not ray and not tracking and not model",
     "test-model": "model",
     "test-slow": "slow",
     "test-lmeval": "lmeval",
     "test-gpu": "gpu",
     "test-ray": "ray",
+    "test-tracking": "tracking",
 }
 
 
@@ -62,7 +64,8 @@ def test_every_tier_has_tests_and_the_default_run_selects_unit_and_model():
     selected, deselected = (dict((t, int(n)) for t, n in re.findall(r"(\w+) (\d+)", part))
                             for part in line.removeprefix("tiers: ").split(";"))
     assert set(selected) == {"unit", "model"}, line
-    # lmeval modules skip at import when lm_eval is not installed (as on CI): then none are collected
-    assert TIERS - {"model", "lmeval"} <= set(deselected) <= TIERS - {"model"}, line
-    marked = [p for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.lmeval" in p.read_text()]
-    assert marked, "the lmeval tier has no tests"
+    # lmeval/tracking modules skip at import without their extra (as on CI): then none are collected
+    assert TIERS - {"model"} - OPTIONAL <= set(deselected) <= TIERS - {"model"}, line
+    for tier in OPTIONAL:
+        marked = [p for p in (ROOT / "tests").rglob("test_*.py") if f"pytest.mark.{tier}" in p.read_text()]
+        assert marked, f"the {tier} tier has no tests"

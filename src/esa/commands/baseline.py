@@ -17,6 +17,7 @@ from esa.evals.baseline import PROFILES, SUITE_ALIASES, BaselineConfig
 from esa.data.windows import METHODS
 from esa.core.errors import EsaError
 from esa.models import ModelSpec
+from esa.tracking import add_track_args
 
 
 def _profiles_help() -> str:
@@ -39,13 +40,15 @@ def add_model_args(parser, revision: bool = True) -> None:
 
 
 def add_output_args(parser, out_dir: str | None, exports: str, overwrite: bool = True) -> None:
-    """``--out-dir`` (``out_dir`` None: required), ``--db`` and ``--overwrite`` of every one-off command."""
+    """``--out-dir`` (``out_dir`` None: required), ``--db``, ``--overwrite`` and the ``--track`` flags
+    (:func:`esa.tracking.add_track_args`) of every one-off command."""
     kw = {"required": True} if out_dir is None else {"default": Path(out_dir)}
     parser.add_argument("--out-dir", type=Path, help=f"results database esa.db and {exports} go here", **kw)
     parser.add_argument("--db", type=Path, default=None, help="results database (default: <out-dir>/esa.db)")
     if overwrite:
         parser.add_argument("--overwrite", action="store_true",
                             help="start from a fresh database (else a rerun resumes: completed runs are reused)")
+    add_track_args(parser)
 
 
 def model_entry(args, name: str | None = None) -> dict:
@@ -176,6 +179,7 @@ def run(args) -> int:
     from esa.evals.baseline import model_slug
     from esa.commands.study import progress_printer
     from esa.executors.one_off import check_out_dir, log_path, run_one_off
+    from esa.tracking import from_args
 
     cfg = config_from_args(args)
     check_tasks(cfg)
@@ -187,7 +191,8 @@ def run(args) -> int:
     _check_writable(out, "--out-dir")
     _check_writable(db.parent, "--db")
     console = Console()
-    outcome = run_one_off(study, db, "esa baseline", args.overwrite, progress_printer(console, log_path(db)))
+    printer = from_args(args, progress_printer(console, log_path(db)), db)
+    outcome = run_one_off(study, db, "esa baseline", args.overwrite, printer)
     for d in export(outcome, cfg, out):
         console.print(f"results: {d / 'results.json'}", soft_wrap=True)
     console.print(f"database: {db} (`esa report {db}`)", soft_wrap=True)

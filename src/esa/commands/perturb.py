@@ -182,12 +182,13 @@ def run_and_export(args, kind: str, section: dict) -> dict:
     from esa.executors.one_off import check_out_dir, log_path, run_one_off
     from esa.perturb import plots
     from esa.core.files import write_arrays, write_json
+    from esa.tracking import from_args
 
     out, stem = Path(args.out_dir), STEMS[kind]
     db = args.db or out / "esa.db"
     check_out_dir(out, db, OWNED, args.overwrite, f"esa {args.command}")
     study = one_off_study(args, kind, section)
-    printer = progress_printer(_console(), log_path(db))
+    printer = from_args(args, progress_printer(_console(), log_path(db)), db)
     (result,) = run_one_off(study, db, f"esa {args.command}", args.overwrite, printer).of(kind)
     protocol = result.documents["protocol"]
     doc = {"schema": protocol["schema"], "provenance": result.row.provenance, "model": result.row.model,

@@ -113,6 +113,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
     from esa.commands.study import progress_printer
     from esa.executors.one_off import check_out_dir, log_path, run_one_off
+    from esa.tracking import from_args
 
     _check_flags(args)
     out = Path(args.out_dir)
@@ -122,7 +123,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     console = Console()
-    outcome = run_one_off(study, db, "esa sensitivity", args.overwrite, progress_printer(console, log_path(db)))
+    printer = from_args(args, progress_printer(console, log_path(db)), db)
+    outcome = run_one_off(study, db, "esa sensitivity", args.overwrite, printer)
     stab = export(args, outcome, time.perf_counter() - start)
     print(f"{args.scorer}: {'bottom' if args.bottom else 'top'}-{args.k} ({args.mode}) written to {args.out_dir} "
           f"(database {db})")

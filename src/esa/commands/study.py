@@ -6,6 +6,7 @@ from pathlib import Path
 
 from esa.executors import EXECUTORS, summary_line
 from esa.store import EXPORT_FORMATS
+from esa.tracking import add_track_args
 
 
 def register(subparsers) -> None:
@@ -22,6 +23,7 @@ def register(subparsers) -> None:
     r.add_argument("--address", default=None, help="Ray cluster address (default: start/join a local one)")
     r.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model group on Ray (0 on CPU)")
     r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model group on Ray")
+    add_track_args(r)
     r.set_defaults(func=run)
 
     x = subparsers.add_parser("results", help="export a results database to CSV or Parquet")
@@ -144,12 +146,14 @@ def run(args) -> int:
     from esa.executors import run_study
     from esa.executors.one_off import log_path
     from esa.study import load_study
+    from esa.tracking import from_args
 
     study = load_study(args.study)
     db = args.db or Path("runs") / f"{study.name}.db"
     console = Console()
     options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
-    summary = run_study(study, db, args.executor, str(args.study.resolve()), progress_printer(console, log_path(db)),
+    on_event = from_args(args, progress_printer(console, log_path(db)), db)
+    summary = run_study(study, db, args.executor, str(args.study.resolve()), on_event,
                         **(options if args.executor == "ray" else {}))
     console.print(f"study {study.name}: {summary.completed} completed now, {summary.skipped} already done, "
                   f"{len(summary.failed)} failed, of {summary.total} → {db}", soft_wrap=True)

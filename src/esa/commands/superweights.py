@@ -124,12 +124,14 @@ def run(args) -> int:
     from esa.executors.one_off import check_out_dir, log_path, run_one_off
     from esa.sensitivity.superweight_plots import plot_activation_profile
     from esa.sensitivity.superweights import report_from_dict
+    from esa.tracking import from_args
 
     out = Path(args.out_dir)
     db = args.db or out / "esa.db"
     check_out_dir(out, db, OWNED, args.overwrite, "esa superweights")
     study = one_off_study(args)
-    outcome = run_one_off(study, db, "esa superweights", args.overwrite, progress_printer(Console(), log_path(db)))
+    printer = from_args(args, progress_printer(Console(), log_path(db)), db)
+    outcome = run_one_off(study, db, "esa superweights", args.overwrite, printer)
     (result,) = outcome.of("superweights")
     doc = document(result, db)
     for name in OWNED:

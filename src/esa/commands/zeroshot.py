@@ -106,6 +106,7 @@ def run(args) -> int:
     from esa.commands.study import progress_printer
     from esa.evals.zeroshot import check_task_data, parse_task_data, write_results
     from esa.executors.one_off import log_path, run_one_off
+    from esa.tracking import from_args
 
     for name in args.tasks:
         TASKS.get(name)  # fail on a typo before loading the model
@@ -116,8 +117,8 @@ def run(args) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     console = Console()
-    results, rows, runs = stored_results(run_one_off(study, db, "esa zeroshot",
-                                                     on_event=progress_printer(console, log_path(db))))
+    printer = from_args(args, progress_printer(console, log_path(db)), db)
+    results, rows, runs = stored_results(run_one_off(study, db, "esa zeroshot", on_event=printer))
     table = Table("task", "n", "metric", "value", "± stderr", title=f"zero-shot — {args.model}")
     for r in results:
         for key in TASKS.get(r.task).metrics:
