@@ -45,12 +45,14 @@ def lmeval_task_config(task_manager, name: str, path: Path, split: str) -> dict:
     }
 
 
-def run_lmeval(pretrained: str, configs: list[dict], task_manager, batch_size: int = 8) -> tuple[dict, float]:
+def run_lmeval(pretrained: str, configs: list[dict], task_manager, batch_size: int = 8,
+               evaluation_tracker=None) -> tuple[dict, float]:
     """``simple_evaluate`` on CPU in fp32; returns (results with samples, wall seconds)."""
     import lm_eval
 
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(
+        evaluation_tracker=evaluation_tracker,
         model="hf",
         model_args=f"pretrained={pretrained},dtype=float32",
         tasks=configs,
@@ -65,6 +67,27 @@ def run_lmeval(pretrained: str, configs: list[dict], task_manager, batch_size: i
         torch_random_seed=0,
     )
     return out, time.perf_counter() - start
+
+
+def write_lmeval_output(pretrained: str, tasks: list[str], data: dict[str, Path], output_path: Path,
+                        batch_size: int = 8) -> Path:
+    """Run lm-eval on ``tasks`` (each read from ``data[task]``) and save what ``lm_eval --output_path OUT
+    --log_samples`` saves: its ``EvaluationTracker`` writes ``OUT/<model>/results_<date>.json`` and
+    ``samples_<task>_<date>.jsonl``, the same calls in the same order as lm-eval's CLI. Returns that folder."""
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from esa.evals.tasks import TASKS
+
+    manager = TaskManager()
+    configs = [lmeval_task_config(manager, t, Path(data[t]).resolve(), TASKS.get(t).split) for t in tasks]
+    tracker = EvaluationTracker(output_path=str(output_path))
+    out, _ = run_lmeval(pretrained, configs, manager, batch_size, evaluation_tracker=tracker)
+    samples = out.pop("samples")
+    tracker.save_results_aggregated(results=out, samples=samples)
+    for task in out["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    return output_path / tracker.general_config_tracker.model_name_sanitized
 
 
 def lmeval_item_lls(samples: list[dict]) -> dict[int, tuple[list[float], list[bool]]]:

@@ -8,13 +8,19 @@ run's finish time, so an export of the same rows gets the same names; the export
 
 ``results_<date>.json``::
 
-    results[task]      {"alias": task, "acc,none": 0.62, "acc_stderr,none": 0.03, "acc_norm,none": …,
-                        "acc_norm_stderr,none": …}   (lambada: "perplexity,none", "perplexity_stderr,none")
-    configs[task]      task, dataset_path, dataset_name, the scored split, output_type, num_fewshot 0,
-                       metric_list [{metric, aggregation, higher_is_better}], metadata {version, ESA's source …}
-    versions, n-shot, higher_is_better, n-samples {original: split size, effective: items scored},
+    results[task]      {"name": task, "alias": task, "sample_len": n, "acc,none": 0.62, "acc_stderr,none": 0.03,
+                        "acc_norm,none": …, "acc_norm_stderr,none": …}   (lambada: "perplexity,none", …)
+    configs[task]      task, dataset_path (a local JSONL: "json" with dataset_kwargs.data_files, as lm-eval reads
+                       it), the scored split, the lm-eval YAML's doc_to_text/doc_to_target/doc_to_choice…,
+                       fewshot_config, output_type, num_fewshot 0, metric_list [{metric, aggregation,
+                       higher_is_better}], metadata {version, ESA's source …}; None values left out, as lm-eval
+    group_subtasks {}, versions, n-shot, higher_is_better, n-samples {original: split size, effective: scored},
     config             model "esa", model_args "pretrained=…,dtype=…,revision=…", limit, seeds, device …
-    task_hashes, model_name, git_hash (ESA's), date, max_length, total_evaluation_time_seconds
+    task_hashes, model_name, git_hash (ESA's), date, max_length, system_instruction/chat_template (None),
+    total_evaluation_time_seconds
+
+tests/evals/test_lmeval_layout_lmeval.py compares these files key by key with the ones lm-eval writes for the
+same items and model, and lists the keys that cannot match (model wrapper, machine, time).
 
 ``,none`` is lm-eval's filter suffix (tasks without filters). A stderr lm-eval cannot compute (fewer than two
 items) is ``"N/A"``, as lm-eval writes it. Non-finite numbers are JSON ``NaN``/``Infinity``, as lm-eval's
@@ -59,6 +65,35 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default (unused at 0-shot, recorded as l
 TASK_VERSIONS = {"piqa": 1.0, "arc_easy": 1.0, "arc_challenge": 1.0, "hellaswag": 1.0, "boolq": 2.0,
                  "winogrande": 1.0, "lambada_openai": 1.0, "sciq": 1.0}
 TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}  # lm-eval's names
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (ESA draws no few-shot examples; recorded as lm-eval's)
+_Q = "Question: {{question}}\nAnswer:"
+_ARC = {"doc_to_text": _Q, "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
+        "should_decontaminate": True, "doc_to_decontamination_query": _Q}
+_WINO = "!function preprocess_winogrande.doc_to_"
+# The prompt fields of each task's lm-eval 0.4 YAML, which ESA's TaskSpec reproduces (tests/evals/
+# test_zeroshot_lmeval.py: same log-likelihoods). A ``!function`` field is written as the YAML names it (lm-eval
+# itself writes the function's source there). boolq's YAML gives its metric without aggregation/higher_is_better.
+LMEVAL_PROMPTS: dict[str, dict] = {
+    "piqa": {"doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label",
+             "doc_to_choice": "{{[sol1, sol2]}}", "should_decontaminate": True,
+             "doc_to_decontamination_query": "goal"},
+    "arc_easy": _ARC,
+    "arc_challenge": _ARC,
+    "hellaswag": {"process_docs": "!function utils.process_docs", "doc_to_text": "{{query}}",
+                  "doc_to_target": "{{label}}", "doc_to_choice": "choices", "should_decontaminate": False},
+    "boolq": {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
+              "doc_to_choice": ["no", "yes"], "should_decontaminate": True,
+              "doc_to_decontamination_query": "passage", "metric_list": [{"metric": "acc"}]},
+    "winogrande": {"doc_to_text": _WINO + "text", "doc_to_target": _WINO + "target",
+                   "doc_to_choice": _WINO + "choice", "should_decontaminate": True,
+                   "doc_to_decontamination_query": "sentence"},
+    "lambada_openai": {"doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+                       "doc_to_target": "{{' '+text.split(' ')[-1]}}", "should_decontaminate": True,
+                       "doc_to_decontamination_query": "{{text}}"},
+    "sciq": {"doc_to_text": "{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", "doc_to_target": 3,
+             "doc_to_choice": "{{[distractor1, distractor2, distractor3, correct_answer]}}",
+             "should_decontaminate": True, "doc_to_decontamination_query": "{{support}} {{question}}"},
+}
 
 
 @dataclass(frozen=True)
@@ -131,7 +166,7 @@ def metric_key(metric: str) -> str:
 
 def aggregated(result: TaskResult, spec: TaskSpec) -> dict:
     """``results[task]``: every metric and its stderr under lm-eval's ``metric,filter`` keys."""
-    out: dict = {"alias": result.task}
+    out: dict = {"name": result.task, "alias": result.task, "sample_len": len(result.items)}
     for metric in spec.metrics:
         se = result.metrics.get(f"{metric}_stderr")
         out[metric_key(metric)] = result.metrics[metric]
@@ -139,18 +174,40 @@ def aggregated(result: TaskResult, spec: TaskSpec) -> dict:
     return out
 
 
+def _dataset(spec: TaskSpec, source: str | None) -> dict:
+    """Where lm-eval would read the scored split: a local JSONL as lm-eval's ``json`` builder with that file
+    (what ``dataset_path: json`` + ``dataset_kwargs.data_files`` mean), else the hub dataset."""
+    if source and source.startswith("file:"):
+        return {"dataset_path": "json", "dataset_kwargs": {"data_files": {spec.split: source.removeprefix("file:")}}}
+    return {"dataset_path": spec.hub_path, "dataset_name": spec.hub_config}
+
+
+def _fewshot_config(prompts: dict) -> dict:
+    """lm-eval's ``fewshot_config`` of a task without a few-shot split (unused at 0-shot, written as lm-eval does)."""
+    return {"sampler": "default", "split": None, "process_docs": prompts.get("process_docs"),
+            "fewshot_indices": None, "samples": None, "doc_to_text": prompts.get("doc_to_text"),
+            "doc_to_choice": prompts.get("doc_to_choice"), "doc_to_target": prompts.get("doc_to_target"),
+            "gen_prefix": None, "fewshot_delimiter": FEWSHOT_DELIMITER, "target_delimiter": TARGET_DELIMITER}
+
+
 def task_config(export: TaskExport) -> dict:
-    """``configs[task]``: where the data is from, how it is scored, which metrics; ESA's source in metadata."""
+    """``configs[task]``: where the data is from, the lm-eval YAML's prompt fields, how it is scored, which
+    metrics; ESA's source in metadata. None values are left out, as lm-eval's ``TaskConfig.to_dict`` does."""
     spec, cfg = export.spec, export.result.config
+    prompts = dict(LMEVAL_PROMPTS.get(spec.name, {}))
+    metric_list = [dict(m) for m in prompts.pop("metric_list", [])] or [
+        {"metric": m, "aggregation": "perplexity" if m == "perplexity" else "mean",
+         "higher_is_better": m != "perplexity"} for m in spec.metrics]
     split_key = "test_split" if spec.split == "test" else "validation_split"
-    return {"task": spec.name, "dataset_path": spec.hub_path, "dataset_name": spec.hub_config,
-            split_key: spec.split, "output_type": output_type(spec), "target_delimiter": TARGET_DELIMITER,
-            "fewshot_delimiter": FEWSHOT_DELIMITER, "num_fewshot": 0, "repeats": 1,
-            "metric_list": [{"metric": m, "aggregation": "perplexity" if m == "perplexity" else "mean",
-                             "higher_is_better": m != "perplexity"} for m in spec.metrics],
-            "metadata": {"version": task_version(spec.name), "esa_source": cfg.get("source"),
-                         "esa_limit": cfg.get("limit"), "esa_seed": cfg.get("seed"),
-                         **({"esa_generator": cfg["generator"]} if cfg.get("generator") else {})}}
+    out = {"task": spec.name, **_dataset(spec, cfg.get("source")), split_key: spec.split,
+           "should_decontaminate": False, **prompts, "unsafe_code": False, "description": "",
+           "target_delimiter": TARGET_DELIMITER, "fewshot_delimiter": FEWSHOT_DELIMITER,
+           "fewshot_config": _fewshot_config(prompts), "num_fewshot": 0, "metric_list": metric_list,
+           "output_type": output_type(spec), "repeats": 1,
+           "metadata": {"version": task_version(spec.name), "esa_source": cfg.get("source"),
+                        "esa_limit": cfg.get("limit"), "esa_seed": cfg.get("seed"),
+                        **({"esa_generator": cfg["generator"]} if cfg.get("generator") else {})}}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def task_version(task: str) -> float:
@@ -212,7 +269,7 @@ def run_config(model: dict, spec: dict, limit: int | None, seed: int, device: st
             "model_revision": model.get("revision"), "model_sha": model.get("revision"), "batch_size": None,
             "batch_sizes": [], "device": device, "use_cache": None, "limit": limit,
             "bootstrap_iters": BOOTSTRAP_ITERS, "gen_kwargs": None, "random_seed": seed, "numpy_seed": seed,
-            "torch_seed": seed, "fewshot_seed": seed,
+            "torch_seed": seed, "fewshot_seed": FEWSHOT_SEED,
             "esa_limit_semantics": "a seeded random subsample of limit rows (esa.evals.tasks.subsample)"}
 
 
@@ -224,7 +281,7 @@ def results_document(exports: list[TaskExport], config: dict, task_samples: dict
     hashes = {t: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in task_samples[t]))
               for t in tasks}
     return {"results": {t: aggregated(by_task[t].result, by_task[t].spec) for t in tasks},
-            "group_subtasks": {t: [] for t in tasks},
+            "group_subtasks": {},  # lm-eval 0.4 lists groups here; ESA's tasks are never grouped
             "configs": {t: task_config(by_task[t]) for t in sorted(tasks)},
             "versions": {t: task_version(t) for t in sorted(tasks)},
             "n-shot": {t: 0 for t in sorted(tasks)},
@@ -240,7 +297,9 @@ def provenance_fields(model_name: str, provenance: dict, finished_at: str, secon
             "git_hash": provenance.get("git_sha"), "esa_version": provenance.get("esa_version"),
             "transformers_version": (provenance.get("libraries") or {}).get("transformers"),
             "date": datetime.fromisoformat(finished_at).timestamp(), "max_length": max_length,
-            "total_evaluation_time_seconds": str(seconds)}
+            # zero-shot, plain text: no system instruction, no chat template (and so no multi-turn few-shot)
+            "system_instruction": None, "system_instruction_sha": None, "fewshot_as_multiturn": None,
+            "chat_template": None, "chat_template_sha": None, "total_evaluation_time_seconds": str(seconds)}
 
 
 def write_lmeval(folder: Path, exports: list[TaskExport], config: dict, stamp: str, extra: dict) -> dict:
