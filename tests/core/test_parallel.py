@@ -180,3 +180,9 @@ def test_replicas_of_a_study_equal_a_single_process(tiny_study_dir):
         for (name, p), q in zip(lm.model.named_parameters(), load_model(spec).model.parameters()):
             assert torch.equal(p, q), name
 
+
+
+def test_lost_survives_pickling_as_itself():  # a Ray board's answer arrives pickled
+    import pickle
+
+    assert pickle.loads(pickle.dumps(LOST)) is LOST

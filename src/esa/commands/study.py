@@ -21,8 +21,11 @@ def register(subparsers) -> None:
     r.add_argument("--db", type=Path, default=None, help="results database (default runs/<study name>.db)")
     r.add_argument("--executor", default="local", choices=EXECUTORS, help="local (default) or ray")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start/join a local one)")
-    r.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model group on Ray (0 on CPU)")
-    r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model group on Ray")
+    r.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica on Ray (0 on CPU)")
+    r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica on Ray")
+    r.add_argument("--replicas", type=int, default=1,
+                   help="model replicas per model on Ray, splitting each run's windows, items and trials between "
+                   "them (e.g. 8 on a node of 8 GPUs with --num-gpus 1); the results equal one process's")
     add_track_args(r)
     r.set_defaults(func=run)
 
@@ -151,7 +154,8 @@ def run(args) -> int:
     study = load_study(args.study)
     db = args.db or Path("runs") / f"{study.name}.db"
     console = Console()
-    options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus}
+    options = {"address": args.address, "num_gpus": args.num_gpus, "num_cpus": args.num_cpus,
+               "replicas": args.replicas}
     on_event = from_args(args, progress_printer(console, log_path(db)), db)
     summary = run_study(study, db, args.executor, str(args.study.resolve()), on_event,
                         **(options if args.executor == "ray" else {}))

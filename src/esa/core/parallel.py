@@ -41,6 +41,9 @@ class _Lost:
     def __repr__(self) -> str:
         return "LOST"
 
+    def __reduce__(self) -> str:  # unpickled (from a Ray board) as this module's LOST, so `is LOST` holds
+        return "LOST"
+
 
 LOST = _Lost()  # the board's answer for a unit whose owner is gone: compute it yourself
 POLL_SECONDS = (0.0005, 0.05)  # first and longest wait between two looks at the board

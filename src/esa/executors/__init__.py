@@ -30,7 +30,7 @@ def run_study(study, db: str | Path, executor: str = "local", source_path: str |
               on_event: EventFn = quiet, **options) -> Summary:
     """Expand ``study``, record it in the database at ``db`` and execute its pending runs.
 
-    ``options`` go to the executor (Ray: ``address``, ``num_gpus``, ``num_cpus``).
+    ``options`` go to the executor (Ray: ``address``, ``num_gpus``, ``num_cpus``, ``replicas``).
     """
     if executor not in EXECUTORS:
         raise EsaError(suggest(executor, list(EXECUTORS), "executor"))
