@@ -14,6 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("study", type=Path, help="study .yaml file (see studies/)")
     p.add_argument("--no-measure", action="store_true",
                    help="do not time small local models; use the stated throughput assumption for all")
+    p.add_argument("--db", type=Path, default=None,
+                   help="results database of earlier runs: time each run at the tokens/s measured there "
+                   "(provenance.cost) for the same model and kind, nearest context length")
     p.set_defaults(func=plan)
 
     r = subparsers.add_parser("run", help="execute a study's pending runs into a results database (resumable)")
@@ -54,7 +57,7 @@ def plan(args) -> int:
     from esa.study import load_study
 
     study = load_study(args.study)
-    rows = make_plan(study, measure=not args.no_measure)
+    rows = make_plan(study, measure=not args.no_measure, db=args.db)
     table = Table(title=f"study {study.name}: {len(rows)} run(s)")
     for col in ("#", "kind", "model", "dtype", "dataset", "ctx", "seed", "scored tokens ≤", "est. forward time"):
         table.add_column(col)

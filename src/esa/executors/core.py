@@ -21,13 +21,17 @@ through the dependency kind's ``load_result``).
 Everything kind-specific — execution, commit hooks, summaries, costs — is reached through the registry
 :mod:`esa.kinds` by the run's ``kind``; this module never imports a kind.
 
-:func:`plan` estimates what executing a study costs (tokens and forward time per run) without running it.
+:func:`plan` estimates what executing a study costs (tokens and forward time per run) without running it, from
+rates measured in a results database (each run's ``provenance.cost``, :mod:`esa.executors.cost`), timed here
+or assumed.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import statistics
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,9 +40,10 @@ from pathlib import Path
 
 from esa import kinds
 from esa.core.errors import EsaError
+from esa.executors.cost import forward_rate, run_cost
 from esa.kinds.base import RunContext
 from esa.models import SUITE, LoadedModel, ModelSpec, resolve_source
-from esa.store import RunRecord, Store, sha256_json, utc_now
+from esa.store import Reader, RunRecord, Store, sha256_json, utc_now
 from esa.study import expand, model_specs
 
 log = logging.getLogger(__name__)
@@ -117,8 +122,12 @@ def known_complete(store: Store, spec: ModelSpec, runs: list, study_id: str) -> 
 
 
 def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> RunRecord:
-    """Execute one run on a loaded model. Errors become a ``failed`` record (Ctrl-C still stops the study)."""
-    started = utc_now()
+    """Execute one run on a loaded model. Errors become a ``failed`` record (Ctrl-C still stops the study).
+
+    The record's provenance is ``prov`` plus ``cost`` (:func:`esa.executors.cost.run_cost`: wall time,
+    device-hours, tokens/s, MFU); provenance is not part of the run id.
+    """
+    started, clock = utc_now(), time.perf_counter()
     fingerprint = lm.fingerprint.to_dict()
     config = resolved_config(run, fingerprint)
     ctx.run_id, ctx.depends_on, ctx.documents = rid, dict(config.get("depends_on", {})), {}
@@ -127,8 +136,10 @@ def execute_run(lm: LoadedModel, run, rid: str, ctx: RunContext, prov: dict) -> 
     except Exception as exc:  # noqa: BLE001 — recorded in the row and shown in the summary
         log.warning("run %s failed: %s", run.label(), exc)
         error = str(exc) if isinstance(exc, EsaError) else "".join(traceback.format_exception_only(exc)).strip()
-        return RunRecord(rid, run.kind, config, fingerprint, prov, {}, "failed", started, utc_now(), error)
-    return RunRecord(rid, run.kind, config, fingerprint, prov, metrics, "completed", started, utc_now(),
+        failed = {**prov, "cost": run_cost(lm, run, None, time.perf_counter() - clock)}
+        return RunRecord(rid, run.kind, config, fingerprint, failed, {}, "failed", started, utc_now(), error)
+    done = {**prov, "cost": run_cost(lm, run, metrics, time.perf_counter() - clock)}
+    return RunRecord(rid, run.kind, config, fingerprint, done, metrics, "completed", started, utc_now(),
                      arrays=arrays, documents=ctx.documents)
 
 
@@ -252,16 +263,58 @@ class PlanRow:
     passes: float = 1.0  # forward-equivalent passes over the tokens (backward ≈ 2 forwards; RunKind.cost)
 
 
-def plan(study, measure: bool = True) -> list[PlanRow]:
-    """Every run with its token budget and estimated compute time; nothing is executed or written."""
+def completed_costs(db: str | Path) -> list:
+    """The completed runs of the results database ``db`` whose ``provenance.cost`` holds a measured rate."""
+    with Reader(db) as reader:
+        return [r for r in reader.runs(completed=True) if forward_rate((r.provenance or {}).get("cost"))]
 
 
+def _same_model(spec: ModelSpec, stored: list) -> list:
+    """The stored runs on the weights last stored under ``spec``: the newest run whose resolved config names the
+    spec's model and dtype gives the fingerprint; every run with that fingerprint (less ``source``) counts."""
+    named = [r for r in stored if {k: (r.config.get("model") or {}).get(k) for k in ("name", "dtype")}
+             == {"name": spec.name, "dtype": spec.dtype}]
+    identity = model_identity(named[-1].model) if named else None
+    return [r for r in stored if identity is not None and model_identity(r.model) == identity]
+
+
+def rate_in_db(stored: list, run, db: str | Path) -> Throughput | None:
+    """The median measured rate of the ``stored`` runs of ``run``'s model and kind at the nearest context
+    length (exact preferred; ties: the shorter), or None when there are none.
+
+    A stored run's rate is its forward-equivalent tokens/s per process (:func:`esa.executors.cost.forward_rate`),
+    so ``tokens × passes / rate`` is the planned run's time. Example: runs at ctx 64 and 256, planned at 128 →
+    the ctx-64 runs' median.
+    """
+    same = [r for r in _same_model(run.model, stored) if r.kind == run.kind]
+    ctx = getattr(run, "context_len", None)
+    lens = {r.config.get("context_len") for r in same} - {None}
+    near = min(lens, key=lambda c: (abs(c - ctx), c)) if ctx is not None and lens else None
+    used = [r.provenance["cost"] for r in same if r.config.get("context_len") == near]
+    if not used:
+        return None
+    rate = statistics.median(forward_rate(c) for c in used)
+    at = "" if near is None else f" at ctx {near}" + ("" if near == ctx else f" (nearest to {ctx})")
+    devices = ", ".join(sorted({str(c.get("device")) for c in used}))
+    return Throughput(rate, f"measured in {db}: {len(used)} run{'s' * (len(used) != 1)} of kind {run.kind}{at}, "
+                            f"median {rate:,.0f} tok/s on {devices}")
+
+
+def plan(study, measure: bool = True, db: str | Path | None = None) -> list[PlanRow]:
+    """Every run with its token budget and estimated compute time; nothing is executed or written.
+
+    With ``db`` (a results database), a run whose model and kind completed there is timed at their measured
+    rate (:func:`rate_in_db`); the others are timed here or assumed (:func:`throughputs`).
+    """
     runs = expand(study)
     ctxs = tuple(sorted({getattr(r, "context_len", None) for r in runs} - {None} | set(study.context_lens)))
-    rates = {spec: throughputs(spec, study, measure, ctxs) for spec in model_specs(study)}
+    stored = completed_costs(db) if db is not None else []
+    found = [rate_in_db(stored, run, db) for run in runs]
+    need = {run.model for run, tp in zip(runs, found) if tp is None}
+    rates = {spec: throughputs(spec, study, measure, ctxs) for spec in model_specs(study) if spec in need}
     rows = []
-    for run in runs:  # a run without windows (zero-shot items) is timed at the shortest context
-        tp = rates[run.model][getattr(run, "context_len", None) or ctxs[0]]
+    for run, tp in zip(runs, found):  # a run without windows (zero-shot items) is timed at the shortest context
+        tp = tp or rates[run.model][getattr(run, "context_len", None) or ctxs[0]]
         tokens, passes = kinds.get(run.kind).cost(run)
         secs = tokens * passes / tp.tokens_per_second if tokens is not None and tp.tokens_per_second else None
         rows.append(PlanRow(run, tokens, secs, tp.basis, passes))
