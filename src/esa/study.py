@@ -113,10 +113,12 @@ def _check_model(m: ModelEntry, where: str) -> None:
 
 def check_dataset(name: str, where: str) -> None:
     from esa.data.corpora import corpus_names
+    from esa.data.specs import is_spec
 
-    if name in corpus_names() or _is_path(name) or "/" in name:
+    if name in corpus_names() or _is_path(name) or is_spec(name):  # esa.data.specs: a hub id or dataset path
         return
-    raise EsaError(f"{where}: " + suggest(name, corpus_names(), "dataset") + " Or give a .txt/.jsonl path.")
+    raise EsaError(f"{where}: " + suggest(name, corpus_names(), "dataset") + " Or give a .txt/.jsonl/.parquet/"
+                   ".arrow path, a save_to_disk directory or a hub dataset org/name[:config][:split][:field].")
 
 
 def validate(study: Study, where: str) -> None:

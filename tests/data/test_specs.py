@@ -13,7 +13,7 @@ import pytest
 
 from esa.core.errors import EsaError
 from esa.data.corpora import load_corpus
-from esa.data.specs import DataSpec, hub_revision, parse_spec
+from esa.data.specs import DataSpec, hub_revision, is_spec, parse_spec
 
 TEXTS = ["the first document of the corpus", "a second one, with more words in it", "third"]
 BODIES = ["body one", "body two", "body three"]
@@ -109,7 +109,7 @@ def test_unreachable_hub_fails_before_datasets_is_asked(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    monkeypatch.setattr("esa.models._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("esa.models.hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr("datasets.load_dataset", boom)
     with pytest.raises(EsaError) as exc:
         load_corpus("org/name")
@@ -150,6 +150,15 @@ def test_hub_revision_reads_only_a_commit_directory():
     assert hub_revision(Data()) is None and hub_revision(object()) is None
     Data.cache_files = [{"filename": "/c/org___name/default/0.0.0/" + "b" * 40 + "/name-test.arrow"}]
     assert hub_revision(Data()) == "b" * 40
+
+
+@pytest.mark.parametrize("text, want", [
+    ("foo.parquet", True), ("foo.parquet:text", True), ("foo.arrow:body", True), ("org/name:cfg", True),
+    ("no/such/dir", True),  # a path by form: parse_spec says it does not exist when it is read
+    ("{d}/ds", True), ("python-doc", False), ("wikitxt:text", False),
+])
+def test_is_spec_judges_by_form(local, text, want):
+    assert is_spec(text.format(d=local)) is want
 
 
 def test_existing_specs_read_as_before(tmp_path):

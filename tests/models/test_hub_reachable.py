@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from esa.models import _hub_reachable
+from esa.models import hub_reachable
 
 PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "no_proxy",
               "all_proxy")
@@ -59,37 +59,37 @@ def _unused_port() -> int:
 
 def test_a_reachable_endpoint(env, server):
     env.setenv("HF_ENDPOINT", server)
-    assert _hub_reachable(timeout=2)
+    assert hub_reachable(timeout=2)
     assert _Answer.seen == ["HEAD / HTTP/1.1"]
 
 
 def test_an_endpoint_on_an_unused_port_is_unreachable(env):
     env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_unused_port()}")
-    assert not _hub_reachable(timeout=0.5)
+    assert not hub_reachable(timeout=0.5)
 
 
 def test_offline_is_unreachable_without_asking(env, server):
     env.setenv("HF_ENDPOINT", server)
     env.setenv("HF_HUB_OFFLINE", "1")
-    assert not _hub_reachable(timeout=2) and _Answer.seen == []
+    assert not hub_reachable(timeout=2) and _Answer.seen == []
 
 
 def test_the_request_goes_through_the_proxy(env, server):
     """The endpoint's host does not resolve; the proxy (our server) is asked for its full URL and answers."""
     env.setenv("HF_ENDPOINT", "http://hub.invalid")
     env.setenv("HTTP_PROXY", server)
-    assert _hub_reachable(timeout=2)
+    assert hub_reachable(timeout=2)
     assert _Answer.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
 
 
 def test_a_dead_proxy_makes_the_hub_unreachable_unless_no_proxy_names_it(env, server):
     env.setenv("HF_ENDPOINT", server)
     env.setenv("HTTP_PROXY", f"http://127.0.0.1:{_unused_port()}")
-    assert not _hub_reachable(timeout=0.5)
+    assert not hub_reachable(timeout=0.5)
     env.setenv("NO_PROXY", "127.0.0.1")
-    assert _hub_reachable(timeout=2)
+    assert hub_reachable(timeout=2)
 
 
 def test_a_malformed_endpoint_is_unreachable(env):
     env.setenv("HF_ENDPOINT", "not a url")
-    assert not _hub_reachable(timeout=0.5)
+    assert not hub_reachable(timeout=0.5)

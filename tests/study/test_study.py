@@ -164,6 +164,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
+def test_relative_dataset_files_without_a_slash_pass_the_check_the_loader_reads_by(tmp_path, monkeypatch):
+    """``foo.parquet`` and ``foo.parquet:text`` are dataset specs (esa.data.specs.is_spec) for the study check
+    as for the corpus loader, whether or not the file exists yet; a bare unknown word still gets "did you mean"."""
+    import datasets
+
+    from esa.data.corpora import load_corpus
+
+    names = ["foo.parquet", "foo.parquet:text", "foo.arrow:body"]
+    study = parse_study(_with(datasets=names))  # validated before the files exist
+    assert study.datasets == tuple(names)
+    monkeypatch.chdir(tmp_path)
+    ds = datasets.Dataset.from_dict({"text": ["a doc", "another"], "body": ["b1", "b2"]})
+    ds.to_parquet("foo.parquet")
+    ds.save_to_disk("saved")
+    (tmp_path / "foo.arrow").write_bytes(next((tmp_path / "saved").glob("*.arrow")).read_bytes())
+    assert [load_corpus(n).documents for n in study.datasets] == [("a doc", "another")] * 2 + [("b1", "b2")]
+    with pytest.raises(EsaError, match=r"datasets\[0\].*Did you mean 'python-docs'"):
+        parse_study(_with(datasets=["python-doc"]))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_llama_dir):
     return tiny_llama_dir

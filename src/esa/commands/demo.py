@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from esa.core.errors import EsaError
+from esa.tracking import add_track_args
 
 DEMO_STUDY = Path(__file__).resolve().parents[3] / "studies" / "demo.yaml"  # in a source checkout
 
@@ -22,17 +23,23 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--overwrite", action="store_true", help="start from a fresh database (else resume)")
     p.add_argument("--study", type=Path, default=DEMO_STUDY, help="the study file (default: studies/demo.yaml)")
+    add_track_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    run_demo_study(args.study, Path(args.out_dir), args.overwrite)
+    from functools import partial
+
+    from esa.tracking import from_args
+
+    run_demo_study(args.study, Path(args.out_dir), args.overwrite, track=partial(from_args, args))
     return 0
 
 
-def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
+def run_demo_study(path: Path, out: Path, overwrite: bool, track=None) -> None:
     """``esa run FILE --db <out>/study.db`` then ``esa report`` on it; an earlier demo database is replaced
-    only with ``overwrite`` (else completed runs are reused, as a study rerun does)."""
+    only with ``overwrite`` (else completed runs are reused, as a study rerun does). ``track(on_event, db) ->
+    on_event`` adds experiment tracking (``functools.partial(esa.tracking.from_args, args)``: ``--track``)."""
     from rich.console import Console
 
     from esa.commands.study import progress_printer
@@ -43,9 +50,10 @@ def run_demo_study(path: Path, out: Path, overwrite: bool) -> None:
     if not Path(path).is_file():
         raise EsaError(f"demo study {path} not found; run esa demo from an ESA checkout or pass --study FILE")
     study, db = load_study(path), out / "study.db"
+    on_event = progress_printer(Console(), log_path(db))
+    on_event = track(on_event, db) if track else on_event
     print(f"[study] {path}: every run recorded in {db}")
-    run_one_off(study, db, "demo study", overwrite, progress_printer(Console(), log_path(db)),
-                str(Path(path).resolve()), leave_no_trace=False)
+    run_one_off(study, db, "demo study", overwrite, on_event, str(Path(path).resolve()), leave_no_trace=False)
     md, html = write_study_report(db, out / "report")
     print(f"report: {md.resolve()}")
     print(f"report (HTML): {html.resolve()}")

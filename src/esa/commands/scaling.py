@@ -10,6 +10,7 @@ from pathlib import Path
 
 from esa.commands.baseline import add_model_args
 from esa.commands.perturb import add_eval_args, eval_config
+from esa.tracking import add_track_args
 
 
 def register(subparsers) -> None:
@@ -36,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--db", type=Path, default=None,
                    help="results database to write or append to (default: <out-dir>/scaling.db)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier scaling run's files in --out-dir")
+    add_track_args(p)
     p.set_defaults(func=run)
 
 
@@ -89,11 +91,17 @@ def _print(doc: dict, out_dir: Path) -> None:
 
 
 def run(args) -> int:
+    from functools import partial
+
     from rich.console import Console
 
     from esa.commands.study import progress_printer  # the same progress lines as `esa run`
-    from esa.scaling.ladder import run_scaling
+    from esa.executors.one_off import log_path
+    from esa.scaling.ladder import ladder_db, run_scaling
+    from esa.tracking import from_args
 
-    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, args.db, progress_printer(Console()))
+    db = ladder_db(args.out_dir, args.db)
+    out_dir, doc = run_scaling(_config(args), args.out_dir, args.overwrite, db,
+                               progress_printer(Console(), log_path(db)), track=partial(from_args, args))
     _print(doc, out_dir)
     return 0

@@ -58,6 +58,15 @@ def _local_prefix(pieces: list[str]) -> int:
     return 0
 
 
+def is_spec(text: str) -> bool:
+    """Whether ``text`` has the form of a dataset spec, judged without reading it: a hub ``org/name``, any path
+    with a ``/``, or a path part that ends in ``.parquet``/``.arrow`` or exists. ``foo.parquet`` and
+    ``foo.parquet:text`` are specs (whether or not the file exists yet: :func:`parse_spec` says so when it is
+    read); a bare unknown word such as ``wikitxt`` is not, so the caller can answer it with "did you mean"."""
+    head = text.partition(":")[0]
+    return "/" in text or head.endswith(DATASET_SUFFIXES) or Path(head).expanduser().exists()
+
+
 def parse_spec(text: str) -> DataSpec:
     """Parse a dataset spec (grammar in the module docstring); local paths are checked for existence.
 
@@ -174,9 +183,9 @@ def read_hub(spec: DataSpec):
     unreachable and the run is not marked offline (with HF_HUB_OFFLINE=1, ``datasets`` reads its cache)."""
     import datasets
 
-    from esa.models import _hub_reachable
+    from esa.models import hub_reachable
 
-    if not _offline() and not _hub_reachable():
+    if not _offline() and not hub_reachable():
         raise EsaError(_hub_failure(spec, None) + "; or set HF_HUB_OFFLINE=1 to read the local datasets cache")
     try:
         return datasets.load_dataset(spec.path, spec.config, split=spec.split, revision=spec.revision)

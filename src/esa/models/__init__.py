@@ -223,7 +223,7 @@ def _local_dir_digest(path: Path) -> str:
     return ("content-sha256:" if full else "sampled-sha256:") + digest.hexdigest()
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub at ``HF_ENDPOINT`` (default https://huggingface.co) answers an HTTP HEAD within
     ``timeout`` s, through the environment's proxies (HTTPS_PROXY / HTTP_PROXY, bypassed for NO_PROXY hosts).
 
@@ -252,7 +252,7 @@ def _check_hub_available(repo_id: str, revision: str | None) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if isinstance(cached, str) or _hub_reachable():
+    if isinstance(cached, str) or hub_reachable():
         return
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     raise EsaError(

@@ -130,26 +130,40 @@ def _publish(stage: Path, out_dir: Path) -> None:
             os.replace(new, old)
 
 
-def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False, db=None, on_event=None) -> tuple[Path, dict]:
-    """Measure the ladder into the database ``db``, then write scaling.json and the plots from its rows;
-    returns ``(out_dir, document)``. ``on_event`` receives :func:`esa.executors.run_study`'s progress events.
+def ladder_db(out_dir, db=None) -> Path:
+    """The ladder's results database: ``db`` when given, else ``<out_dir>/scaling.db`` (its progress log is
+    :func:`esa.executors.one_off.log_path` of it: ``<out_dir>/scaling.log``)."""
+    return Path(db) if db is not None else Path(out_dir) / "scaling.db"
+
+
+def run_scaling(cfg: ScalingConfig, out_dir, overwrite: bool = False, db=None, on_event=None,
+                track=None) -> tuple[Path, dict]:
+    """Measure the ladder into the database ``db`` (:func:`ladder_db`), then write scaling.json and the plots
+    from its rows; returns ``(out_dir, document)``. ``on_event`` receives :func:`esa.executors.run_study`'s
+    progress events. ``track(on_event, db) -> on_event`` (e.g. ``functools.partial(esa.tracking.from_args,
+    args)``) adds experiment tracking once ``out_dir`` is accepted and every model found: a tracker's store
+    beside the database (``mlflow.db``) then neither makes a fresh ``out_dir`` look foreign to the check nor is
+    left behind by a mistyped model.
 
     Every model's source is resolved before any is measured, so an unavailable hub model fails in seconds
     instead of after the smaller ones ran.
     """
     from esa.executors import run_study
+    from esa.executors.core import quiet
     from esa.models import resolve_device, resolve_source
     from esa.core.provenance import provenance
 
     cfg.check()
     out_dir = Path(out_dir)
-    db = Path(db) if db is not None else out_dir / "scaling.db"
+    db = ladder_db(out_dir, db)
     check_out_dir(out_dir, overwrite, db)
     for name in cfg.models:
         resolve_source(name)
     study = ladder_study(cfg)
+    on_event = on_event or quiet
+    on_event = track(on_event, db) if track else on_event
     start = time.perf_counter()
-    summary = run_study(study, db, **({"on_event": on_event} if on_event else {}))
+    summary = run_study(study, db, on_event=on_event)
     if not summary.ok:
         why = "; ".join(f"{label}: {err}" for label, err in summary.load_errors + summary.failed)
         raise EsaError(f"the scaling ladder did not complete ({why}). {db} keeps every model measured so far: fix "
