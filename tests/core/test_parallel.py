@@ -16,7 +16,7 @@ from esa.executors import RunContext, execute_run, run_key
 from esa.models import ModelSpec, load_model
 from esa.study import expand, parse_study
 
-TIMING = ("seconds", "per_second", "peak_memory", "mfu", "wall")  # keys whose values are clocks, not results
+TIMING = ("seconds", "per_second", "peak_memory", "mfu", "wall", "bytes")  # clocks and memory of one process
 
 
 def _replicas(count: int, work, board) -> list:
@@ -129,9 +129,23 @@ def deterministic(value):
     return value
 
 
-def _execute_all(lm, runs, boards: dict | None = None, index: int = 0) -> dict:
+class ReplicaDied(BaseException):
+    """A replica's process ending mid-run (not an Exception: nothing catches it, nothing is posted)."""
+
+
+def _die_after(model, calls: int) -> None:
+    """Make ``model``'s final norm (reached by full forwards and replays alike) kill its replica at call ``calls``."""
+    count = iter(range(calls, 0, -1))
+
+    def hook(module, args):
+        if next(count, 0) <= 1:
+            raise ReplicaDied
+    model.model.norm.register_forward_pre_hook(hook)
+
+
+def _execute_all(lm, runs, boards: dict | None = None, index: int = 0, die_in: str = "") -> dict:
     """Every run on ``lm`` in order, as one process would — or as replica ``index`` of 2, each run on its own
-    board (``boards``: run id → LocalBoard)."""
+    board (``boards``: run id → LocalBoard); ``die_in``: this replica dies a few forwards into that kind's run."""
     ctx, prov, fp = RunContext(), provenance(lm.device), lm.fingerprint.to_dict()
     out = {}
     for run in runs:
@@ -139,8 +153,15 @@ def _execute_all(lm, runs, boards: dict | None = None, index: int = 0) -> dict:
         if boards is None:
             out[rid] = execute_run(lm, run, rid, ctx, prov)
             continue
-        with parallel.share(index, 2, boards[rid]) as share:
-            out[rid] = execute_run(lm, run, rid, ctx, prov)
+        if run.kind == die_in:
+            _die_after(lm.model, 3)
+        try:
+            with parallel.share(index, 2, boards[rid]) as share:
+                out[rid] = execute_run(lm, run, rid, ctx, prov)
+        except ReplicaDied:  # gone: it leaves every later run too (the Ray driver marks it lost)
+            for later in runs[runs.index(run):]:
+                boards[run_key(later, fp)].leave(index)
+            return out
         out[rid].provenance = share.stats()
     return out
 
@@ -165,9 +186,10 @@ def test_replicas_of_a_study_equal_a_single_process(tiny_study_dir):
     models = [load_model(spec), load_model(spec)]  # one model per replica: trials write weights in place
     boards = {rid: LocalBoard(2) for rid in reference}
     a, b = _threads(lambda i: _execute_all(models[i], runs, boards, i))
-    split = {reference[rid].kind: (a[rid].provenance["computed"], b[rid].provenance["computed"]) for rid in a}
-    assert split.pop("sensitivity") == (0, 0)  # gradient/weight passes are no units: every replica repeats them
-    assert all(x > 0 and y > 0 and abs(x - y) <= 1 for x, y in split.values()), split  # the rest is shared
+    split = {reference[rid].kind: (a[rid].provenance["computed"], b[rid].provenance["computed"],
+                                   a[rid].provenance["units"]) for rid in a}
+    assert split.pop("sensitivity") == (0, 0, 0)  # gradient/weight passes are no units: every replica repeats them
+    assert all(x > 0 and y > 0 and x + y == n for x, y, n in split.values()), split  # shared, each unit once
     for rid, want in reference.items():
         assert want.status == "completed", want.error
         for got in (a[rid], b[rid]):
@@ -186,3 +208,28 @@ def test_lost_survives_pickling_as_itself():  # a Ray board's answer arrives pic
     import pickle
 
     assert pickle.loads(pickle.dumps(LOST)) is LOST
+
+
+def test_a_replica_dying_mid_run_leaves_the_survivor_with_the_single_process_result(tiny_study_dir):
+    """Replica 1 dies three forwards into the perturbation run: replica 0 computes its units (re-capturing the
+    prefix-cache states of replica 1's batches) and ends every run with the single-process arrays."""
+    study = parse_study({"name": "dp", "models": [str(tiny_study_dir / "model")],
+                         "datasets": [str(tiny_study_dir / "corpus.txt")], "context_lens": [32], "seeds": [0],
+                         "max_eval_tokens": 192, "batch_tokens": 64,
+                         **{k: SECTIONS[k] for k in ("sensitivity", "perturbation", "bitscan")}})
+    runs = expand(study)
+    spec = ModelSpec(str(tiny_study_dir / "model"))
+    reference = _execute_all(load_model(spec), runs)
+    models = [load_model(spec), load_model(spec)]
+    boards = {rid: LocalBoard(2) for rid in reference}
+    survivor, dead = _threads(lambda i: _execute_all(models[i], runs, boards, i, die_in="perturbation" * i))
+    assert {r.kind for r in dead.values()} == {"baseline", "sensitivity"}
+    for rid, want in reference.items():
+        got = survivor[rid]
+        assert got.status == "completed", got.error
+        for key in want.arrays:
+            np.testing.assert_array_equal(got.arrays[key], want.arrays[key], err_msg=f"{want.kind} {key}")
+    taken = {survivor[rid].kind: survivor[rid].provenance["taken_over"] for rid in survivor}
+    assert taken["perturbation"] > 0 and taken["bitscan"] > 0 and taken["baseline"] == 0, taken
+    for (name, p), q in zip(models[0].model.named_parameters(), load_model(spec).model.parameters()):
+        assert torch.equal(p, q), name

@@ -115,17 +115,18 @@ def active() -> Share | None:
     return _active.get()
 
 
-def unit(tag: str, compute: Callable[..., T], *args) -> T:
+def unit(tag: str, compute: Callable[..., T], *args, owner: int | None = None) -> T:
     """``compute(*args)`` — or, in a data-parallel run, its value from the replica that owns this unit.
 
     ``tag`` names the step (e.g. ``"windows/b3"``); it must be the same on every replica that reaches this unit,
-    and a value must be a small picklable result (CPU tensors or arrays), never model state.
+    and a value must be a small picklable result (CPU tensors or arrays), never model state. ``owner``: the
+    replica that computes it (e.g. the one holding the prefix-cache states of its batch); default ``u % n``.
     """
     current = _active.get()
     if current is None or current.count == 1:
         return compute(*args)
     u, current.next_unit = current.next_unit, current.next_unit + 1
-    owner = u % current.count
+    owner = u % current.count if owner is None else owner % current.count
     if owner == current.index:
         return _compute(current, u, tag, compute, args)
     answer = _wait(current, u, owner)

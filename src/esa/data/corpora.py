@@ -29,7 +29,7 @@ from pathlib import Path
 
 from esa.core.errors import EsaError
 from esa.core.registry import Registry, suggest
-from esa.data.specs import DATASET_SUFFIXES, column, hub_revision, read_parquet, read_spec
+from esa.data.specs import DATASET_SUFFIXES, column, hub_revision, is_spec, read_parquet, read_spec
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +219,6 @@ def protocol_of(name: str, method: str) -> Protocol | None:
 Rows = tuple[str, str, tuple[str, ...], Protocol | None, str | None]  # name, provenance, rows, protocol, revision
 
 
-def _is_spec(name: str) -> bool:
-    """A dataset spec (:mod:`esa.data.specs`): a hub ``org/name``, a path with a ``:field`` part, or a dataset
-    file or directory. Bare unknown words are not, so they get the registry's "did you mean"."""
-    head = name.partition(":")[0]
-    return "/" in name or head.endswith(DATASET_SUFFIXES) or Path(head).expanduser().exists()
-
-
 def _rows(name: str, method: str) -> Rows:
     """(corpus name, provenance, raw rows, protocol source, hub revision) for ``name`` read the way ``method``
     reads it."""
@@ -247,7 +240,7 @@ def _rows(name: str, method: str) -> Rows:
     if name.endswith((".txt", ".jsonl")):
         path = _existing(name)
         return name, f"file:{path.resolve()}", _read_local(path), proto, None
-    if _is_spec(name):
+    if is_spec(name):  # esa.data.specs: a hub org/name, a path with a :field part, a dataset file or directory
         source, rows, revision = read_spec(name)
         return name, source, rows, proto, revision
     raise EsaError(suggest(name, corpus_names(), "dataset") + " Or give a .txt/.jsonl/.parquet/.arrow file, a "

@@ -81,6 +81,7 @@ def _rank_one(module: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, d
 
 def _edited_replay(cache: PrefixCache, module, batch, layer: int, rows, cols, deltas) -> torch.Tensor:
     """(k·B,) summed NLL of one cached batch replayed from ``layer`` under k rank-one edits of ``module``."""
+    cache.hold_states(batch, layer)
     with _rank_one(module, rows, cols, deltas, batch.inputs[layer].shape[0]):
         return cache._replay(_replicated(batch, layer, len(rows)), layer)[0]
 
@@ -113,7 +114,7 @@ def score_edits(cache: PrefixCache, name: str, rows, cols, deltas, chunk: int = 
         per_batch = []
         for i, b in enumerate(cache.batches):
             nll = parallel.unit(f"edits/{name}/{s}+{len(r)}/{i}", _edited_replay, cache, consumer[1], b, layer,
-                                r, c, d)
+                                r, c, d, owner=cache.owner_of(i))
             per_batch.append(nll.reshape(len(r), -1))  # (k, B)
         parts.append(torch.cat(per_batch, dim=1))  # (k, W)
     return torch.cat(parts).numpy() if parts else np.zeros((0, len(cache.baseline.nll)))

@@ -216,9 +216,11 @@ class PrefixCache:
         self.layers = self._check_layers(layers)
         self.reason = self._unsupported_reason()
         self.batches = self._make_batches(pad_id, token_budget)
+        share = parallel.active()  # data parallel with a batch per replica: each holds its own batches' states
+        self.replicas = share.count if share is not None and len(self.batches) >= share.count else 1
         self.baseline = self._build()
         if verify and not self.reason:
-            self._verify()
+            self.reason = parallel.unit("verify", self._verify, owner=self.owner_of(0))
         if self.reason:
             log.warning("prefix cache disabled (%s); every trial runs a full forward", self.reason)
             for batch in self.batches:
@@ -261,32 +263,60 @@ class PrefixCache:
             out, i = rows.stop, j
         return batches
 
+    def owner_of(self, batch: int) -> int | None:
+        """The replica holding batch ``batch``'s states (:mod:`esa.core.parallel`): in a data-parallel run with
+        at least as many batches as replicas, batch i lives on replica i % n (None: every replica holds all)."""
+        return batch % self.replicas if self.replicas > 1 else None
+
     @torch.inference_mode()
     def _build(self) -> PrefixScores:
         """Run every batch once through the unperturbed model, capturing layer inputs; return its scores."""
         if self.reason:
             return self.score_full()
-        backbone, head_fn = chunked_head(self.model)
-        layers = decoder_layers(self.model)
         parts = []
-        for batch in self.batches:
-            with _Capture(layers, set(self.layers), self.layers[0]) as cap:
-                out = backbone(**batch.forward, use_cache=False)
-            batch.inputs, batch.calls, batch.hidden_kw = cap.inputs, cap.calls, cap.hidden_kw
-            if any(_is_kv_cache(v) for args, kw in batch.calls.values() for v in (*args, *kw.values())):
+        for i, batch in enumerate(self.batches):
+            if self.replicas > 1:  # only the owner captures (and scores) this batch
+                scores, kv = parallel.unit(f"build/{i}", self._build_batch, batch, owner=self.owner_of(i))
+            else:
+                scores, kv = self._build_batch(batch)
+            if kv:
                 self.reason = "the model passed a KV cache to its layers despite use_cache=False"
-            parts.append(batch.score(out.last_hidden_state, head_fn))
+            parts.append(scores)
         return self._collect(parts, 0, "build run (full forward)")
 
+    def _build_batch(self, batch: _Batch) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """Capture ``batch``'s layer inputs in one full forward: (its scores, whether a KV cache was passed)."""
+        backbone, head_fn = chunked_head(self.model)
+        with _Capture(decoder_layers(self.model), set(self.layers), self.layers[0]) as cap:
+            out = backbone(**batch.forward, use_cache=False)
+        batch.inputs, batch.calls, batch.hidden_kw = cap.inputs, cap.calls, cap.hidden_kw
+        kv = any(_is_kv_cache(v) for args, kw in batch.calls.values() for v in (*args, *kw.values()))
+        return batch.score(out.last_hidden_state, head_fn), kv
+
+    def hold_states(self, batch: _Batch, layer: int) -> None:
+        """Make sure ``batch``'s input to ``layer`` is held here. A batch of another replica (its owner was lost)
+        is captured now: valid because every weight before ``layer`` is as at build time (score_params' rule),
+        so the states equal the owner's bit for bit."""
+        if layer in batch.inputs:
+            return
+        backbone, _ = chunked_head(self.model)
+        with _Capture(decoder_layers(self.model), {layer}, layer) as cap:
+            backbone(**batch.forward, use_cache=False)
+        batch.inputs[layer] = cap.inputs[layer]
+        batch.calls.update(cap.calls)
+        batch.hidden_kw = cap.hidden_kw
+
     @torch.inference_mode()
-    def _verify(self) -> None:
+    def _verify(self) -> str:
+        """"" when a replay of the first batch from the shallowest cached layer equals the build run, else why."""
         first = self.batches[0]
         got = self._replay(first, self.layers[0])[0].numpy()
         want = self.baseline.nll[first.rows]
-        if not np.allclose(got, want, rtol=VERIFY_RTOL, atol=0.0, equal_nan=True):
-            self.reason = (f"replay from layer {self.layers[0]} differs from the full forward "
-                           f"(max |Δ| {np.max(np.abs(got - want)):.3g} nats); this architecture's layer "
-                           "arguments are not captured faithfully")
+        if np.allclose(got, want, rtol=VERIFY_RTOL, atol=0.0, equal_nan=True):
+            return ""
+        return (f"replay from layer {self.layers[0]} differs from the full forward "
+                f"(max |Δ| {np.max(np.abs(got - want)):.3g} nats); this architecture's layer "
+                "arguments are not captured faithfully")
 
     # ---- scoring ------------------------------------------------------------------------------------------
     @property
@@ -300,6 +330,7 @@ class PrefixCache:
         return sum(t.nbytes for b in self.batches for t in b.inputs.values())
 
     def _replay(self, batch: _Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.hold_states(batch, layer)
         layers = decoder_layers(self.model)
         hidden = batch.inputs[layer]  # (B, T', D)
         for i in range(layer, self.n_layers):
@@ -325,7 +356,8 @@ class PrefixCache:
         """Score all windows with a full forward of the model as it is now (the reference path)."""
         times: list[float] = []
         with timed(self.device, times):
-            parts = [parallel.unit(f"full/{i}", self._forward, b) for i, b in enumerate(self.batches)]
+            parts = [parallel.unit(f"full/{i}", self._forward, b, owner=self.owner_of(i))
+                     for i, b in enumerate(self.batches)]
         return self._collect(parts, 0, self.reason or "full forward requested", times[0])
 
     @torch.inference_mode()
@@ -342,7 +374,8 @@ class PrefixCache:
                            "or use score_params(), which picks the deepest cached layer at or before it")
         times: list[float] = []
         with timed(self.device, times):
-            parts = [parallel.unit(f"from{layer}/{i}", self._replay, b, layer) for i, b in enumerate(self.batches)]
+            parts = [parallel.unit(f"from{layer}/{i}", self._replay, b, layer, owner=self.owner_of(i))
+                     for i, b in enumerate(self.batches)]
         return self._collect(parts, layer, "", times[0])
 
     def score_params(self, param_names: Iterable[str]) -> PrefixScores:
