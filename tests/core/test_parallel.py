@@ -176,13 +176,19 @@ def _threads(work, count: int = 2) -> list:
     return out
 
 
-def test_replicas_of_a_study_equal_a_single_process(tiny_study_dir):
+@pytest.fixture(scope="module")
+def single(tiny_study_dir):
+    """(runs, model spec, {run id: record}) of the study executed by one process."""
     study = parse_study({"name": "dp", "models": [str(tiny_study_dir / "model")],
                          "datasets": [str(tiny_study_dir / "corpus.txt")], "context_lens": [32], "seeds": [0],
                          "max_eval_tokens": 192, "batch_tokens": 64, **SECTIONS})
-    runs = expand(study)
     spec = ModelSpec(str(tiny_study_dir / "model"))
-    reference = _execute_all(load_model(spec), runs)
+    runs = expand(study)
+    return runs, spec, _execute_all(load_model(spec), runs)
+
+
+def test_replicas_of_a_study_equal_a_single_process(single):
+    runs, spec, reference = single
     models = [load_model(spec), load_model(spec)]  # one model per replica: trials write weights in place
     boards = {rid: LocalBoard(2) for rid in reference}
     a, b = _threads(lambda i: _execute_all(models[i], runs, boards, i))
@@ -210,26 +216,21 @@ def test_lost_survives_pickling_as_itself():  # a Ray board's answer arrives pic
     assert pickle.loads(pickle.dumps(LOST)) is LOST
 
 
-def test_a_replica_dying_mid_run_leaves_the_survivor_with_the_single_process_result(tiny_study_dir):
+def test_a_replica_dying_mid_run_leaves_the_survivor_with_the_single_process_result(single):
     """Replica 1 dies three forwards into the perturbation run: replica 0 computes its units (re-capturing the
     prefix-cache states of replica 1's batches) and ends every run with the single-process arrays."""
-    study = parse_study({"name": "dp", "models": [str(tiny_study_dir / "model")],
-                         "datasets": [str(tiny_study_dir / "corpus.txt")], "context_lens": [32], "seeds": [0],
-                         "max_eval_tokens": 192, "batch_tokens": 64,
-                         **{k: SECTIONS[k] for k in ("sensitivity", "perturbation", "bitscan")}})
-    runs = expand(study)
-    spec = ModelSpec(str(tiny_study_dir / "model"))
-    reference = _execute_all(load_model(spec), runs)
+    runs, spec, reference = single
     models = [load_model(spec), load_model(spec)]
     boards = {rid: LocalBoard(2) for rid in reference}
     survivor, dead = _threads(lambda i: _execute_all(models[i], runs, boards, i, die_in="perturbation" * i))
-    assert {r.kind for r in dead.values()} == {"baseline", "sensitivity"}
+    order = [r.kind for r in runs]
+    assert {r.kind for r in dead.values()} == set(order[:order.index("perturbation")])
     for rid, want in reference.items():
         got = survivor[rid]
         assert got.status == "completed", got.error
         for key in want.arrays:
             np.testing.assert_array_equal(got.arrays[key], want.arrays[key], err_msg=f"{want.kind} {key}")
     taken = {survivor[rid].kind: survivor[rid].provenance["taken_over"] for rid in survivor}
-    assert taken["perturbation"] > 0 and taken["bitscan"] > 0 and taken["baseline"] == 0, taken
+    assert taken["perturbation"] > 0 and taken["bitscan"] > 0 and taken["baseline"] == 0, taken  # after it died
     for (name, p), q in zip(models[0].model.named_parameters(), load_model(spec).model.parameters()):
         assert torch.equal(p, q), name
