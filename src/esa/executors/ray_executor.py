@@ -250,7 +250,7 @@ def _collect(ray, ref, state: _Run, grp: _Group, index: int, store: Store, summa
         grp.fingerprints[index] = f"lost: {exc}"
         record = None
     if record is not None and state.committed is not None:
-        if not _same_arrays(record.arrays, state.committed.arrays):
+        if record.status == "completed" and not _same_arrays(record.arrays, state.committed.arrays):
             log.warning("%s: replica %d's arrays differ from the committed ones (a non-deterministic kernel?)",
                         state.run.label(), index)
     elif record is not None and record.status == "completed":
