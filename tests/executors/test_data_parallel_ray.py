@@ -65,9 +65,13 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 def test_two_replicas_store_what_one_process_stores(ray, single, tmp_path):
-    db = tmp_path / "dp.db"
-    summary = run_study(parse_study(STUDY), db, executor="ray", replicas=2)
+    db, events = tmp_path / "dp.db", []
+    summary = run_study(parse_study(STUDY), db, executor="ray", replicas=2,
+                        on_event=lambda kind, **info: events.append((kind, info.get("label"))))
     assert summary.ok and summary.completed == len(single), summary
+    started, finished = ([label for kind, label in events if kind == k] for k in ("start", "run"))
+    assert started == finished and len(started) == len(single)  # each run announced once, in order …
+    assert all(events.index(("start", x)) < events.index(("run", x)) for x in started)  # … before it ends
     _assert_same(_stored(db), single)
     with Store(db) as store:
         frame = store.runs_frame("dp").set_index("run_id")

@@ -137,6 +137,7 @@ class _Run:
     committed: object = None  # the committed RunRecord
     failed_record: object = None  # a replica's failed record, committed if none completes
     lost: list[str] = field(default_factory=list)
+    announced: bool = False  # its "start" event was sent
 
 
 @dataclass
@@ -148,7 +149,7 @@ class _Group:
     replicas: list
     board: object = None
     fingerprints: dict = field(default_factory=dict)  # replica index → fingerprint, or the load error
-    open_runs: int = 0
+    queue: list = field(default_factory=list)  # its submitted _Runs in execution order, not yet finished
 
     def live(self) -> list[int]:
         return [i for i, fp in self.fingerprints.items() if isinstance(fp, dict)]
@@ -223,8 +224,19 @@ def _submit(grp: _Group, fingerprint: dict, store: Store, study_id: str, summary
             ref = grp.replicas[i].run.remote(run, rid, i, n, grp.board)
             state.refs.add(ref)
             submitted[ref] = (state, grp, i)
-        grp.open_runs += 1
+        grp.queue.append(state)
+    _started(grp, summary, on_event)
     return submitted
+
+
+def _started(grp: _Group, summary: Summary, on_event: EventFn) -> None:
+    """Announce the run the group's replicas are at: they execute its runs in order, so it is the oldest one not
+    committed yet (once per run)."""
+    running = next((st for st in grp.queue if st.committed is None), None)
+    if running is not None and not running.announced:
+        running.announced = True
+        on_event("start", label=running.run.label(),
+                 index=summary.skipped + summary.completed + len(summary.failed) + 1, total=summary.total)
 
 
 def _same_arrays(a: dict, b: dict) -> bool:
@@ -255,11 +267,12 @@ def _collect(ray, ref, state: _Run, grp: _Group, index: int, store: Store, summa
                         state.run.label(), index)
     elif record is not None and record.status == "completed":
         _commit(store, state, record, summary, on_event, keeper)
+        _started(grp, summary, on_event)
     elif record is not None:
         state.failed_record = state.failed_record or record
     if state.refs:
         return
-    grp.open_runs -= 1
+    grp.queue.remove(state)
     if grp.board is not None:
         grp.board.forget.remote(state.rid)
     if state.committed is None and state.failed_record is not None:
@@ -268,6 +281,7 @@ def _collect(ray, ref, state: _Run, grp: _Group, index: int, store: Store, summa
         keeper.discard(state.rid)
         store.release(state.rid, keeper.holder)
         summary.failed.append((state.run.label(), f"worker lost: {state.lost[-1]}"))
+    _started(grp, summary, on_event)
 
 
 def _commit(store: Store, state: _Run, record, summary: Summary, on_event: EventFn, keeper: LeaseKeeper) -> None:
@@ -329,5 +343,5 @@ def _drive(ray, loading: dict, store: Store, study_id: str, summary: Summary, on
         else:
             state, grp, index = in_flight.pop(ref)
             _collect(ray, ref, state, grp, index, store, summary, on_event, keeper)
-        if len(grp.fingerprints) == len(grp.replicas) and grp.open_runs == 0:
+        if len(grp.fingerprints) == len(grp.replicas) and not grp.queue:
             _kill_group(ray, grp)
