@@ -44,14 +44,16 @@ def study(args) -> dict:
                         "bits": ["sign", "exponent_msb"], "max_flips": 2, "greedy_pool": 4}}
 
 
-def run_time(db: Path) -> tuple[float, dict]:
-    """Σ over the study's runs of finished − started (seconds), and {run id: arrays}."""
+def run_time(db: Path) -> tuple[dict, dict]:
+    """{kind: Σ over its runs of finished − started (seconds)}, and {run id: arrays}."""
     from esa.store import Store
 
     with Store(db) as store:
         frame = store.runs_frame("dp_bench")
-        seconds = sum((datetime.fromisoformat(f) - datetime.fromisoformat(s)).total_seconds()
-                      for s, f in zip(frame["started_at"], frame["finished_at"]))
+        seconds: dict[str, float] = {}
+        for kind, s, f in zip(frame["kind"], frame["started_at"], frame["finished_at"]):
+            took = (datetime.fromisoformat(f) - datetime.fromisoformat(s)).total_seconds()
+            seconds[kind] = seconds.get(kind, 0.0) + took
         return seconds, {rid: store.load_arrays(rid) for rid in frame["run_id"]}
 
 
@@ -95,10 +97,10 @@ def main() -> int:
             if not summary.ok:
                 print(f"N={n}: {summary}", file=sys.stderr)
                 return 1
-            seconds, arrays = run_time(db)
+            per_kind, arrays = run_time(db)
             reference = reference or arrays
-            rows.append({"replicas": n, "study_wall_s": wall, "run_seconds": seconds,
-                         "identical_to_n1": identical(arrays, reference)})
+            rows.append({"replicas": n, "study_wall_s": wall, "run_seconds": sum(per_kind.values()),
+                         "per_kind_seconds": per_kind, "identical_to_n1": identical(arrays, reference)})
     ray.shutdown()
     base = rows[0]
     print(f"{args.model} {args.dtype}, {args.max_eval_tokens} tokens at ctx {args.context_len}; "
@@ -110,6 +112,9 @@ def main() -> int:
         r["efficiency"] = r["speedup"] * base["replicas"] / r["replicas"]
         print(f"| {r['replicas']} | {r['study_wall_s']:.1f} | {r['run_seconds']:.1f} | {r['speedup']:.2f}× "
               f"| {r['efficiency']:.2f} | {'yes' if r['identical_to_n1'] else 'NO'} |")
+    for kind in base["per_kind_seconds"]:
+        print(f"  {kind}: Σ run s " + " / ".join(f"{r['per_kind_seconds'][kind]:.1f}" for r in rows)
+              + f" at replicas {' / '.join(str(r['replicas']) for r in rows)}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
     return 0 if all(r["identical_to_n1"] for r in rows) else 1
