@@ -115,20 +115,38 @@ def active() -> Share | None:
     return _active.get()
 
 
-def unit(tag: str, compute: Callable[..., T], *args, owner: int | None = None) -> T:
-    """``compute(*args)`` — or, in a data-parallel run, its value from the replica that owns this unit.
+def units(tag: str, compute: Callable[..., T], calls: list[tuple], owners: list[int | None] | None = None
+          ) -> list[T]:
+    """``[compute(*args) for args in calls]`` — in a data-parallel run, each replica computes the calls it owns
+    first, posting each value, and only then reads the others' values, so no replica waits while it still has
+    work of its own (the replicas of one loop run side by side).
 
-    ``tag`` names the step (e.g. ``"windows/b3"``); it must be the same on every replica that reaches this unit,
-    and a value must be a small picklable result (CPU tensors or arrays), never model state. ``owner``: the
-    replica that computes it (e.g. the one holding the prefix-cache states of its batch); default ``u % n``.
+    ``tag`` names the step (e.g. ``"windows"``; call k is ``"windows/k"``); it must be the same on every replica.
+    A value must be a small picklable result (CPU tensors or arrays), never model state. ``owners[k]``: the
+    replica that computes call k (e.g. the one holding the prefix-cache states of its batch); None or absent:
+    unit number ``u % n``.
     """
     current = _active.get()
     if current is None or current.count == 1:
-        return compute(*args)
-    u, current.next_unit = current.next_unit, current.next_unit + 1
-    owner = u % current.count if owner is None else owner % current.count
-    if owner == current.index:
-        return _compute(current, u, tag, compute, args)
+        return [compute(*args) for args in calls]
+    n, base = current.count, current.next_unit
+    current.next_unit += len(calls)
+    owners = [(base + k) % n if o is None else o % n for k, o in enumerate(owners or [None] * len(calls))]
+    out = {k: _compute(current, base + k, f"{tag}/{k}", compute, args)
+           for k, args in enumerate(calls) if owners[k] == current.index}
+    for k, args in enumerate(calls):
+        if k not in out:
+            out[k] = _receive(current, base + k, f"{tag}/{k}", owners[k], compute, args)
+    return [out[k] for k in range(len(calls))]
+
+
+def unit(tag: str, compute: Callable[..., T], *args, owner: int | None = None) -> T:
+    """One call of :func:`units`: ``compute(*args)``, or its value from the replica that owns it."""
+    return units(tag, compute, [args], [owner])[0]
+
+
+def _receive(current: Share, u: int, tag: str, owner: int, compute: Callable[..., T], args: tuple) -> T:
+    """Unit ``u`` of another replica: its posted value, or computed here when its owner is lost or diverged."""
     answer = _wait(current, u, owner)
     if answer is LOST:
         current.taken_over += 1
@@ -141,7 +159,7 @@ def unit(tag: str, compute: Callable[..., T], *args, owner: int | None = None) -
                     u, tag, posted_tag)
         current.diverged.append(u)
         current.taken_over += 1
-        return compute(*args)
+        return _alone(compute, args)
     return value
 
 
@@ -153,9 +171,18 @@ class Raised:
     error: Exception
 
 
+def _alone(compute: Callable[..., T], args: tuple) -> T:
+    """``compute(*args)`` with no share active: units inside a unit are this replica's own work."""
+    token = _active.set(None)
+    try:
+        return compute(*args)
+    finally:
+        _active.reset(token)
+
+
 def _compute(current: Share, u: int, tag: str, compute: Callable[..., T], args: tuple) -> T:
     try:
-        value = compute(*args)
+        value = _alone(compute, args)
     except Exception as exc:
         current.board.post(u, tag, Raised(exc))
         raise

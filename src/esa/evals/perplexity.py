@@ -130,38 +130,50 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
     """Score every window in the micro-batches of :func:`batch_plan`; halve a batch on out-of-memory.
 
     Outputs are returned in the input order. One window of the first batch is run untimed as a warm-up;
-    ``forward_seconds`` covers the scoring passes only.
+    ``forward_seconds`` covers the scoring passes (in a data-parallel run, :mod:`esa.core.parallel`, the
+    replicas' passes side by side: the wall time of the scoring phase).
     """
     device = model.get_input_embeddings().weight.device
     W = len(windows)
     nll, n_scored, n_correct = np.zeros(W), np.zeros(W, dtype=np.int64), np.zeros(W, dtype=np.int64)
-    queue = deque(batch_plan(windows, token_budget))
-    cap = None  # largest batch that fits after an out-of-memory error
+    plan = batch_plan(windows, token_budget)
+    cap: list[int | None] = [None]  # largest batch that fits after an out-of-memory error
     times: list[float] = []  # a pass that raises records no time
     sizes: list[int] = []
-    warmed = False
     with progress.bar(W, description) as advance:
-        while queue:
-            idx = queue.popleft()
-            if cap is not None and len(idx) > cap:
-                queue.appendleft(idx[cap:])
-                idx = idx[:cap]
-            ids, attn, scored = collate([windows[j] for j in idx], pad_id)
-            try:
-                if not warmed:  # one window, untimed
-                    score_batch(model, ids[:1], attn[:1], scored[:1])
-                    warmed = True
-                with timed(device, times):  # data parallel: the time includes waiting for another replica
-                    out = parallel.unit(f"windows/{idx[0]}+{len(idx)}x{ids.shape[1]}",
-                                        score_batch, model, ids, attn, scored)
-            except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
-                cap = _halve_or_raise(exc, len(idx), ids.shape[1], device)
-                queue.appendleft(idx)
-                continue
-            nll[idx], n_scored[idx], n_correct[idx] = (t.numpy() for t in out)
-            sizes.append(len(idx))
-            advance(len(idx))
+        if plan:  # warm-up: one window, untimed
+            score_batch(model, *collate([windows[plan[0][0]]], pad_id))
+        with timed(device, times):
+            scores = parallel.units("windows", _score_planned,
+                                    [(model, windows, idx, pad_id, cap, advance) for idx in plan])
+    for idx, (batch_nll, batch_scored, batch_correct, batch_sizes) in zip(plan, scores):
+        nll[idx], n_scored[idx], n_correct[idx] = batch_nll, batch_scored, batch_correct
+        sizes += batch_sizes
     return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
+
+
+def _score_planned(model, windows: tuple[Window, ...], idx: list[int], pad_id: int, cap: list, advance
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """One planned micro-batch: summed NLL, scored and correct counts (len(idx),) each, in ``idx`` order, and the
+    sizes of the passes that scored it — smaller than planned after an out-of-memory error (``cap[0]``)."""
+    device = model.get_input_embeddings().weight.device
+    queue, parts, sizes = deque([idx]), [], []
+    while queue:
+        part = queue.popleft()
+        if cap[0] is not None and len(part) > cap[0]:
+            queue.appendleft(part[cap[0]:])
+            part = part[:cap[0]]
+        ids, attn, scored = collate([windows[j] for j in part], pad_id)
+        try:
+            parts.append(score_batch(model, ids, attn, scored))
+        except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
+            cap[0] = _halve_or_raise(exc, len(part), ids.shape[1], device)
+            queue.appendleft(part)
+            continue
+        sizes.append(len(part))
+        advance(len(part))
+    nll, n_scored, n_correct = (torch.cat(t).numpy() for t in zip(*parts))
+    return nll, n_scored, n_correct, sizes
 
 
 def _halve_or_raise(exc: BaseException, batch: int, length: int, device: torch.device) -> int:

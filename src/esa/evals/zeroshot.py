@@ -169,26 +169,36 @@ def score_requests(
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     description: str = "zero-shot",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Log-likelihood (R,) float64 and is_greedy (R,) bool for every request; halves the budget on OOM."""
+    """Log-likelihood (R,) float64 and is_greedy (R,) bool for every request; halves the budget on OOM.
+    In a data-parallel run (:mod:`esa.core.parallel`) the planned batches are split between the replicas."""
     ll, greedy = np.zeros(len(requests)), np.zeros(len(requests), dtype=bool)
-    pending = plan_batches(requests, max_length, token_budget)
+    plan = plan_batches(requests, max_length, token_budget)
     with progress.bar(len(requests), description) as advance:
-        while pending:
-            batch = pending.pop(0)
-            try:
-                out_ll, out_greedy = parallel.unit(f"requests/{batch[0]}+{len(batch)}",
-                                                   score_batch, model, [requests[r] for r in batch], max_length)
-            except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
-                if not is_oom(exc) or len(batch) == 1:
-                    raise
-                token_budget = max(1, token_budget // 2)
-                log.warning("out of memory; retrying with a token budget of %d", token_budget)
-                sub = plan_batches([requests[r] for r in batch], max_length, token_budget)
-                pending = [[batch[i] for i in part] for part in sub] + pending
-                continue
-            ll[batch], greedy[batch] = out_ll, out_greedy
-            advance(len(batch))
+        scored = parallel.units("requests", _score_planned,
+                                [(model, requests, batch, max_length, token_budget, advance) for batch in plan])
+    for batch, (out_ll, out_greedy) in zip(plan, scored):
+        ll[batch], greedy[batch] = out_ll, out_greedy
     return ll, greedy
+
+
+def _score_planned(model, requests: list[Request], batch: list[int], max_length: int, token_budget: int,
+                   advance) -> tuple[list[float], list[bool]]:
+    """One planned batch's log-likelihoods and greedy flags, in ``batch`` order; on out-of-memory it is
+    re-planned at half the token budget (down to one request, which then raises)."""
+    try:
+        out = score_batch(model, [requests[r] for r in batch], max_length)
+    except RuntimeError as exc:  # every allocator failure is one (esa.evals.resources.is_oom)
+        if not is_oom(exc) or len(batch) == 1:
+            raise
+        token_budget = max(1, token_budget // 2)
+        log.warning("out of memory; retrying with a token budget of %d", token_budget)
+        got = {}  # request index → (log-likelihood, greedy)
+        for part in plan_batches([requests[r] for r in batch], max_length, token_budget):
+            rows = [batch[i] for i in part]
+            got |= dict(zip(rows, zip(*_score_planned(model, requests, rows, max_length, token_budget, advance))))
+        return [got[r][0] for r in batch], [got[r][1] for r in batch]
+    advance(len(batch))
+    return out
 
 
 @dataclass(frozen=True)

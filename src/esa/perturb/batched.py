@@ -111,10 +111,8 @@ def score_edits(cache: PrefixCache, name: str, rows, cols, deltas, chunk: int = 
     parts = []
     for s in range(0, len(rows), chunk):
         r, c, d = (t[s:s + chunk].to(device) for t in (rows, cols, deltas))
-        per_batch = []
-        for i, b in enumerate(cache.batches):
-            nll = parallel.unit(f"edits/{name}/{s}+{len(r)}/{i}", _edited_replay, cache, consumer[1], b, layer,
-                                r, c, d, owner=cache.owner_of(i))
-            per_batch.append(nll.reshape(len(r), -1))  # (k, B)
-        parts.append(torch.cat(per_batch, dim=1))  # (k, W)
+        calls = [(cache, consumer[1], b, layer, r, c, d) for b in cache.batches]
+        owners = [cache.owner_of(i) for i in range(len(cache.batches))]
+        per_batch = parallel.units(f"edits/{name}/{s}+{len(r)}", _edited_replay, calls, owners)  # (k·B,) each
+        parts.append(torch.cat([nll.reshape(len(r), -1) for nll in per_batch], dim=1))  # (k, W)
     return torch.cat(parts).numpy() if parts else np.zeros((0, len(cache.baseline.nll)))

@@ -263,6 +263,9 @@ class PrefixCache:
             out, i = rows.stop, j
         return batches
 
+    def _owners(self) -> list[int | None]:
+        return [self.owner_of(i) for i in range(len(self.batches))]
+
     def owner_of(self, batch: int) -> int | None:
         """The replica holding batch ``batch``'s states (:mod:`esa.core.parallel`): in a data-parallel run with
         at least as many batches as replicas, batch i lives on replica i % n (None: every replica holds all)."""
@@ -273,16 +276,14 @@ class PrefixCache:
         """Run every batch once through the unperturbed model, capturing layer inputs; return its scores."""
         if self.reason:
             return self.score_full()
-        parts = []
-        for i, batch in enumerate(self.batches):
-            if self.replicas > 1:  # only the owner captures (and scores) this batch
-                scores, kv = parallel.unit(f"build/{i}", self._build_batch, batch, owner=self.owner_of(i))
-            else:
-                scores, kv = self._build_batch(batch)
-            if kv:
-                self.reason = "the model passed a KV cache to its layers despite use_cache=False"
-            parts.append(scores)
-        return self._collect(parts, 0, "build run (full forward)")
+        calls = [(batch,) for batch in self.batches]
+        if self.replicas > 1:  # only the owner captures (and scores) a batch
+            built = parallel.units("build", self._build_batch, calls, self._owners())
+        else:
+            built = [self._build_batch(*call) for call in calls]
+        if any(kv for _, kv in built):
+            self.reason = "the model passed a KV cache to its layers despite use_cache=False"
+        return self._collect([scores for scores, _ in built], 0, "build run (full forward)")
 
     def _build_batch(self, batch: _Batch) -> tuple[tuple[torch.Tensor, ...], bool]:
         """Capture ``batch``'s layer inputs in one full forward: (its scores, whether a KV cache was passed)."""
@@ -356,8 +357,7 @@ class PrefixCache:
         """Score all windows with a full forward of the model as it is now (the reference path)."""
         times: list[float] = []
         with timed(self.device, times):
-            parts = [parallel.unit(f"full/{i}", self._forward, b, owner=self.owner_of(i))
-                     for i, b in enumerate(self.batches)]
+            parts = parallel.units("full", self._forward, [(b,) for b in self.batches], self._owners())
         return self._collect(parts, 0, self.reason or "full forward requested", times[0])
 
     @torch.inference_mode()
@@ -374,8 +374,7 @@ class PrefixCache:
                            "or use score_params(), which picks the deepest cached layer at or before it")
         times: list[float] = []
         with timed(self.device, times):
-            parts = [parallel.unit(f"from{layer}/{i}", self._replay, b, layer, owner=self.owner_of(i))
-                     for i, b in enumerate(self.batches)]
+            parts = parallel.units(f"from{layer}", self._replay, [(b, layer) for b in self.batches], self._owners())
         return self._collect(parts, layer, "", times[0])
 
     def score_params(self, param_names: Iterable[str]) -> PrefixScores:

@@ -19,7 +19,7 @@ from esa.perturb.ops import make_op
 from esa.perturb.protocols.choose import Resolved, resolve_targets
 from esa.perturb.protocols.downstream import downstream
 from esa.perturb.protocols.common import (BitscanConfig, Bench, base_arrays, build_cache, compare, header,
-                                          make_bench, trial)
+                                          make_bench, trial, trials)
 from esa.perturb.protocols.experiments import parse_value
 from esa.perturb.targets import TargetSet
 from esa.stats import perplexity
@@ -219,8 +219,9 @@ def bitscan_experiment(lm: LoadedModel, cfg: BitscanConfig) -> tuple[dict, dict[
     if screening is not None:
         candidates = sorted(flips, key=lambda f: -f.rank)[: cfg.greedy_pool]
         screening["greedy_extra_single_trials"] = sum(f.nll is None for f in candidates)
-    for f in candidates:
-        _measure(bench, f)
+    todo = [f for f in candidates if f.nll is None]
+    for f, t in zip(todo, trials(bench, [(f.targets, f.op, 0) for f in todo], "flips")):
+        f.nll, f.items = t.nll, t.tasks
     cells = [_cell(bench, weights, f) for f in flips]
     grid = np.array([c["mean_delta_nll"] for c in cells], dtype=float).reshape(len(weights), len(cfg.bits))
     items = [(f.label, [f.items] if f.items is not None else []) for f in flips if f.nll is not None]

@@ -12,6 +12,7 @@ import torch
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows, scored_text_counts, select_windows
+from esa.core import parallel
 from esa.core.errors import EsaError
 from esa.evals.perplexity import perplexity_metrics
 from esa.models import LoadedModel, check_context, pad_id
@@ -190,6 +191,19 @@ def trial(bench: Bench, ts: TargetSet, op, seed: int, also: tuple[str, ...] = ()
                               "forward_seconds": scores.forward_seconds}, items)
 
 
+def trials(bench: Bench, calls: list[tuple], tag: str) -> list[Trial]:
+    """``trial(bench, ts, op, seed, tasks=True)`` for each ``(ts, op, seed)`` of ``calls``, in order. In a
+    data-parallel run (:mod:`esa.core.parallel`) the trials are split between the replicas when each holds the
+    whole prefix cache (fewer batches than replicas); otherwise each trial's batches are."""
+    if any(c is not None and c.replicas > 1 for c in (bench.cache, bench.task_cache)):
+        return [trial(bench, ts, op, seed, tasks=True) for ts, op, seed in calls]
+    return parallel.units(tag, _trial_with_tasks, [(bench, *call) for call in calls])
+
+
+def _trial_with_tasks(bench: Bench, ts: TargetSet, op, seed: int) -> Trial:
+    return trial(bench, ts, op, seed, tasks=True)
+
+
 def baseline_metrics(bench: Bench) -> dict:
     return perplexity_metrics(bench.cache.baseline, *scored_text_counts(bench.windows))
 
@@ -211,8 +225,8 @@ class Arm:
 
     def run(self, bench: Bench) -> Arm:
         rows = []
-        for seed, ts in self.sets:
-            t = trial(bench, ts, self.op, seed, tasks=True)
+        done = trials(bench, [(ts, self.op, seed) for seed, ts in self.sets], f"arm/{self.name}")
+        for (seed, _), t in zip(self.sets, done):
             rows.append(t.nll)
             self.records.append({"seed": seed, **t.record})
             if t.tasks is not None:
