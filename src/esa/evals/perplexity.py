@@ -142,7 +142,7 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
     sizes: list[int] = []
     with progress.bar(W, description) as advance:
         if plan:  # warm-up: one window, untimed
-            score_batch(model, *collate([windows[plan[0][0]]], pad_id))
+            _warm_up(model, windows[plan[0][0]], pad_id, device)
         with timed(device, times):
             scores = parallel.units("windows", _score_planned,
                                     [(model, windows, idx, pad_id, cap, advance) for idx in plan])
@@ -150,6 +150,14 @@ def evaluate_windows(model, windows: tuple[Window, ...], pad_id: int, token_budg
         nll[idx], n_scored[idx], n_correct[idx] = batch_nll, batch_scored, batch_correct
         sizes += batch_sizes
     return WindowScores(nll, n_scored, n_correct, float(sum(times)), sizes)
+
+
+def _warm_up(model, window: Window, pad_id: int, device: torch.device) -> None:
+    ids, attn, scored = collate([window], pad_id)
+    try:
+        score_batch(model, ids, attn, scored)
+    except RuntimeError as exc:  # out of memory with one window: the one-line error (anything else: re-raised)
+        _halve_or_raise(exc, 1, ids.shape[1], device)
 
 
 def _score_planned(model, windows: tuple[Window, ...], idx: list[int], pad_id: int, cap: list, advance
