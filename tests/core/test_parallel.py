@@ -19,22 +19,28 @@ from esa.study import expand, parse_study
 TIMING = ("seconds", "per_second", "peak_memory", "mfu", "wall", "bytes")  # clocks and memory of one process
 
 
-def _replicas(count: int, work, board) -> list:
-    """Run ``work(index)`` as replica index of ``count`` on threads sharing ``board``; their results in order."""
-    out, errors = [None] * count, []
-
-    def body(i):
-        try:
-            with parallel.share(i, count, board) as share:
-                out[i] = (work(i), share.stats())
-        except BaseException as exc:  # noqa: BLE001 — re-raised in the test's thread
-            errors.append(exc)
-            board.leave(i)
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+def _threads(work, count: int = 2) -> list:
+    """``work(i)`` for i in 0..count-1 on threads side by side; their results in order."""
+    out = [None] * count
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, work(i))) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=300)
+    return out
+
+
+def _replicas(count: int, work, board) -> list:
+    """Run ``work(index)`` as replica index of ``count`` on threads sharing ``board``: [(result, share stats)];
+    the first error of a replica is raised here (the share has left the board, so no other replica waits)."""
+    def body(i):
+        try:
+            with parallel.share(i, count, board) as share:
+                return work(i), share.stats()
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the test's thread
+            return exc
+    out = _threads(body, count)
+    errors = [o for o in out if isinstance(o, BaseException)]
     if errors:
         raise errors[0]
     return out
@@ -163,16 +169,6 @@ def _execute_all(lm, runs, boards: dict | None = None, index: int = 0, die_in: s
                 boards[run_key(later, fp)].leave(index)
             return out
         out[rid].provenance = share.stats()
-    return out
-
-
-def _threads(work, count: int = 2) -> list:
-    out = [None] * count
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, work(i))) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
     return out
 
 
