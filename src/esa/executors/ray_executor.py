@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from esa.core.errors import EsaError
-from esa.core.parallel import LOST, heir
+from esa.core.parallel import LocalBoard
 from esa.executors.core import (EventFn, Summary, commit, group_by_model, known_complete, load_dependencies,
                                 model_key, run_key)
 from esa.store import LeaseKeeper, Store, new_holder
@@ -48,33 +48,35 @@ def import_ray():
 
 class UnitBoard:
     """A Ray actor: the unit values of the runs of one model group's ``count`` replicas, posted and read by them
-    (:class:`esa.core.parallel.Board`, per run id). A replica marked lost stays gone for every run."""
+    — one :class:`esa.core.parallel.LocalBoard` per run id. A replica marked lost stays gone for every run."""
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.values: dict[str, dict[int, tuple]] = {}
-        self.left: dict[str, set[int]] = {}
+        self.runs: dict[str, LocalBoard] = {}
         self.lost: set[int] = set()
 
+    def _run(self, rid: str) -> LocalBoard:
+        if rid not in self.runs:
+            self.runs[rid] = LocalBoard(self.count)
+            self.runs[rid].gone |= self.lost
+        return self.runs[rid]
+
     def post(self, rid: str, u: int, tag: str, value) -> None:
-        self.values.setdefault(rid, {}).setdefault(u, (tag, value))
+        self._run(rid).post(u, tag, value)
 
     def look(self, rid: str, u: int, owner: int, me: int):
-        got = self.values.get(rid, {}).get(u)
-        if got is not None:
-            return got
-        gone = self.lost | self.left.get(rid, set())
-        return LOST if owner in gone and heir(u, self.count, gone) == me else None
+        return self._run(rid).look(u, owner, me)
 
     def leave(self, rid: str, index: int) -> None:
-        self.left.setdefault(rid, set()).add(index)
+        self._run(rid).leave(index)
 
     def mark_lost(self, index: int) -> None:
         self.lost.add(index)
+        for board in self.runs.values():
+            board.leave(index)
 
     def forget(self, rid: str) -> None:
-        self.values.pop(rid, None)
-        self.left.pop(rid, None)
+        self.runs.pop(rid, None)
 
 
 class _RunBoard:
