@@ -2,7 +2,8 @@
 
 At T tokens the unchunked path holds the fp32 logits (T, V) *and* their log-softmax (T, V): for SmolLM2
 (V = 49152) at T = 8192 that is 2 × 1.6 GB. ``score_batch`` runs the backbone once and applies the head and
-log-softmax to ``LOGIT_CHUNK`` positions at a time, so the head's share is O(chunk · V).
+log-softmax to the scored positions only, ``HEAD_ELEMENTS // V`` of them at a time (``esa.evals.logprobs``), so
+the head's share is bounded by ``HEAD_ELEMENTS`` fp32 logits.
 
 How memory is measured (CPU): ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
 made through c10's CPU allocator (all CPU tensors, including the backbone's activations) with a nanosecond
@@ -34,7 +35,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from esa.data.corpora import load_corpus
 from esa.data.windows import make_windows
-from esa.evals.perplexity import LOGIT_CHUNK, collate, score_batch
+from esa.evals.logprobs import HEAD_ELEMENTS
+from esa.evals.perplexity import collate, score_batch
 from esa.models import ModelSpec, load_model
 
 METHODS = ("chunked", "unchunked")
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(int(args.one[0]), args.one[1])))
         return 0
     rows = []
-    print(f"LOGIT_CHUNK={LOGIT_CHUNK}  threads={torch.get_num_threads()}")
+    print(f"HEAD_ELEMENTS={HEAD_ELEMENTS}  threads={torch.get_num_threads()}")
     for n_ids in args.lengths:
         by = {m: run_isolated(n_ids, m) for m in METHODS}
         rows.extend(by.values())

@@ -11,7 +11,8 @@ import torch
 from esa.data.corpora import load_corpus
 from esa.data.windows import Window, make_windows
 from esa.core.errors import EsaError
-from esa.evals.perplexity import collate, evaluate_windows, score_batch, score_states
+from esa.evals.logprobs import score_states
+from esa.evals.perplexity import collate, evaluate_windows, score_batch
 from esa.perturb.context import perturbed
 from esa.perturb.ops import make_op
 from esa.perturb.prefix_cache import PrefixCache, start_layer

@@ -1,8 +1,8 @@
 """Per-window negative log-likelihood, token accuracy and the perplexity family.
 
 For every window the evaluator returns the *summed* NLL of its scored tokens (float64), the number of scored
-tokens and how many of them the model's argmax predicted. Log-softmax is computed in fp32 whatever the weight
-dtype, in chunks of positions so memory is O(B · chunk · V) instead of O(B · T · V).
+tokens and how many of them the model's argmax predicted. Only scored positions go through the head, in chunks
+whose fp32 logits are bounded by the vocabulary (:mod:`esa.evals.logprobs`), never O(B · T · V).
 
 Perplexity = exp(Σ NLL / Σ scored tokens) over all windows; non-finite window losses are counted and kept
 (they make the total non-finite — a collapse is a result, not noise).
@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from esa.core import parallel, progress
-from esa.models.architectures import chunked_head
 from esa.data.windows import Window
 from esa.core.errors import EsaError
+from esa.evals.logprobs import hidden_and_head, score_states
 from esa.evals.resources import is_oom, timed
 
 log = logging.getLogger(__name__)
 
-LOGIT_CHUNK = 512  # positions per fp32 log-softmax chunk
 MAX_PADDING = 0.05  # a micro-batch wastes at most this share of its longest window on padding
 
 
@@ -57,45 +56,13 @@ def collate(windows: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return ids, attn, scored
 
 
-def hidden_and_head(model, inputs: dict):
-    """Final hidden states (B, T, D) and the head function, or full logits (B, T, V) and None when no exact
-    split exists. ``inputs``: the forward's keyword arguments (``input_ids``, ``attention_mask``, …)."""
-    split = chunked_head(model)
-    if split is None:
-        return model(**inputs).logits, None
-    backbone, head_fn = split
-    return backbone(**inputs).last_hidden_state, head_fn
-
-
-def score_states(states: torch.Tensor, head_fn, targets: torch.Tensor, mask: torch.Tensor,
-                 chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed NLL (B,) float64, scored counts (B,) and correct counts (B,) from final hidden states.
-
-    ``states`` (B, T-1, D) are the final-norm outputs at input positions 0..T-2 and ``targets``/``mask``
-    (B, T-1) are ``ids[:, 1:]``/``scored[:, 1:]``: position p predicts token p+1. ``head_fn`` maps hidden
-    states to logits (``None`` when ``states`` already are logits (B, T-1, V)). Log-softmax is fp32, in chunks
-    of ``chunk`` positions so memory is O(B · chunk · V). Shared by :func:`score_batch` and the prefix cache.
-    """
-    B, Tm1 = targets.shape
-    nll = torch.zeros(B, dtype=torch.float64, device=states.device)
-    correct = torch.zeros(B, dtype=torch.long, device=states.device)
-    for s in range(0, Tm1, chunk):
-        part = states[:, s:s + chunk]
-        logits = (head_fn(part) if head_fn else part).float()  # (B, t, V) fp32
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tgt, m = targets[:, s:s + chunk], mask[:, s:s + chunk]
-        tok_nll = -logprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, t)
-        nll += torch.where(m, tok_nll, 0.0).sum(1, dtype=torch.float64)
-        correct += ((logits.argmax(-1) == tgt) & m).sum(1)
-    return nll.cpu(), mask.sum(1).cpu(), correct.cpu()
-
-
 @torch.inference_mode()
 def score_batch(model, ids: torch.Tensor, attn: torch.Tensor, scored: torch.Tensor,
-                chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed NLL (B,) float64, scored counts (B,) and correct counts (B,) for one padded batch.
 
-    Position p's logits predict token p+1, so the model reads ids[:, :-1] and is scored on ids[:, 1:].
+    Position p's logits predict token p+1, so the model reads ids[:, :-1] and is scored on ids[:, 1:]; only
+    scored positions reach the head (:func:`esa.evals.logprobs.score_states`, ``chunk`` tokens at a time).
     """
     device = model.get_input_embeddings().weight.device
     ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from esa.data.windows import Window
-from esa.evals.perplexity import collate, hidden_and_head, score_states
+from esa.evals.logprobs import hidden_and_head, score_states
+from esa.evals.perplexity import collate
 
 AGREE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-6}  # packed vs plain, per item; half dtypes: HALF_TOL
 HALF_TOL = (1e-2, 5e-2)  # (rtol, atol in nats) for bf16/fp16, whose kernels differ in reduction order

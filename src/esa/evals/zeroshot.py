@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from esa.core import parallel, progress
-from esa.models.architectures import chunked_head
 from esa.core.errors import EsaError
+from esa.evals.logprobs import hidden_and_head, score_states
 from esa.evals.resources import is_oom
 from esa.evals.tasks import TaskData
 from esa.models import max_positions
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval HFLM's fallback when the config names no context length
 DEFAULT_TOKEN_BUDGET = 8192  # padded tokens per forward micro-batch
-HEAD_CHUNK = 512  # continuation positions per fp32 log-softmax chunk
 BOOTSTRAP_ITERS = 100_000  # lm-eval simple_evaluate's default bootstrap_iters (perplexity stderr)
 
 
@@ -119,15 +118,6 @@ def plan_batches(requests: list[Request], max_length: int, token_budget: int) ->
     return batches
 
 
-def _hidden(model, ids: torch.Tensor, attn: torch.Tensor):
-    """(B, T, D) final hidden states and the head, or (B, T, V) logits and None when no exact split exists."""
-    split = chunked_head(model)
-    if split is None:
-        return model(input_ids=ids, attention_mask=attn).logits, None
-    backbone, head_fn = split
-    return backbone(input_ids=ids, attention_mask=attn).last_hidden_state, head_fn
-
-
 @torch.inference_mode()
 def score_batch(model, batch: list[Request], max_length: int) -> tuple[list[float], list[bool]]:
     """Summed continuation log-likelihood (fp32 log-softmax, float64 sum) and greedy flag per request."""
@@ -138,28 +128,14 @@ def score_batch(model, batch: list[Request], max_length: int) -> tuple[list[floa
     attn = torch.zeros((len(batch), T), dtype=torch.long)
     for b, x in enumerate(inputs):
         ids[b, : len(x)], attn[b, : len(x)] = torch.tensor(x), 1
-    states, head_fn = _hidden(model, ids.to(device), attn.to(device))  # (B, T, D) or (B, T, V)
-    rows, cols, targets, owner = [], [], [], []
+    targets = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T) token each scored position predicts
+    scored = torch.zeros((len(batch), T), dtype=torch.bool)
     for b, (x, req) in enumerate(zip(inputs, batch)):
-        c = len(req.continuation)
-        rows += [b] * c
-        cols += range(len(x) - c, len(x))  # the last c input positions predict the c continuation tokens
-        targets += req.continuation
-        owner += [b] * c
-    picked = states[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, D) or (N, V)
-    tgt = torch.tensor(targets, device=device)  # (N,)
-    tok_ll = torch.empty(len(tgt), dtype=torch.float64, device=device)
-    hit = torch.empty(len(tgt), dtype=torch.bool, device=device)
-    for s in range(0, len(tgt), HEAD_CHUNK):
-        part = picked[s : s + HEAD_CHUNK]
-        logits = (head_fn(part) if head_fn else part).float()  # (n, V) fp32
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tok_ll[s : s + HEAD_CHUNK] = logprobs.gather(-1, tgt[s : s + HEAD_CHUNK, None]).squeeze(-1).double()
-        hit[s : s + HEAD_CHUNK] = logits.argmax(-1) == tgt[s : s + HEAD_CHUNK]
-    own = torch.tensor(owner, device=device)
-    ll = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, own, tok_ll)
-    misses = torch.zeros(len(batch), dtype=torch.long, device=device).index_add_(0, own, (~hit).long())
-    return ll.cpu().tolist(), (misses == 0).cpu().tolist()
+        c = len(req.continuation)  # the last c input positions predict the c continuation tokens
+        targets[b, len(x) - c:len(x)], scored[b, len(x) - c:len(x)] = torch.tensor(req.continuation), True
+    states, head_fn = hidden_and_head(model, {"input_ids": ids.to(device), "attention_mask": attn.to(device)})
+    nll, n, correct = score_states(states, head_fn, targets.to(device), scored.to(device))  # (B,) each
+    return (-nll).tolist(), (correct == n).tolist()
 
 
 def score_requests(

@@ -140,10 +140,17 @@ def chunked_head(model: nn.Module):
     head = model.get_output_embeddings()
     if fam is None or head is None or not fam.exact_head:
         return None
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    return model.base_model, Head(head, getattr(model.config, "final_logit_softcapping", None))
 
-    def head_fn(hidden: torch.Tensor) -> torch.Tensor:  # (B, t, D) → (B, t, V)
-        logits = head(hidden)
-        return torch.tanh(logits / cap) * cap if cap else logits
 
-    return model.base_model, head_fn
+class Head:
+    """The output head as a function: final hidden states (…, D) → logits (…, V), soft-capped when ``cap``
+    (Gemma-2: ``tanh(logits / cap) · cap``). ``out_features`` is V."""
+
+    def __init__(self, linear: nn.Module, cap: float | None):
+        self.linear, self.cap = linear, cap
+        self.out_features = linear.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden)
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits

@@ -45,7 +45,8 @@ from esa.models.architectures import chunked_head, decoder_layers, family_of, la
 from esa.data.windows import Window
 from esa.core import parallel
 from esa.core.errors import EsaError
-from esa.evals.perplexity import WindowScores, collate, hidden_and_head, score_states
+from esa.evals.logprobs import hidden_and_head, score_states
+from esa.evals.perplexity import WindowScores, collate
 from esa.evals.shared_context import SharedContext, Unit, collate_shared, n_outputs, unit_length
 from esa.evals.resources import timed
 
