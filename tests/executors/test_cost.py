@@ -1,6 +1,7 @@
 """``provenance.cost`` of every run (wall time, device-hours, tokens/s, MFU) and ``esa plan --db`` timing runs at
 the rates measured in a results database; on a tiny random Llama, CPU."""
 
+import dataclasses
 import statistics
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import yaml
 from esa.cli import main
 from esa.core import parallel
 from esa.executors import plan, run_id, run_key, run_study
+from esa.executors.core import Throughput, _scale, rate_in_db
 from esa.executors.cost import device_count, forward_rate, run_cost
 from esa.store import Reader, Store
 from esa.study import expand, parse_study
@@ -82,6 +84,52 @@ def test_plan_cli_prints_the_measured_basis(cost_db, tiny_study_dir, tmp_path, c
     out = " ".join(capsys.readouterr().out.split())
     assert "measured in" in out and "1 run(s)" in out
     assert f"2 runs of kind baseline at ctx 64, median {_median_rate(cost_db, 64):,.0f} tok/s on cpu" in out
+
+
+def test_plan_with_replicas_assumes_linear_scaling_without_runs_measured_so(cost_db, tiny_study_dir):
+    study = parse_study(_spec(tiny_study_dir, context_lens=[64], seeds=[0]))
+    (one,), (two,) = plan(study, measure=False, db=cost_db), plan(study, measure=False, db=cost_db, replicas=2)
+    assert two.seconds == pytest.approx(one.seconds / 2, rel=1e-12)
+    assert two.basis == f"{one.basis}; × 2 replicas, linear scaling assumed (none measured with 2)"
+
+
+def _as_if_split(record, replicas: int, rate: float):
+    """``record`` as if it had run shared by ``replicas`` replicas at ``rate`` tokens/s (the whole run's)."""
+    cost = {**record.provenance["cost"], "replicas": replicas, "tokens_per_second": rate}
+    return dataclasses.replace(record, provenance={**record.provenance, "cost": cost})
+
+
+def test_plan_with_replicas_prefers_runs_measured_with_that_many(cost_db, tiny_study_dir):
+    """Two replicas measured at 1.5× one process's rate (not 2×): the plan uses the measured 1.5×."""
+    stored = [r for r in _stored(cost_db) if r.config["context_len"] == 64]
+    single = _median_rate(cost_db, 64)
+    shared = [_as_if_split(r, 2, 1.5 * single) for r in stored]
+    run = expand(parse_study(_spec(tiny_study_dir, context_lens=[64], seeds=[0])))[0]
+    tp = rate_in_db(stored + shared, run, "db", replicas=2)
+    assert tp.tokens_per_second == pytest.approx(1.5 * single, rel=1e-12)
+    assert tp.basis.endswith("; measured with 2 replicas") and "2 runs of kind baseline" in tp.basis
+    alone = rate_in_db(stored + shared, run, "db", replicas=1)  # one replica: the runs measured with one
+    assert alone.tokens_per_second == pytest.approx(single, rel=1e-12) and "replicas" not in alone.basis
+    only_shared = rate_in_db(shared, run, "db", replicas=1)  # per process: 1.5× over 2 replicas = 0.75× each
+    assert only_shared.tokens_per_second == pytest.approx(0.75 * single, rel=1e-12)
+
+
+def test_replicas_do_not_shorten_a_kind_every_replica_repeats():
+    tp = Throughput(100.0, "measured")
+    assert _scale(tp, "baseline", 4).tokens_per_second == 400.0
+    repeated = _scale(tp, "sensitivity", 4)
+    assert repeated.tokens_per_second == 100.0 and "do not shorten it" in repeated.basis
+    cost = {"tokens_per_second": 100.0, "passes": 3.0, "replicas": 4}  # a sensitivity run on 4 replicas
+    assert forward_rate(cost, split=False) == 300.0 and forward_rate(cost) == 75.0
+
+
+def test_plan_cli_says_the_replicas(cost_db, tiny_study_dir, tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(_spec(tiny_study_dir, context_lens=[64], seeds=[0])))
+    assert main(["plan", str(tmp_path / "s.yaml"), "--no-measure", "--db", str(cost_db), "--replicas", "3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "each shared by 3 replicas" in out and "× 3 replicas, linear scaling assumed" in out
+    assert main(["plan", str(tmp_path / "s.yaml"), "--replicas", "0"]) == 2
+    assert "--replicas 0: use 1 or more model replicas" in capsys.readouterr().err
 
 
 def _fake_lm(device: str, device_map: dict | None = None):

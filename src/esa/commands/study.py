@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     p.add_argument("--db", type=Path, default=None,
                    help="results database of earlier runs: time each run at the tokens/s measured there "
                    "(provenance.cost) for the same model and kind, nearest context length")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel model replicas each run will be shared by (esa run --replicas): rates "
+                   "measured with that many are used when --db has them, else linear scaling is assumed")
     p.set_defaults(func=plan)
 
     r = subparsers.add_parser("run", help="execute a study's pending runs into a results database (resumable)")
@@ -57,8 +60,9 @@ def plan(args) -> int:
     from esa.study import load_study
 
     study = load_study(args.study)
-    rows = make_plan(study, measure=not args.no_measure, db=args.db)
-    table = Table(title=f"study {study.name}: {len(rows)} run(s)")
+    rows = make_plan(study, measure=not args.no_measure, db=args.db, replicas=args.replicas)
+    shared = f", each shared by {args.replicas} replicas" if args.replicas > 1 else ""
+    table = Table(title=f"study {study.name}: {len(rows)} run(s){shared}")
     for col in ("#", "kind", "model", "dtype", "dataset", "ctx", "seed", "scored tokens ≤", "est. forward time"):
         table.add_column(col)
     for i, row in enumerate(rows, 1):

@@ -278,43 +278,68 @@ def _same_model(spec: ModelSpec, stored: list) -> list:
     return [r for r in stored if identity is not None and model_identity(r.model) == identity]
 
 
-def rate_in_db(stored: list, run, db: str | Path) -> Throughput | None:
+def rate_in_db(stored: list, run, db: str | Path, replicas: int = 1) -> Throughput | None:
     """The median measured rate of the ``stored`` runs of ``run``'s model and kind at the nearest context
-    length (exact preferred; ties: the shorter), or None when there are none.
+    length (exact preferred; ties: the shorter), for ``replicas`` data-parallel replicas; None when there are none.
 
     A stored run's rate is its forward-equivalent tokens/s per process (:func:`esa.executors.cost.forward_rate`),
     so ``tokens × passes / rate`` is the planned run's time. Example: runs at ctx 64 and 256, planned at 128 →
-    the ctx-64 runs' median.
+    the ctx-64 runs' median. With ``replicas`` > 1 the runs measured with that many replicas are used when there
+    are any (their rate holds how well the split scaled); see :func:`_scale`.
     """
+    split = kinds.get(run.kind).split_by_replicas
     same = [r for r in _same_model(run.model, stored) if r.kind == run.kind]
+    at_replicas = [r for r in same if _replicas_of(r) == replicas]
+    same = at_replicas if split and at_replicas else same
     ctx = getattr(run, "context_len", None)
     lens = {r.config.get("context_len") for r in same} - {None}
     near = min(lens, key=lambda c: (abs(c - ctx), c)) if ctx is not None and lens else None
     used = [r.provenance["cost"] for r in same if r.config.get("context_len") == near]
     if not used:
         return None
-    rate = statistics.median(forward_rate(c) for c in used)
+    rate = statistics.median(forward_rate(c, split) for c in used)
     at = "" if near is None else f" at ctx {near}" + ("" if near == ctx else f" (nearest to {ctx})")
     devices = ", ".join(sorted({str(c.get("device")) for c in used}))
-    return Throughput(rate, f"measured in {db}: {len(used)} run{'s' * (len(used) != 1)} of kind {run.kind}{at}, "
-                            f"median {rate:,.0f} tok/s on {devices}")
+    measured = Throughput(rate, f"measured in {db}: {len(used)} run{'s' * (len(used) != 1)} of kind {run.kind}"
+                                f"{at}, median {rate:,.0f} tok/s on {devices}")
+    return _scale(measured, run.kind, replicas, measured_with=bool(at_replicas) and split)
 
 
-def plan(study, measure: bool = True, db: str | Path | None = None) -> list[PlanRow]:
+def _replicas_of(record) -> int:
+    return int(((record.provenance or {}).get("cost") or {}).get("replicas") or 1)
+
+
+def _scale(tp: Throughput, kind: str, replicas: int, measured_with: bool = False) -> Throughput:
+    """``tp`` (one process's rate) for a run shared by ``replicas`` replicas: × replicas when the kind's work is
+    split between them (linear scaling unless ``measured_with`` that many), unchanged when each repeats it."""
+    if replicas == 1 or tp.tokens_per_second is None:
+        return tp
+    if not kinds.get(kind).split_by_replicas:
+        return Throughput(tp.tokens_per_second, f"{tp.basis}; every replica repeats a {kind} run, so "
+                                                f"{replicas} replicas do not shorten it")
+    how = f"measured with {replicas} replicas" if measured_with else \
+        f"× {replicas} replicas, linear scaling assumed (none measured with {replicas})"
+    return Throughput(tp.tokens_per_second * replicas, f"{tp.basis}; {how}")
+
+
+def plan(study, measure: bool = True, db: str | Path | None = None, replicas: int = 1) -> list[PlanRow]:
     """Every run with its token budget and estimated compute time; nothing is executed or written.
 
     With ``db`` (a results database), a run whose model and kind completed there is timed at their measured
-    rate (:func:`rate_in_db`); the others are timed here or assumed (:func:`throughputs`).
+    rate (:func:`rate_in_db`); the others are timed here or assumed (:func:`throughputs`). ``replicas``: the
+    data-parallel replicas each run will be shared by (``esa run --replicas``).
     """
+    if replicas < 1:
+        raise EsaError(f"--replicas {replicas}: use 1 or more model replicas")
     runs = expand(study)
     ctxs = tuple(sorted({getattr(r, "context_len", None) for r in runs} - {None} | set(study.context_lens)))
     stored = completed_costs(db) if db is not None else []
-    found = [rate_in_db(stored, run, db) for run in runs]
+    found = [rate_in_db(stored, run, db, replicas) for run in runs]
     need = {run.model for run, tp in zip(runs, found) if tp is None}
     rates = {spec: throughputs(spec, study, measure, ctxs) for spec in model_specs(study) if spec in need}
     rows = []
     for run, tp in zip(runs, found):  # a run without windows (zero-shot items) is timed at the shortest context
-        tp = tp or rates[run.model][getattr(run, "context_len", None) or ctxs[0]]
+        tp = tp or _scale(rates[run.model][getattr(run, "context_len", None) or ctxs[0]], run.kind, replicas)
         tokens, passes = kinds.get(run.kind).cost(run)
         secs = tokens * passes / tp.tokens_per_second if tokens is not None and tp.tokens_per_second else None
         rows.append(PlanRow(run, tokens, secs, tp.basis, passes))

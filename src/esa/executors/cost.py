@@ -77,10 +77,14 @@ def run_cost(lm, run, metrics: dict | None, wall_seconds: float) -> dict:
             "mfu": None if per_device is None else mfu(lm.fingerprint.n_params, per_device, lm.device)}
 
 
-def forward_rate(cost: dict) -> float | None:
-    """Forward-equivalent tokens/s of one process (``tokens_per_second × passes / replicas``) — the rate
-    ``esa plan`` divides a planned run's ``tokens × passes`` by; None when the cost has no rate."""
+def forward_rate(cost: dict, split: bool = True) -> float | None:
+    """Forward-equivalent tokens/s of one process — the rate ``esa plan`` divides a planned run's
+    ``tokens × passes`` by; None when the cost has no rate.
+
+    That is ``tokens_per_second × passes / replicas`` for a kind whose work the replicas split (``split``,
+    :attr:`esa.kinds.base.RunKind.split_by_replicas`); a kind every replica repeats went at one process's rate
+    whatever the replicas, so its rate is not divided."""
     rate = (cost or {}).get("tokens_per_second")
     if not isinstance(rate, (int, float)) or rate <= 0:
         return None
-    return rate * float(cost.get("passes") or 1.0) / int(cost.get("replicas") or 1)
+    return rate * float(cost.get("passes") or 1.0) / (int(cost.get("replicas") or 1) if split else 1)

@@ -99,6 +99,9 @@ class RunKind:
     on_commit: Callable[[Any, Any], None] | None = None  # (store, record) before the row is written
     load_result: Callable[[Any, str], dict] | None = None  # (store, run id) → ctx.rankings entries for dependents
     warnings: Callable[[Any], list[str]] | None = None  # stored Run → kind-specific report warnings
+    # whether data-parallel replicas (esa.core.parallel) split a run's work; False: each repeats all of it
+    # (gradient passes, super-weight detection), so replicas do not shorten the run (esa plan --replicas)
+    split_by_replicas: bool = True
 
 
 def no_check(section, study, where: str) -> None:

@@ -317,4 +317,4 @@ KIND = RunKind(
     name="sensitivity", version=2, about="score every weight with one scorer; keep the top (or bottom) k",
     section="sensitivity", schema=SensitivitySection, check=check, expand=expand, depends_on=(),
     execute=execute, cost=cost, summary=summary, report=ReportSection("Sensitivity", 1, sensitivity_section),
-    on_commit=write_ranking, load_result=load_ranking)
+    on_commit=write_ranking, load_result=load_ranking, split_by_replicas=False)

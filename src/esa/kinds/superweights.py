@@ -135,4 +135,4 @@ KIND = RunKind(
     name="superweights", version=1, about="locate super weights from massive activations (one forward pass)",
     section="superweights", schema=SuperWeightsSection, check=check, expand=expand, depends_on=(),
     execute=execute, cost=lambda run: (run.max_samples * (run.context_len - 1), float(run.iterations)),
-    summary=summary, report=ReportSection("Super weights", 1, report))
+    summary=summary, report=ReportSection("Super weights", 1, report), split_by_replicas=False)
