@@ -178,7 +178,7 @@ def _cpu(fn, repeats: int = 3) -> float:
 
 
 def _replay_layers(layers, batch, layer: int) -> torch.Tensor:
-    """The residual after the last decoder layer, replayed from ``layer`` as PrefixCache._replay does."""
+    """The residual after the last decoder layer, replayed from ``layer`` as PrefixCache.replay does."""
     hidden = batch.inputs[layer]  # (B, T-1, D)
     for i in range(layer, len(layers)):
         args, kw = batch.calls[i]

@@ -83,7 +83,7 @@ def _edited_replay(cache: PrefixCache, module, batch, layer: int, rows, cols, de
     """(k·B,) summed NLL of one cached batch replayed from ``layer`` under k rank-one edits of ``module``."""
     cache.hold_states(batch, layer)
     with _rank_one(module, rows, cols, deltas, batch.inputs[layer].shape[0]):
-        return cache._replay(_replicated(batch, layer, len(rows)), layer)[0]
+        return cache.replay(_replicated(batch, layer, len(rows)), layer)[0]
 
 
 @torch.inference_mode()

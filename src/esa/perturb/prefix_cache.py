@@ -312,7 +312,7 @@ class PrefixCache:
     def _verify(self) -> str:
         """"" when a replay of the first batch from the shallowest cached layer equals the build run, else why."""
         first = self.batches[0]
-        got = self._replay(first, self.layers[0])[0].numpy()
+        got = self.replay(first, self.layers[0])[0].numpy()
         want = self.baseline.nll[first.rows]
         if np.allclose(got, want, rtol=VERIFY_RTOL, atol=0.0, equal_nan=True):
             return ""
@@ -331,7 +331,9 @@ class PrefixCache:
         """Bytes held by cached residual streams: Σ over layers of W · T · D · itemsize."""
         return sum(t.nbytes for b in self.batches for t in b.inputs.values())
 
-    def _replay(self, batch: _Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def replay(self, batch: _Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) summed NLL, scored and correct counts of ``batch`` from its cached input to ``layer`` through the
+        current weights of layers ``layer``… and the head (the input is captured first when not held here)."""
         self.hold_states(batch, layer)
         layers = decoder_layers(self.model)
         hidden = batch.inputs[layer]  # (B, T', D)
@@ -375,7 +377,7 @@ class PrefixCache:
                            "or use score_params(), which picks the deepest cached layer at or before it")
         times: list[float] = []
         with timed(self.device, times):
-            parts = parallel.units(f"from{layer}", self._replay, [(b, layer) for b in self.batches], self._owners())
+            parts = parallel.units(f"from{layer}", self.replay, [(b, layer) for b in self.batches], self._owners())
         return self._collect(parts, layer, "", times[0])
 
     def score_params(self, param_names: Iterable[str]) -> PrefixScores:
