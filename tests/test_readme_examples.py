@@ -102,7 +102,7 @@ REGISTRY = {
         "esa run studies/demo.yaml --db runs/demo.db",
         "esa results runs/demo.db --format csv --out runs/demo.csv"],
     "test_tracking_examples": [
-        "esa run studies/demo.yaml --db runs/demo.db --track mlflow",
+        "esa run studies/demo.yaml --db runs/tracked.db --track mlflow",
         "WANDB_MODE=offline esa baseline --datasets python-docs --context-lens 128 --max-eval-tokens 1024 "
         "--out-dir runs/base --track wandb --track-project esa"],
 }
