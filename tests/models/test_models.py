@@ -144,3 +144,34 @@ def test_check_context_names_the_flag_and_the_fix():
                               "use sensitivity.context_len ≤ 8192")
     with pytest.raises(EsaError, match="use --context-lens ≤ 8192$"):  # esa baseline's flag by default
         check_context(_lm(8192), 9000)
+
+
+@pytest.mark.parametrize("visible, sharded", [(2, True), (1, False)])
+def test_a_process_that_sees_several_gpus_shards_the_model(tmp_path, tokenizer, monkeypatch, visible, sharded):
+    """``--device auto`` with 2+ visible GPUs loads with ``device_map="auto"`` and leaves the placement to it; one
+    GPU: no device map, moved to it. A Ray replica with ``--num-gpus 2`` sees 2 (tests/executors/
+    test_replica_gpus_ray.py), so sharding inside a replica composes with data parallelism. CUDA is faked here;
+    the model stays on the CPU."""
+    import transformers
+
+    from esa.models.tiny import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(location, **kwargs):
+        seen["kwargs"] = kwargs
+        model = real(location, dtype=kwargs["dtype"])
+        model.to = lambda device: seen.setdefault("moved_to", str(device)) and model
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    lm = load_model(ModelSpec(str(tmp_path / "m"), device="auto", dtype="fp32"))
+    assert lm.device.type == "cuda"
+    assert (seen["kwargs"].get("device_map") == "auto") is sharded
+    assert seen.get("moved_to") == (None if sharded else "cuda")

@@ -43,7 +43,10 @@ def library_versions() -> dict[str, str | None]:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch_threads": torch.get_num_threads()}
+    """The device and threads; ``cuda_visible_devices`` says which GPUs the process was given (a Ray replica:
+    the ones Ray assigned it; None when unset)."""
+    info = {"device": str(device), "torch_threads": torch.get_num_threads(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = torch.cuda.device_count()
