@@ -7,7 +7,8 @@ and the second is timed. The script prints the timed ratio eager / compiled, the
 relative NLL difference between the two.
 
     HF_HUB_OFFLINE=1 python bench/compile_backbone.py                          # embedded SmolLM2, CPU (~5 min)
-    python bench/compile_backbone.py --model /tmp/rand-8b --device cuda --dtype bf16 --ctx 2048 --token-budget 65536  # needs a GPU
+    python bench/compile_backbone.py --model /tmp/rand-8b --device cuda --dtype bf16 --ctx 2048 \
+        --token-budget 65536                                                   # needs a GPU
 
 ESA does not compile by default. The scoring path stays eager until this bench shows a gain on the hardware it
 targets.
@@ -16,23 +17,12 @@ targets.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
+from scoring_common import add_scoring_args, clock, load, planned_batches, write_json
 
-from esa.data.corpora import load_corpus
-from esa.data.windows import make_windows
 from esa.evals.logprobs import score_states
-from esa.evals.perplexity import batch_plan, collate
-from esa.models import ModelSpec, load_model
 from esa.models.architectures import chunked_head
-
-
-def clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 @torch.inference_mode()
@@ -47,20 +37,13 @@ def score(backbone, head_fn, batches, device) -> tuple[float, torch.Tensor]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--token-budget", type=int, default=4096)
+    add_scoring_args(p)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--mode", default=None, help="torch.compile mode (e.g. max-autotune, reduce-overhead)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    lm = load_model(ModelSpec(args.model, device=args.device, dtype=args.dtype))
-    device = lm.model.get_input_embeddings().weight.device
-    windows = make_windows(lm.tokenizer, load_corpus("python-docs").documents, "chunks", ctx=args.ctx).windows
-    batches = [tuple(t.to(device) for t in collate([windows[i] for i in idx], lm.tokenizer.pad_token_id))
-               for idx in batch_plan(windows, args.token_budget)[: args.batches]]
+    lm, device = load(args)
+    batches = planned_batches(lm, args.ctx, args.token_budget, args.batches, device)
     backbone, head_fn = chunked_head(lm.model)
     score(backbone, head_fn, batches[:1], device)  # warm-up
     eager, want = score(backbone, head_fn, batches, device)
@@ -77,9 +60,7 @@ def main(argv=None) -> int:
           f"({row['scored_tokens']} scored tokens), threads {row['threads']}: eager {eager:.2f} s, compiled "
           f"{timed:.2f} s → {row['eager_over_compiled']:.2f}× (first compiled pass, compiling: {first:.0f} s); "
           f"max rel NLL diff {diff:.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=1)
+    write_json(args.json, row)
     return 0
 
 

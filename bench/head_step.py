@@ -21,18 +21,13 @@ document's last window scores only its new tokens) and ``chunks`` (every positio
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 from longctx_memory import peak_live_bytes
+from scoring_common import add_scoring_args, clock, load, planned_batches, write_json
 from torch.profiler import ProfilerActivity, profile
 
-from esa.data.corpora import load_corpus
-from esa.data.windows import make_windows
 from esa.evals.logprobs import HEAD_ELEMENTS, hidden_and_head, score_states
-from esa.evals.perplexity import batch_plan, collate
-from esa.models import ModelSpec, load_model
 
 POSITIONS = 512  # the baseline's positions per chunk (of every row of the batch at once)
 
@@ -53,24 +48,6 @@ def score_every_position(states, head_fn, targets, mask):
 
 
 METHODS = {"positions": score_every_position, "scored": score_states}
-
-
-def batches(lm, method: str, ctx: int, budget: int, max_batches: int, device):
-    """(inputs, targets, mask) of the first ``max_batches`` planned micro-batches of python-docs windows."""
-    docs = load_corpus("python-docs").documents
-    stride = ctx // 4 if method == "sliding" else None
-    windows = make_windows(lm.tokenizer, docs, method, ctx=ctx, stride=stride).windows
-    out = []
-    for idx in batch_plan(windows, budget)[:max_batches]:
-        ids, attn, scored = (t.to(device) for t in collate([windows[i] for i in idx], lm.tokenizer.pad_token_id))
-        out.append(({"input_ids": ids[:, :-1], "attention_mask": attn[:, :-1]}, ids[:, 1:], scored[:, 1:]))
-    return out
-
-
-def clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 @torch.inference_mode()
@@ -103,7 +80,10 @@ def peak_bytes(fn, states, head_fn, work, device) -> int:
 
 @torch.inference_mode()
 def run(lm, method: str, args, device) -> dict:
-    work = batches(lm, method, args.ctx, args.token_budget, args.max_batches, device)
+    stride = args.ctx // 4 if method == "sliding" else None
+    work = [({"input_ids": ids[:, :-1], "attention_mask": attn[:, :-1]}, ids[:, 1:], scored[:, 1:])
+            for ids, attn, scored in planned_batches(lm, args.ctx, args.token_budget, args.max_batches, device,
+                                                     method, stride)]
     start = clock(device)
     split = [hidden_and_head(lm.model, forward) for forward, _, _ in work]
     backbone = clock(device) - start
@@ -129,18 +109,13 @@ def run(lm, method: str, args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--token-budget", type=int, default=4096)
+    add_scoring_args(p)
     p.add_argument("--max-batches", type=int, default=4, help="micro-batches scored per window method")
     p.add_argument("--methods", nargs="+", default=["sliding", "rolling", "chunks"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    lm = load_model(ModelSpec(args.model, device=args.device, dtype=args.dtype))
-    device = lm.model.get_input_embeddings().weight.device
+    lm, device = load(args)
     print(f"{args.model} {args.dtype} on {device}, ctx {args.ctx}, token budget {args.token_budget}, "
           f"HEAD_ELEMENTS={HEAD_ELEMENTS}, baseline chunk {POSITIONS} positions, threads {torch.get_num_threads()}")
     rows = []
@@ -153,9 +128,7 @@ def main(argv=None) -> int:
               f"{r['score_speedup']:.2f}× | peak head memory {r['positions_peak_bytes'] / 2**20:.0f} → "
               f"{r['scored_peak_bytes'] / 2**20:.0f} MiB ({r['memory_ratio']:.2f}×) | "
               f"max rel NLL diff {r['max_rel_nll_diff']:.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return 0 if all(r["max_rel_nll_diff"] < 1e-6 for r in rows) else 1
 
 

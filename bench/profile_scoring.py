@@ -18,17 +18,14 @@ The attention implementation the model runs (``config._attn_implementation``: sd
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import defaultdict
 
 import torch
+from scoring_common import add_scoring_args, load, planned_batches, write_json
 from torch.profiler import ProfilerActivity, profile
 
-from esa.data.corpora import load_corpus
-from esa.data.windows import make_windows
-from esa.evals.perplexity import batch_plan, collate, score_batch
-from esa.models import ModelSpec, load_model
+from esa.evals.perplexity import score_batch
 
 CATEGORIES = (  # (category, pattern on the aten operator name); the first match wins
     ("attention", r"scaled_dot_product|flash|efficient_attention|cudnn_attention|_sdpa"),
@@ -42,13 +39,6 @@ CATEGORIES = (  # (category, pattern on the aten operator name); the first match
 
 def category(name: str) -> str:
     return next((c for c, pattern in CATEGORIES if re.search(pattern, name)), "other")
-
-
-def work(lm, ctx: int, budget: int, n_batches: int):
-    """(ids, attn, scored) of the first ``n_batches + 1`` planned micro-batches (the first is the warm-up)."""
-    windows = make_windows(lm.tokenizer, load_corpus("python-docs").documents, "chunks", ctx=ctx).windows
-    plan = batch_plan(windows, budget)[: n_batches + 1]
-    return [collate([windows[i] for i in idx], lm.tokenizer.pad_token_id) for idx in plan]
 
 
 def self_time(event, cuda: bool) -> float:
@@ -69,19 +59,15 @@ def profile_scoring(lm, batches, cuda: bool):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--token-budget", type=int, default=4096)
+    add_scoring_args(p)
     p.add_argument("--batches", type=int, default=2, help="micro-batches profiled (after one warm-up)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) here")
     p.add_argument("--json", help="write the category shares and top operators here")
     args = p.parse_args(argv)
-    lm = load_model(ModelSpec(args.model, device=args.device, dtype=args.dtype))
-    cuda = lm.model.get_input_embeddings().weight.device.type == "cuda"
-    batches = work(lm, args.ctx, args.token_budget, args.batches)
+    lm, device = load(args)
+    cuda = device.type == "cuda"
+    batches = planned_batches(lm, args.ctx, args.token_budget, args.batches + 1, device)  # the first: warm-up
     prof = profile_scoring(lm, batches, cuda)
     if args.trace:
         prof.export_chrome_trace(args.trace)
@@ -104,14 +90,12 @@ def main(argv=None) -> int:
     for e in top:
         print(f"  {e.key:40s} {self_time(e, cuda) / 1e3:10.1f} ms  {self_time(e, cuda) / total:6.1%}  "
               f"calls {e.count:6d}  [{category(e.key)}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "dtype": args.dtype, "cuda": cuda, "ctx": args.ctx,
-                       "token_budget": args.token_budget, "scored_tokens": tokens, "self_seconds": total / 1e6,
-                       "attn_implementation": getattr(lm.model.config, "_attn_implementation", None),
-                       "shares": dict(shares),
-                       "top": [{"op": e.key, "self_ms": self_time(e, cuda) / 1e3, "calls": e.count,
-                                "category": category(e.key)} for e in top]}, f, indent=1)
+    write_json(args.json, {
+        "model": args.model, "dtype": args.dtype, "cuda": cuda, "ctx": args.ctx, "token_budget": args.token_budget,
+        "scored_tokens": tokens, "self_seconds": total / 1e6,
+        "attn_implementation": getattr(lm.model.config, "_attn_implementation", None), "shares": dict(shares),
+        "top": [{"op": e.key, "self_ms": self_time(e, cuda) / 1e3, "calls": e.count, "category": category(e.key)}
+                for e in top]})
     return 0
 
 
