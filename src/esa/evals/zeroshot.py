@@ -126,11 +126,10 @@ def score_batch(model, batch: list[Request], max_length: int) -> tuple[list[floa
     T = max(len(x) for x in inputs)
     ids = torch.zeros((len(batch), T), dtype=torch.long)  # right-padded, as lm-eval (pad value 0)
     attn = torch.zeros((len(batch), T), dtype=torch.long)
-    for b, x in enumerate(inputs):
-        ids[b, : len(x)], attn[b, : len(x)] = torch.tensor(x), 1
     targets = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T) token each scored position predicts
     scored = torch.zeros((len(batch), T), dtype=torch.bool)
     for b, (x, req) in enumerate(zip(inputs, batch)):
+        ids[b, : len(x)], attn[b, : len(x)] = torch.tensor(x), 1
         c = len(req.continuation)  # the last c input positions predict the c continuation tokens
         targets[b, len(x) - c:len(x)], scored[b, len(x) - c:len(x)] = torch.tensor(req.continuation), True
     states, head_fn = hidden_and_head(model, {"input_ids": ids.to(device), "attention_mask": attn.to(device)})
