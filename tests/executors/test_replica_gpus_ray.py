@@ -7,7 +7,6 @@ that a process seeing 2 GPUs loads with ``device_map="auto"`` is tested in tests
 """
 
 import pytest
-import yaml
 
 from esa.executors import run_study
 from esa.store import Store
@@ -26,9 +25,9 @@ def ray():
 
 
 def test_each_replica_gets_its_own_two_gpus(ray, tiny_study_dir, tmp_path):
-    study = {"name": "gpus", "models": [str(tiny_study_dir / "model")], "datasets": [str(tiny_study_dir / "corpus.txt")],
-             "context_lens": [32], "seeds": [0, 1, 2, 3], "max_eval_tokens": 256, "batch_tokens": 64}
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    study = {"name": "gpus", "models": [str(tiny_study_dir / "model")],
+             "datasets": [str(tiny_study_dir / "corpus.txt")], "context_lens": [32], "seeds": [0, 1, 2, 3],
+             "max_eval_tokens": 256, "batch_tokens": 64}
     summary = run_study(parse_study(study), tmp_path / "g.db", executor="ray", replicas=2, num_gpus=2, num_cpus=1)
     assert summary.ok and summary.completed == 4, summary
     with Store(tmp_path / "g.db") as store:
