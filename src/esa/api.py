@@ -45,7 +45,8 @@ __all__ = ["arrays", "baseline", "load", "perplexity", "rank", "results", "run",
 # ---- models and windows ----------------------------------------------------------------------------------
 
 def load(model: str | ModelSpec = "smollm2-135m", *, dtype: str = "fp32", device: str = "auto",
-         revision: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False) -> LoadedModel:
+         revision: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+         attention: str = "auto") -> LoadedModel:
     """Load a model as every command does (:func:`esa.models.load_model`): in eval mode, with its fingerprint.
 
     Args:
@@ -54,7 +55,8 @@ def load(model: str | ModelSpec = "smollm2-135m", *, dtype: str = "fp32", device
             ignored).
         dtype: ``fp32`` | ``bf16`` | ``fp16``, the weights' dtype (log-probabilities are always fp32).
         device: ``auto`` (CUDA when present) | ``cpu`` | ``cuda`` | ``cuda:N``.
-        revision, trust_remote_code, allow_pickle: as the CLI flags of the same names.
+        revision, trust_remote_code, allow_pickle, attention: as the CLI flags of the same names (``attention``:
+            ``auto`` | ``sdpa`` | ``eager`` | ``flash_attention_2`` … — the kernel, see ``esa.models.ATTENTION_NAMES``).
 
     Returns:
         :class:`~esa.models.LoadedModel`: ``.model`` (the ``nn.Module``), ``.tokenizer``, ``.fingerprint``, ``.device``.
@@ -62,7 +64,7 @@ def load(model: str | ModelSpec = "smollm2-135m", *, dtype: str = "fp32", device
     from esa.models import load_model
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model, dtype, device, revision, trust_remote_code,
-                                                                allow_pickle)
+                                                                allow_pickle, attention)
     return load_model(spec)
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from esa import kinds
 from esa.core.errors import EsaError
-from esa.models import DTYPE_NAMES, SUITE, ModelSpec, canonical_dtype, concrete_dtype
+from esa.models import DTYPE_NAMES, SUITE, ModelSpec, canonical_dtype, check_attention, concrete_dtype
 from esa.core.registry import suggest
 from esa.core.schema import SHORTHAND, coerce, parse_section
 
@@ -44,6 +44,7 @@ class ModelEntry:
     revision: str | None = None  # hub branch/tag/commit; pin a commit for exact reruns
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    attention: str | None = None  # None → the study's attention kernel
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Study:
     description: str = ""
     dtype: str = "fp32"  # default weights dtype for models that do not set one
     device: str = "auto"
+    attention: str = "auto"  # attention kernel (esa.models.ATTENTION_NAMES) for models that do not set one
     method: str = "chunks"  # chunks | rolling | sliding (esa.data.windows)
     stride: int | None = None  # sliding only
     bos: str = "auto"  # auto | always | never
@@ -105,6 +107,8 @@ def _check_model(m: ModelEntry, where: str) -> None:
     dtype_ok = m.dtype is None or m.dtype in DTYPE_NAMES
     require(dtype_ok, f"{where}.dtype: unknown dtype {m.dtype!r}; choose one of {', '.join(DTYPE_NAMES)} "
                       "(or bfloat16, float16, float32)")
+    if m.attention is not None:
+        check_attention(m.attention, f"{where}.attention")
     if m.name in SUITE or _is_path(m.name) or Path(m.name).exists() or m.name.count("/") == 1:
         return
     raise EsaError(f"{where}.name: " + suggest(m.name, SUITE.names(), "model alias")
@@ -138,6 +142,7 @@ def validate(study: Study, where: str) -> None:
     _check_unique_positive(study.seeds, f"{where}.seeds", allow_zero=True)
     require(study.dtype in DTYPE_NAMES, f"{where}.dtype: unknown dtype {study.dtype!r}; choose "
                                         f"{', '.join(DTYPE_NAMES)} (or bfloat16, float16, float32)")
+    check_attention(study.attention, f"{where}.attention")
     require(study.method in METHODS, f"{where}.method: " + suggest(study.method, list(METHODS), "method"))
     require(study.bos in ("auto", "always", "never"), f"{where}.bos: choose auto, always or never")
     require(study.stride is None or (study.method == "sliding" and study.stride >= 1),
@@ -241,7 +246,7 @@ def model_specs(study: Study) -> list[ModelSpec]:
     for m in study.models:
         device = m.device or study.device
         out.append(ModelSpec(m.name, concrete_dtype(m.dtype or study.dtype, device), device, m.revision,
-                             m.trust_remote_code, m.allow_pickle))
+                             m.trust_remote_code, m.allow_pickle, m.attention or study.attention))
     return out
 
 

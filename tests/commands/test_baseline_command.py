@@ -135,6 +135,29 @@ def test_overwrite_starts_a_fresh_database(tiny_llama_dir, corpus, tmp_path):
     assert [r[:3] for r in fresh] == [r[:3] for r in first] and fresh[0][3] > first[0][3]  # same run, recomputed
 
 
+def test_attention_flag_loads_that_kernel_and_records_it(tiny_llama_dir, corpus, tmp_path, capsys):
+    """--attention eager: the same numbers as the default SDPA run (to float rounding), a run of its own (the
+    kernel is in its config) and the kernel in its provenance; a kernel not installed is one line, no run."""
+    base = ["--no-progress", "baseline", "--model", str(tiny_llama_dir), "--datasets", corpus, "--context-lens", "32",
+            "--seeds", "0", "--max-eval-tokens", "64", "--batch-tokens", "512"]
+    docs = {}
+    for kernel in ("auto", "eager"):
+        out = tmp_path / kernel
+        assert main([*base, "--out-dir", str(out), "--attention", kernel]) == 0
+        manifest = json.loads((out / tiny_llama_dir.name / "manifest.json").read_text())
+        assert manifest["provenance"]["attention"] == {"auto": "sdpa", "eager": "eager"}[kernel]
+        assert manifest["config"]["model"]["attention"] == kernel
+        docs[kernel] = json.loads((out / tiny_llama_dir.name / "results.json").read_text())
+    sdpa, eager = (d["entries"][0]["metrics"] for d in docs.values())
+    assert eager["nll_per_token"] == pytest.approx(sdpa["nll_per_token"], rel=1e-6)
+    assert eager["scored_tokens"] == sdpa["scored_tokens"] > 0
+    assert _runs(tmp_path / "auto" / "esa.db")[0][0] != _runs(tmp_path / "eager" / "esa.db")[0][0]
+    capsys.readouterr()
+    assert main([*base, "--out-dir", str(tmp_path / "flash"), "--attention", "flash_attention_2"]) != 0
+    err = capsys.readouterr().err
+    assert "attention 'flash_attention_2'" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--baseline", "smok"], "unknown profile 'smok'. Did you mean 'smoke'?"),
     (["--eval-suites", "piqaa"], "unknown task 'piqaa'. Did you mean 'piqa'?"),

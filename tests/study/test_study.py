@@ -66,6 +66,8 @@ def test_type_errors_name_field_and_expected_type(changes, wanted):
     ({"models": ["smollm-135m"]}, "Did you mean 'smollm2-135m'"),
     ({"method": "chunk"}, "Did you mean 'chunks'"),
     ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+    ({"attention": "flash"}, r"^study\.attention: unknown attention kernel 'flash'; choose one of auto, sdpa"),
+    ({"models": [{"name": "smollm2-135m", "attention": "fast"}]}, r"^study\.models\[0\]\.attention: unknown"),
     ({"context_lens": [64, 64]}, "duplicate values"),
     ({"stride": 16}, "only for method: sliding"),
     ({"sensitivity": {"scorers": ["grad_x_weights"], "k": 5}}, "Did you mean 'grad_x_weight'"),
@@ -187,3 +189,13 @@ def test_relative_dataset_files_without_a_slash_pass_the_check_the_loader_reads_
 @pytest.fixture(scope="module")
 def tiny_dir(tiny_llama_dir):
     return tiny_llama_dir
+
+
+def test_attention_is_a_study_default_that_a_model_overrides():
+    study = parse_study(_with(models=["smollm2-135m", {"name": "pythia-70m", "attention": "sdpa"}],
+                              attention="eager"))
+    runs = expand(study)
+    assert {r.model.attention for r in runs if r.model.name == "smollm2-135m"} == {"eager"}
+    assert {r.model.attention for r in runs if r.model.name == "pythia-70m"} == {"sdpa"}
+    assert runs[0].config()["model"]["attention"] == "eager"
+    assert "attention" not in expand(parse_study(_with()))[0].config()["model"]  # auto: the ids of before

@@ -11,12 +11,13 @@ completed runs are not computed again; ``--overwrite`` starts a fresh database â
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from esa.evals.baseline import PROFILES, SUITE_ALIASES, BaselineConfig
 from esa.data.windows import METHODS
 from esa.core.errors import EsaError
-from esa.models import ModelSpec
+from esa.models import ATTENTION_NAMES, ModelSpec
 from esa.tracking import add_track_args
 
 
@@ -37,6 +38,9 @@ def add_model_args(parser, revision: bool = True) -> None:
         parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub repo's own Python code")
     parser.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors checkpoints")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_NAMES,
+                        help="attention kernel: auto (transformers' choice: SDPA where supported, else eager) | "
+                             "sdpa | eager | flash_attention_2/3 (needs flash-attn and a GPU) | flex_attention")
 
 
 def add_output_args(parser, out_dir: str | None, exports: str, overwrite: bool = True) -> None:
@@ -54,7 +58,8 @@ def add_output_args(parser, out_dir: str | None, exports: str, overwrite: bool =
 def model_entry(args, name: str | None = None) -> dict:
     """The study's model entry for the flags of :func:`add_model_args` (``name``: else ``args.model``)."""
     return {"name": name or args.model, "dtype": args.dtype, "device": args.device, "revision": args.revision,
-            "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+            "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle,
+            "attention": args.attention}
 
 
 def register(subparsers) -> None:
@@ -91,7 +96,7 @@ def register(subparsers) -> None:
 def config_from_args(args) -> BaselineConfig:
     """The resolved config of the flags (the first model's spec; the others share its settings)."""
     spec = ModelSpec(args.model[0], args.dtype, args.device, args.revision, args.trust_remote_code,
-                     args.allow_pickle)
+                     args.allow_pickle, args.attention)
     max_tokens = None if args.max_eval_tokens == 0 else args.max_eval_tokens
     return BaselineConfig(spec, args.baseline, tuple(args.datasets), tuple(args.context_lens), tuple(args.seeds),
                           args.method, args.stride, args.bos, max_tokens, args.batch_tokens,
@@ -131,9 +136,7 @@ def one_off_study(cfg: BaselineConfig, models: list[str]):
 
     m = cfg.model
     study = {"name": "esa-baseline",
-             "models": [{"name": name, "dtype": m.dtype, "device": m.device, "revision": m.revision,
-                         "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle}
-                        for name in models],
+             "models": [{**asdict(m), "name": name} for name in models],
              "datasets": list(cfg.datasets), "context_lens": list(cfg.context_lens), "seeds": list(cfg.seeds),
              "method": cfg.method, "stride": cfg.stride, "bos": cfg.bos, "max_eval_tokens": cfg.max_eval_tokens,
              "batch_tokens": cfg.batch_tokens,

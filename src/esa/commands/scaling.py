@@ -46,7 +46,7 @@ def _config(args):
 
     return ScalingConfig(tuple(args.models), eval_config(args), args.op, tuple(args.control_seeds), args.tail_fraction,
                          args.x_axis, args.dtype, args.device, tuple(args.statistics), args.trust_remote_code,
-                         args.allow_pickle)
+                         args.allow_pickle, args.attention)
 
 
 def _fmt(value) -> str:

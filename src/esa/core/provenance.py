@@ -56,7 +56,11 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def provenance(device: torch.device) -> dict:
+def provenance(device: torch.device, model: torch.nn.Module | None = None) -> dict:
+    """What ran a result; with ``model``, also ``attention``: the kernel it ran (transformers' resolved
+    ``attn_implementation``, e.g. ``sdpa`` when ``auto`` was asked)."""
+    from esa.models import attention_of
+
     return {
         "esa_version": esa.__version__,
         "git_sha": git_sha(),
@@ -65,4 +69,5 @@ def provenance(device: torch.device) -> dict:
         "libraries": library_versions(),
         **device_info(device),
         "hf_offline": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")},
+        **({"attention": attention_of(model)} if model is not None else {}),
     }

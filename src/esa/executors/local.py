@@ -36,7 +36,7 @@ def _run_group(spec: ModelSpec, runs: list, store: Store, study_id: str, summary
     done = store.completed(ids)
     summary.skipped += len(done)
     on_event("group", model=spec.name, pending=len(ids) - len(done), completed=len(done))
-    prov = provenance(lm.device)
+    prov = provenance(lm.device, lm.model)
     ctx = RunContext()
     pending = [r for r, rid in zip(runs, ids) if rid not in done]
     ctx.rankings.update(load_dependencies(store, pending, fingerprint, ctx.rankings))

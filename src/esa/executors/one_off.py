@@ -8,7 +8,7 @@ Rerunning the command on the same database resumes: completed runs are reused, n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +118,7 @@ def _read_back(study: Study, db: Path) -> list[StoredResult]:
         fingerprints = {canonical(r.config.get("model")): r.model for r in rows.values()}
         out = []
         for run in expand(study):
-            fingerprint = fingerprints.get(canonical(asdict(run.model)))
+            fingerprint = fingerprints.get(canonical(run.model.identity()))  # as run.config() stores it
             rid = run_key(run, fingerprint) if fingerprint is not None else None
             if rid in rows:
                 out.append(StoredResult(run, rows[rid], _arrays(reader, rid), reader.documents(rid)))

@@ -104,7 +104,7 @@ class ModelWorker:
         from esa.models import load_model
 
         self.lm = load_model(spec)
-        self.prov = provenance(self.lm.device)
+        self.prov = provenance(self.lm.device, self.lm.model)
         self.ctx = RunContext()  # rankings made here stay here for the perturbation runs that follow
 
     def fingerprint(self) -> dict:

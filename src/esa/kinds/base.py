@@ -57,6 +57,7 @@ class KindRun:
     def config(self) -> dict:
         """The resolved run config: with the model fingerprint and the kind's version, it determines the run id."""
         cfg = {"kind": self.kind, **dataclasses.asdict(self), **self.CONSTANT_CONFIG}
+        cfg["model"] = self.model.identity()  # esa.models.ModelSpec.identity: ids stable across added fields
         for name in self._dependency_fields():
             del cfg[name]
         return cfg

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 DTYPE_NAMES = (*DTYPES, "auto")  # auto: bf16 on a GPU that supports it, else fp32 (resolved per machine)
+# Attention kernels a model may be loaded with (transformers' ``attn_implementation``). ``auto`` passes none:
+# transformers picks SDPA where the architecture supports it, else eager — what every ESA run used before the
+# choice existed. The flash kernels need their packages (flash-attn, a CUDA GPU); the other three run anywhere.
+ATTENTION_NAMES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def canonical_dtype(name):
@@ -86,6 +90,26 @@ class ModelSpec:
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # never run a repo's Python unless asked
     allow_pickle: bool = False  # safetensors only unless asked: pickle checkpoints can execute code
+    attention: str = "auto"  # one of ATTENTION_NAMES; the kernel moves numbers only at float rounding
+
+    def identity(self) -> dict:
+        """The spec as it enters a run id. ``attention`` enters only when set: an ``auto`` run keeps the id it
+        had before the field existed, so stores written then still resume."""
+        out = asdict(self)
+        if self.attention == "auto":
+            del out["attention"]
+        return out
+
+
+def check_attention(name: str, where: str = "--attention") -> None:
+    """Refuse an attention kernel ESA does not know, naming the valid ones (before any model is loaded)."""
+    if name not in ATTENTION_NAMES:
+        raise EsaError(f"{where}: unknown attention kernel {name!r}; choose one of {', '.join(ATTENTION_NAMES)}")
+
+
+def attention_of(model: torch.nn.Module) -> str | None:
+    """The attention kernel a loaded model runs (transformers' resolved ``attn_implementation``)."""
+    return getattr(model.config, "_attn_implementation", None)
 
 
 @dataclass(frozen=True)
@@ -295,8 +319,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     device = resolve_device(spec.device)
     dtype = check_dtype(spec.dtype, device)
+    check_attention(spec.attention)
     kind, location, revision = resolve_source(spec.name, spec.revision)
     kwargs = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=not spec.allow_pickle)
+    if spec.attention != "auto":
+        kwargs["attn_implementation"] = spec.attention
     if kind == "hub":
         kwargs["revision"] = spec.revision
     multi_gpu = device.type == "cuda" and spec.device == "auto" and torch.cuda.device_count() > 1
@@ -308,6 +335,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                                                   **({"revision": spec.revision} if kind == "hub" else {}))
     except OSError as exc:
         raise EsaError(f"cannot load model {spec.name!r} from {location}: {str(exc).splitlines()[0]}") from exc
+    except (ImportError, ValueError) as exc:  # transformers refuses a kernel it lacks or the model cannot use
+        if spec.attention == "auto":
+            raise
+        raise EsaError(f"cannot load {spec.name!r} with attention {spec.attention!r}: "
+                       f"{str(exc).splitlines()[0]} Use --attention sdpa, eager or auto") from exc
     if not multi_gpu:
         model.to(device)
     model.eval()

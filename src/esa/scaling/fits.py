@@ -134,6 +134,7 @@ class ScalingConfig:
     statistics: tuple[str, ...] = ()  # STATISTICS keys to measure and fit; empty → all (see measurements())
     trust_remote_code: bool = False  # let hub repos of the ladder run their own Python
     allow_pickle: bool = False  # accept non-safetensors checkpoints
+    attention: str = "auto"  # attention kernel of every model (esa.models.ATTENTION_NAMES)
 
     def check(self) -> None:
         if not self.models:

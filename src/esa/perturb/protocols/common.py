@@ -291,7 +291,8 @@ def split_arrays(comparisons: list[dict]) -> tuple[list[dict], dict[str, np.ndar
 
 
 def header(bench: Bench, schema: str, cfg) -> dict:
-    return {"schema": schema, "provenance": provenance(bench.lm.device), "model": bench.lm.fingerprint.to_dict(),
+    return {"schema": schema, "provenance": provenance(bench.lm.device, bench.lm.model),
+            "model": bench.lm.fingerprint.to_dict(),
             "config": asdict(cfg), "data": bench.info, "baseline": baseline_metrics(bench)}
 
 
