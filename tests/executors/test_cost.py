@@ -78,6 +78,14 @@ def test_plan_falls_back_without_measured_runs(cost_db, tiny_study_dir):
     assert row.basis.startswith("unknown") and row.seconds is None
 
 
+def test_plan_uses_only_rates_measured_with_the_same_attention_kernel(cost_db, tiny_study_dir):
+    (row,) = plan(parse_study(_spec(tiny_study_dir, context_lens=[32], seeds=[0], attention="eager")), measure=False,
+                  db=cost_db)  # the db's runs ran `auto` (SDPA): their rate is not eager attention's
+    assert row.basis.startswith("unknown") and row.seconds is None
+    (same,) = plan(parse_study(_spec(tiny_study_dir, context_lens=[32], seeds=[0])), measure=False, db=cost_db)
+    assert same.basis.startswith("measured in")
+
+
 def test_plan_cli_prints_the_measured_basis(cost_db, tiny_study_dir, tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_spec(tiny_study_dir, context_lens=[64], seeds=[0])))
     assert main(["plan", str(tmp_path / "s.yaml"), "--no-measure", "--db", str(cost_db)]) == 0

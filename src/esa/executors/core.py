@@ -270,12 +270,17 @@ def completed_costs(db: str | Path) -> list:
 
 
 def _same_model(spec: ModelSpec, stored: list) -> list:
-    """The stored runs on the weights last stored under ``spec``: the newest run whose resolved config names the
-    spec's model and dtype gives the fingerprint; every run with that fingerprint (less ``source``) counts."""
+    """The stored runs on the weights last stored under ``spec``, with its attention kernel: the newest run whose
+    resolved config names the spec's model and dtype gives the fingerprint; every run with that fingerprint (less
+    ``source``) and kernel counts (a config without ``attention`` ran ``auto``, :meth:`ModelSpec.identity`)."""
+    def kernel(r) -> str:
+        return (r.config.get("model") or {}).get("attention", "auto")
+
     named = [r for r in stored if {k: (r.config.get("model") or {}).get(k) for k in ("name", "dtype")}
              == {"name": spec.name, "dtype": spec.dtype}]
     identity = model_identity(named[-1].model) if named else None
-    return [r for r in stored if identity is not None and model_identity(r.model) == identity]
+    return [r for r in stored if identity is not None and model_identity(r.model) == identity
+            and kernel(r) == spec.attention]
 
 
 def rate_in_db(stored: list, run, db: str | Path, replicas: int = 1) -> Throughput | None:
