@@ -150,13 +150,15 @@ def test_flags_enter_the_run_config(tiny_llama_dir, corpus):
     from esa.study import expand
 
     args = type("Args", (), dict(model=str(tiny_llama_dir), dtype="fp32", device="cpu", revision=None,
-                                 trust_remote_code=False, allow_pickle=False, scorer="hutchinson_diag",
+                                 trust_remote_code=False, allow_pickle=False, attention="eager",
+                                 scorer="hutchinson_diag",
                                  calib_dataset=corpus, max_samples=3, context_len=32, batch_size=2, seeds=[4],
                                  params=["*.mlp.*"], include_embeddings=True, include_norms=True,
                                  include_biases=False, k=7, mode="per_layer", bottom=True, probes=3,
                                  hist_sample=99))()
     (run,) = expand(one_off_study(args))
     cfg = run.config()
+    assert cfg["model"]["attention"] == "eager"
     assert {k: cfg[k] for k in ("scorer", "k", "mode", "bottom", "dataset", "context_len", "max_samples", "seed",
                                 "params", "include_embeddings", "include_norms", "include_biases", "probes",
                                 "batch_size", "hist_sample")} == \
