@@ -272,15 +272,13 @@ def completed_costs(db: str | Path) -> list:
 def _same_model(spec: ModelSpec, stored: list) -> list:
     """The stored runs on the weights last stored under ``spec``, with its attention kernel: the newest run whose
     resolved config names the spec's model and dtype gives the fingerprint; every run with that fingerprint (less
-    ``source``) and kernel counts (a config without ``attention`` ran ``auto``, :meth:`ModelSpec.identity`)."""
-    def kernel(r) -> str:
-        return (r.config.get("model") or {}).get("attention", "auto")
-
+    ``source``) and kernel counts (the kernel as :meth:`ModelSpec.identity` stores it: absent for ``auto``)."""
+    kernel = spec.identity().get("attention")
     named = [r for r in stored if {k: (r.config.get("model") or {}).get(k) for k in ("name", "dtype")}
              == {"name": spec.name, "dtype": spec.dtype}]
     identity = model_identity(named[-1].model) if named else None
     return [r for r in stored if identity is not None and model_identity(r.model) == identity
-            and kernel(r) == spec.attention]
+            and (r.config.get("model") or {}).get("attention") == kernel]
 
 
 def rate_in_db(stored: list, run, db: str | Path, replicas: int = 1) -> Throughput | None:
